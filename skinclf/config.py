@@ -1,0 +1,73 @@
+"""Defaults for every command, in one place.
+
+The CLI reads its option defaults from these frozen dataclasses and the library functions take
+the same values as keyword-only arguments, so a default changes here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FetchDefaults:
+    dest: Path = Path("data/ham10000")
+    dataset: str = "kmader/skin-cancer-mnist-ham10000"
+
+
+@dataclass(frozen=True)
+class PrepareDefaults:
+    src: Path = Path("data/ham10000")
+    out: Path = Path("data/prepared")
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    data: Path = Path("data/prepared")
+    out: Path = Path("models/skinclf-mobilenet.keras")
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weights: str = "imagenet"
+    # Layers of the MobileNet base trained from the top; 43 = blocks 7-13 (see `skinclf.model`).
+    trainable_layers: int = 43
+    class_weight: str = "balanced"
+    loss: str = "crossentropy"
+    focal_gamma: float = 2.0
+    monitor: str = "val_top2_accuracy"
+    patience: int = 8
+    dropout: float = 0.25
+    label_smoothing: float = 0.0
+    seed: int = 42
+    image_size: int = 224
+    alpha: float = 1.0
+    # Cache the frozen part's outputs for this many augmented views of each training image
+    # (0: no cache, augment every epoch afresh). Makes CPU training several times faster.
+    cache_views: int = 0
+    workers: int = 4
+
+
+@dataclass(frozen=True)
+class EvaluateDefaults:
+    data: Path = Path("data/prepared/test")
+    out: Path = Path("reports/eval")
+    mel_sensitivity: float = 0.9
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class PredictDefaults:
+    top_k: int = 3
+    batch_size: int = 32
+    workers: int = 2
+
+
+FETCH = FetchDefaults()
+PREPARE = PrepareDefaults()
+TRAIN = TrainDefaults()
+EVALUATE = EvaluateDefaults()
+PREDICT = PredictDefaults()

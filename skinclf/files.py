@@ -1,0 +1,85 @@
+"""Small filesystem helpers: atomic writes, link-or-copy, hashing.
+
+Every output skinclf writes (models, CSVs, reports, images) goes through `atomic_path` or
+`atomic_write`, so an interrupted run leaves either the old file or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    The temporary name keeps the final suffix, since some writers (Keras, matplotlib) choose
+    the format from it. On error the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write text or bytes to `path` atomically."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def link_or_copy(src: Path, dst: Path) -> str:
+    """Hard-link `src` to `dst` where the filesystem allows, else copy; returns 'link' or 'copy'.
+
+    Hard links let a 6 GB dataset appear in several layouts without taking space twice. The
+    copy goes through a temporary name so an interrupted copy never looks complete.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+        return "link"
+    except FileExistsError:
+        raise
+    except OSError:
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        return "copy"
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    """Hex SHA-256 of a string's UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

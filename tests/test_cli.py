@@ -1,0 +1,43 @@
+"""The command line itself: version, help with examples for every command, `python -m`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from skinclf import __version__
+from skinclf.cli import app
+
+COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+
+
+def test_version(runner) -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"skinclf {__version__}"
+
+
+def test_no_arguments_shows_help(runner) -> None:
+    result = runner.invoke(app, [])
+    assert "Usage" in result.output
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_examples(runner, command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.output
+    assert f"skinclf {command}" in result.output
+
+
+def test_python_dash_m() -> None:
+    done = subprocess.run([sys.executable, "-m", "skinclf", "--version"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == f"skinclf {__version__}"
+
+
+def test_unknown_option_is_a_usage_error(runner) -> None:
+    result = runner.invoke(app, ["prepare", "--no-such-option"])
+    assert result.exit_code == 2
