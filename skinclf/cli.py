@@ -9,6 +9,7 @@ only by the commands that need it, so `--help`, `fetch` and `prepare` start inst
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from skinclf import __version__
-from skinclf.config import FETCH, PREPARE
+from skinclf.config import EVALUATE, FETCH, PREDICT, PREPARE, TRAIN
 from skinclf.errors import SkinclfError
 
 app = typer.Typer(
@@ -149,16 +150,224 @@ def prepare(
 
 @app.command(
     epilog=_examples(
+        "skinclf train --epochs 30",
+        "skinclf train --data data/prepared --weights ~/weights/mobilenet_1_0_224_tf_no_top.h5",
+        "skinclf train --cache-views 10 --trainable-layers 43   # several times faster on a CPU",
+        "skinclf train --class-weight mel=4,nv=1.25 --loss focal --monitor val_balanced_accuracy",
+        "skinclf train --resume                                 # continue an interrupted run",
+    )
+)
+def train(
+    data: Path = typer.Option(TRAIN.data, "--data", help="Prepared data with train/ and val/ class folders."),
+    out_model: Path = typer.Option(TRAIN.out, "--out", help="Model bundle to write (.keras)."),
+    epochs: int = typer.Option(TRAIN.epochs, "--epochs", help="Maximum number of epochs."),
+    batch_size: int = typer.Option(TRAIN.batch_size, "--batch-size", help="Images per training step."),
+    lr: float = typer.Option(TRAIN.lr, "--lr", help="Initial learning rate (Adam); halved on plateaus down to 1e-5."),
+    weights: str = typer.Option(
+        TRAIN.weights, "--weights", help="Initial base weights: imagenet (downloads), none, or a local weights file."
+    ),
+    trainable_layers: int = typer.Option(
+        TRAIN.trainable_layers, "--trainable-layers",
+        help="MobileNet layers trained from the top (3..85): 6 = block 13, 13 = blocks 12-13, 43 = blocks 7-13, 85 = all.",
+    ),
+    class_weight: str = typer.Option(
+        TRAIN.class_weight, "--class-weight", help="balanced, sqrt, none, or explicit NAME=WEIGHT,... (others 1)."
+    ),
+    loss: str = typer.Option(TRAIN.loss, "--loss", help="crossentropy or focal."),
+    focal_gamma: float = typer.Option(TRAIN.focal_gamma, "--focal-gamma", help="Focusing parameter of --loss focal."),
+    monitor: str = typer.Option(
+        TRAIN.monitor, "--monitor",
+        help="Validation metric that picks the best epoch: val_top2_accuracy, val_top1_accuracy, val_top3_accuracy, "
+        "val_balanced_accuracy or val_loss.",
+    ),
+    patience: int = typer.Option(TRAIN.patience, "--patience", help="Epochs without improvement before stopping early."),
+    dropout: float = typer.Option(TRAIN.dropout, "--dropout", help="Dropout before the classifier."),
+    label_smoothing: float = typer.Option(TRAIN.label_smoothing, "--label-smoothing", help="Label smoothing of the loss."),
+    seed: int = typer.Option(TRAIN.seed, "--seed", help="Seed for initialisation, shuffling and augmentation."),
+    image_size: int = typer.Option(TRAIN.image_size, "--image-size", help="Input side in pixels."),
+    alpha: float = typer.Option(TRAIN.alpha, "--alpha", help="MobileNet width multiplier (0.25, 0.5, 0.75, 1.0)."),
+    cache_views: int = typer.Option(
+        TRAIN.cache_views, "--cache-views",
+        help="Cache the frozen layers' outputs for N augmented views per training image (0: augment afresh each epoch).",
+    ),
+    workers: int = typer.Option(TRAIN.workers, "--workers", help="Threads decoding and augmenting images."),
+    run_dir: Optional[Path] = typer.Option(
+        None, "--run-dir", help="Checkpoints, history and feature cache [default: runs/<model name>]."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --run-dir."),
+) -> None:
+    """Fine-tune ImageNet MobileNet (1.0, 224) on the prepared images, class-weighted and augmented.
+
+    Keeps the epoch with the best validation top-2 accuracy (see --monitor), halves the learning
+    rate on plateaus and stops early. Uses a GPU when the Keras backend sees one (KERAS_BACKEND =
+    tensorflow, torch or jax). The bundle carries its class names, input size, preprocessing,
+    settings, data fingerprint and validation metrics.
+    """
+    with _user_errors():
+        from skinclf.train import train_model
+
+        result = train_model(
+            data=data, out=out_model, epochs=epochs, batch_size=batch_size, lr=lr, weights=weights,
+            trainable_layers=trainable_layers, class_weight=class_weight, loss=loss, focal_gamma=focal_gamma,
+            monitor=monitor, patience=patience, dropout=dropout, label_smoothing=label_smoothing, seed=seed,
+            image_size=image_size, alpha=alpha, cache_views=cache_views, workers=workers, run_dir=run_dir,
+            resume=resume,
+        )
+    val = result.val_metrics
+    mel = val.get("melanoma", {}).get("at_decision", {})
+    out.print(
+        f"Saved {result.model_path}: best epoch {result.best_epoch} of {result.epochs_run} "
+        f"({result.monitor} {result.best_value:.4f}); validation balanced accuracy {val['balanced_accuracy']:.3f}, "
+        f"accuracy {val['accuracy']:.3f}"
+        + (f", melanoma recall {mel['sensitivity']:.3f}" if mel else "")
+        + f"; {result.images_per_second:.1f} img/s training. Checkpoints in {result.run_dir}"
+    )
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _render_report(report: dict) -> None:
+    """Confusion matrix, per-class table and headline figures, on the terminal."""
+    classes = report["classes"]
+    matrix = Table(title="Confusion matrix (rows: true class; count and share of the row)")
+    matrix.add_column("true \\ predicted")
+    for name in classes:
+        matrix.add_column(name, justify="right")
+    for name, counts, shares in zip(classes, report["confusion_matrix"], report["confusion_matrix_normalized"]):
+        cells = [f"{c} ({s:.0%})" if c else "." for c, s in zip(counts, shares)]
+        matrix.add_row(name, *cells)
+    out.print(matrix)
+    per_class = Table(title="Per class")
+    for column in ("class", "precision", "recall", "F1", "AUC", "support"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in report["per_class"].items():
+        style = "bold" if name == "mel" else None
+        per_class.add_row(name, _fmt(row["precision"]), _fmt(row["recall"]), _fmt(row["f1"]), _fmt(row["auc"]),
+                          str(row["support"]), style=style)
+    out.print(per_class)
+    topk = ", ".join(f"top-{k} {_fmt(v)}" for k, v in report["top_k_accuracy"].items())
+    out.print(f"Images scored: {report['n']}")
+    out.print(f"[bold]Balanced accuracy {_fmt(report['balanced_accuracy'])}[/bold] (mean per-class recall); "
+              f"accuracy {_fmt(report['accuracy'])}; {topk}; macro ROC-AUC {_fmt(report['macro_auc'])}")
+    mel = report.get("melanoma", {})
+    if mel.get("at_decision"):
+        d, t = mel["at_decision"], mel["at_target"]
+        out.print(f"Melanoma: sensitivity {_fmt(d['sensitivity'])}, specificity {_fmt(d['specificity'])} at the "
+                  f"model's decision; sensitivity {_fmt(t['sensitivity'])} with specificity {_fmt(t['specificity'])} "
+                  f"when flagging p(mel) >= {_fmt(t['threshold'], 4)}")
+    if "provenance" in report:
+        out.print(f"Data: {report['provenance']['note']}")
+    if report.get("data", {}).get("unreadable"):
+        out.print(f"[yellow]{len(report['data']['unreadable'])} unreadable image(s) skipped (listed in report.json)[/yellow]")
+    if "matching" in report:
+        m = report["matching"]
+        out.print(f"Matched {m['scored']} of {m['predictions']} predictions to {m['truth']} truths ({m['truth_format']}); "
+                  f"{m['prediction_errors']} prediction errors, {m['no_truth']} without truth, "
+                  f"{m['no_prediction']} truths without prediction. Probabilities: {report['probabilities']}")
+
+
+@app.command(
+    epilog=_examples(
+        "skinclf evaluate",
+        "skinclf evaluate --model models/skinclf-mobilenet.keras --data data/prepared/test --out reports/test",
+        "skinclf evaluate --predictions results.csv --truth ISIC2018_Task3_Test_GroundTruth.csv",
+        "skinclf evaluate --history --out reports/curves",
+        "skinclf evaluate --json > report.json",
+    )
+)
+def evaluate(
+    model: Optional[Path] = typer.Option(None, "--model", help="Model bundle [default: the bundled model]."),
+    data: Path = typer.Option(EVALUATE.data, "--data", help="Labelled folder: one sub-folder per class."),
+    out_dir: Path = typer.Option(EVALUATE.out, "--out", help="Folder for report.json and the PNGs."),
+    predictions: Optional[Path] = typer.Option(
+        None, "--predictions", help="Score this predict CSV instead of running a model (needs --truth)."
+    ),
+    truth: Optional[Path] = typer.Option(
+        None, "--truth", help="Ground truth: HAM10000 metadata (image_id,dx) or ISIC one-hot (image,MEL,NV,...)."
+    ),
+    mel_sensitivity: float = typer.Option(
+        EVALUATE.mel_sensitivity, "--mel-sensitivity", help="Melanoma sensitivity for which to report the threshold."
+    ),
+    history: bool = typer.Option(False, "--history", help="Only plot the model's training curves (history.png)."),
+    tta: int = typer.Option(1, "--tta", help="Average over 1, 2, 4 or 8 flips/rotations of each image."),
+    batch_size: int = typer.Option(EVALUATE.batch_size, "--batch-size", help="Images per model call."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (no tables)."),
+) -> None:
+    """Confusion matrix, per-class precision/recall/F1, balanced accuracy, top-k accuracy, ROC-AUC,
+    melanoma sensitivity/specificity, and training curves.
+
+    Writes report.json, confusion_matrix.png, roc.png and history.png into --out. The report says
+    whether the data is held out from the model's training split.
+    """
+    with _user_errors():
+        from skinclf import evaluate as ev
+
+        if history:
+            path = ev.plot_history(model=model, out=out_dir)
+            out.print(f"Wrote {path}")
+            return
+        if (predictions is None) != (truth is None):
+            raise SkinclfError("--predictions and --truth go together")
+        if predictions is not None:
+            result = ev.evaluate_predictions(predictions=predictions, truth=truth, out=out_dir,
+                                             mel_sensitivity=mel_sensitivity)
+        else:
+            result = ev.evaluate_model(model=model, data=data, out=out_dir, mel_sensitivity=mel_sensitivity,
+                                       batch_size=batch_size, tta=tta)
+    if as_json:
+        typer.echo(json.dumps(result.report, indent=2))
+        return
+    _render_report(result.report)
+    out.print("Wrote " + ", ".join(str(p) for p in result.files))
+
+
+@app.command(
+    epilog=_examples(
         "skinclf predict ./images --out results.csv",
+        "skinclf predict ./images --out results.csv --top-k 2 --all-probs",
+        "skinclf predict /mnt/clinic/2026-11 --out nov.csv --resume     # finish an interrupted run",
+        "skinclf predict ./images --out - --no-recursive | head",
+        "skinclf predict ./images --out results.csv --model my-model.keras --strict",
     )
 )
 def predict(
-    directory: Path = typer.Argument(..., help="Folder of images to classify."),
-    out_csv: Path = typer.Option(Path("results.csv"), "--out", help="CSV to write."),
+    directory: Path = typer.Argument(..., help="Folder of images (JPEG, PNG, BMP, TIFF) to classify."),
+    out_csv: str = typer.Option("results.csv", "--out", help="CSV to write, or - for stdout."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Model bundle [default: $SKINCLF_MODEL, else the bundled model]."
+    ),
+    top_k: int = typer.Option(PREDICT.top_k, "--top-k", help="How many most-probable classes per image."),
+    batch_size: int = typer.Option(PREDICT.batch_size, "--batch-size", help="Images per model call."),
+    recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Include sub-folders."),
+    all_probs: bool = typer.Option(False, "--all-probs", help="Add a prob_<class> column for every class."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip files already in the CSV."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with status 1 if any file could not be classified."),
+    tta: int = typer.Option(1, "--tta", help="Average over 1, 2, 4 or 8 flips/rotations (slower)."),
+    workers: int = typer.Option(PREDICT.workers, "--workers", help="Threads decoding images."),
 ) -> None:
-    """Classify every image in a folder into a CSV (decision support, not a diagnosis)."""
+    """Classify every image in a folder into a CSV of the top-k classes and their probabilities.
+
+    One row per file, sorted by path; a file that cannot be read gets a row with an error and
+    the batch goes on. The output informs a clinician; it is not a diagnosis. The model's identity
+    is recorded in a JSON sidecar (results.csv.json).
+    """
     with _user_errors():
-        raise SkinclfError("no model is bundled yet: train one with `skinclf train` (coming in the next release)")
+        from skinclf.predict import predict_directory
+
+        summary = predict_directory(
+            directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
+            all_probs=all_probs, resume=resume, strict=strict, tta=tta, workers=workers,
+        )
+    resumed = f" ({summary.resumed} kept from the interrupted run)" if summary.resumed else ""
+    typer.echo(
+        f"{summary.files} files: {summary.files - summary.errors} classified, {summary.errors} errors{resumed}; "
+        f"{summary.images_per_second:.1f} img/s"
+        + (f"; wrote {summary.out}" if summary.out else "")
+        + ". Decision support, not a diagnosis.",
+        err=True,
+    )
 
 
 def main() -> None:

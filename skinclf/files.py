@@ -26,7 +26,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    # Keep every suffix (".weights.h5", ".keras"): some writers check the whole ending.
+    suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".weights.h5") else path.suffix
+    stem = path.name[: len(path.name) - len(suffixes)] if suffixes else path.name
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffixes}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

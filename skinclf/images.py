@@ -68,7 +68,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         a = np.asarray(im, dtype=np.float32)
         if a.size and a.max() > 255:
             a = a / 257.0  # 16-bit range onto 8 bits
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         # Drop transparency by compositing on black, the background of dermoscopy images.
         rgba = im.convert("RGBA")

@@ -5,6 +5,7 @@ Pure Python and pandas, no Keras, so `fetch` and `prepare` start instantly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,27 @@ from skinclf.images import is_image_file
 METADATA_FILE = "HAM10000_metadata.csv"
 IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx")
+MODEL_ENV = "SKINCLF_MODEL"
+BUNDLED_MODEL = "skinclf-mobilenet.keras"
+
+
+def default_model_path() -> Path:
+    """The model to use when none is given: $SKINCLF_MODEL, else the bundled one.
+
+    An installed wheel carries `models/` inside the package (`skinclf/models/`); a source
+    checkout has it beside the package. Either way it is found from any working directory.
+    """
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV])
+    here = Path(__file__).resolve().parent
+    candidates = (here / "models" / BUNDLED_MODEL, here.parent / "models" / BUNDLED_MODEL)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise SkinclfError(
+        f"no bundled model found (looked for {candidates[0]} and {candidates[1]}); "
+        f"pass --model PATH or set {MODEL_ENV}"
+    )
 
 
 def read_metadata(root: Path, *, require_images: bool = True) -> pd.DataFrame:

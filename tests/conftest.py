@@ -135,3 +135,32 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available")
     return path
+
+
+def make_tiny_bundle(path: Path, *, image_size: int = 32, fingerprint: str | None = None, seed: int = 0) -> Path:
+    """A skinclf bundle around a tiny seeded conv net: fast, and its outputs differ per image."""
+    from skinclf.backend import load_keras
+    from skinclf.model import PREPROCESSING, save_bundle
+
+    keras = load_keras()
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(len(CLASSES), activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs)
+    history = [
+        {"epoch": e, "loss": 2.0 / e, "val_loss": 2.2 / e, "top1_accuracy": 0.3 + 0.1 * e,
+         "val_top1_accuracy": 0.25 + 0.1 * e, "top2_accuracy": 0.5 + 0.05 * e, "val_top2_accuracy": 0.45 + 0.05 * e,
+         "top3_accuracy": 0.6 + 0.05 * e, "val_top3_accuracy": 0.55 + 0.05 * e}
+        for e in (1, 2, 3)
+    ]
+    meta = {"classes": list(CLASSES), "input_size": [image_size, image_size], "preprocessing": PREPROCESSING,
+            "data": {"fingerprint": fingerprint}, "history": history}
+    return save_bundle(model, path, meta)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny.keras")

@@ -1,0 +1,228 @@
+"""`skinclf evaluate`: what a model gets right and wrong, per class, melanoma first.
+
+Two sources of predictions:
+- a model run over a labelled folder (one sub-folder per class, e.g. `data/prepared/test`);
+- an existing predict CSV scored against ground truth, in HAM10000 metadata form
+  (`image_id,dx`) or ISIC challenge form (`image,MEL,NV,BCC,AKIEC,BKL,DF,VASC` one-hot), so a
+  model can be scored on an external test set without re-running it.
+
+Writes `report.json` (every figure, the model's identity, the data's fingerprint, and a note on
+whether the data is truly held out) and PNGs, atomically, into the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from skinclf import __version__
+from skinclf.config import EVALUATE
+from skinclf.errors import SkinclfError
+from skinclf.files import atomic_write_json, sha256_text
+from skinclf.layout import default_model_path, list_labelled_images
+from skinclf.metrics import classification_report
+from skinclf.plots import confusion_matrix_png, history_png, roc_png
+from skinclf.results import probabilities, read_predictions, sidecar_path
+
+ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
+
+
+@dataclass
+class Evaluation:
+    """A finished evaluation: the report and the files written."""
+
+    report: dict[str, Any]
+    out: Path
+    files: list[Path] = field(default_factory=list)
+
+
+def read_truth(path: Path) -> tuple[pd.Series, str]:
+    """Ground truth as a Series image_id -> class, and the form it came in ('ham' or 'isic')."""
+    path = Path(path)
+    if not path.is_file():
+        raise SkinclfError(f"truth file not found: {path}")
+    try:
+        frame = pd.read_csv(path)
+    except Exception as exc:  # noqa: BLE001
+        raise SkinclfError(f"cannot read {path}: {exc}") from None
+    if {"image_id", "dx"} <= set(frame.columns):
+        truth, form = frame.set_index(frame["image_id"].astype(str))["dx"].astype(str).str.lower(), "ham"
+    elif "image" in frame.columns and set(ISIC_COLUMNS) <= set(frame.columns):
+        onehot = frame[list(ISIC_COLUMNS)].to_numpy(dtype=float)
+        bad = ~np.isclose(onehot.sum(axis=1), 1.0) | ~np.isin(onehot, (0.0, 1.0)).all(axis=1)
+        if bad.any():
+            raise SkinclfError(f"{path}: row for image {frame['image'].iloc[int(np.argmax(bad))]} is not one-hot")
+        labels = np.array(list(ISIC_COLUMNS.values()))[onehot.argmax(axis=1)]
+        truth, form = pd.Series(labels, index=frame["image"].astype(str)), "isic"
+    else:
+        raise SkinclfError(
+            f"{path}: unrecognised truth format (columns {', '.join(map(str, frame.columns[:8]))}); expected "
+            "HAM10000 metadata (image_id,dx) or ISIC one-hot (image,MEL,NV,BCC,AKIEC,BKL,DF,VASC)"
+        )
+    if truth.index.duplicated().any():
+        raise SkinclfError(f"{path}: image {truth.index[truth.index.duplicated()][0]} is listed twice")
+    return truth, form
+
+
+def provenance(model_meta: dict[str, Any], data: Path) -> dict[str, Any]:
+    """Whether `data` is held out from the model's training, judged from the split fingerprints."""
+    manifest = data.parent / "prepare.json"
+    data_fp = json.loads(manifest.read_text(encoding="utf-8"))["fingerprint"] if manifest.is_file() else None
+    model_fp = model_meta.get("data", {}).get("fingerprint")
+    split = data.name
+    if data_fp and model_fp and data_fp == model_fp:
+        note = {
+            "test": "held-out test split of the lesion-grouped split the model was trained on: none of its lesions "
+                    "was seen in training or used to choose settings",
+            "val": "validation split: it chose the best epoch and the settings, so these figures are optimistic",
+            "train": "training split: these figures say nothing about new lesions",
+        }.get(split, "a folder of the split the model was trained on")
+        held_out = split == "test"
+    elif data_fp and model_fp:
+        note = ("a different split from the model's (other seed, fractions or data): its images may include "
+                "lesions the model was trained on, so figures may be inflated")
+        held_out = False
+    else:
+        note = "unknown provenance: make sure no lesion in this folder was in the model's training data"
+        held_out = None
+    return {"split": split, "data_fingerprint": data_fp, "model_data_fingerprint": model_fp,
+            "held_out": held_out, "note": note}
+
+
+def _write(report: dict[str, Any], out: Path, y_true: np.ndarray, probs: np.ndarray,
+           history: list[dict] | None = None) -> list[Path]:
+    classes = report["classes"]
+    files = [confusion_matrix_png(report["confusion_matrix"], classes, out / "confusion_matrix.png")]
+    mel = report.get("melanoma", {})
+    points = {}
+    if mel.get("at_decision"):
+        points = {"mel at decision": mel["at_decision"],
+                  f"mel at sensitivity {mel['at_target']['target_sensitivity']:g}": mel["at_target"]}
+    files.append(roc_png(y_true, probs, classes, out / "roc.png", operating_points=points))
+    if history:
+        files.append(history_png(history, out / "history.png"))
+    atomic_write_json(out / "report.json", report)
+    return [out / "report.json", *files]
+
+
+def evaluate_model(
+    *,
+    model: Path | None = None,
+    data: Path = EVALUATE.data,
+    out: Path = EVALUATE.out,
+    mel_sensitivity: float = EVALUATE.mel_sensitivity,
+    batch_size: int = EVALUATE.batch_size,
+    workers: int = 2,
+    tta: int = 1,
+) -> Evaluation:
+    """Run a model bundle over a labelled folder and write the full report into `out`."""
+    from skinclf.inference import predict_files
+    from skinclf.model import load_bundle
+
+    _check_sensitivity(mel_sensitivity)
+    bundle = load_bundle(model or default_model_path())
+    data = Path(data)
+    images = list_labelled_images(data, classes=tuple(bundle.classes))
+    probs_parts, unreadable = [], []
+    for batch in predict_files(bundle.model, images.paths, image_size=bundle.image_size, batch_size=batch_size,
+                               workers=workers, tta=tta):
+        probs_parts.append(batch.probs)
+        unreadable += [{"path": str(p), "error": e} for p, e in zip(batch.paths, batch.errors) if e]
+    probs = np.concatenate(probs_parts)
+    ok = ~np.isnan(probs).any(axis=1)
+    if not ok.any():
+        raise SkinclfError(f"none of the {len(images.paths)} images in {data} could be read")
+    y_true = np.asarray(images.labels)[ok]
+    report = {
+        "skinclf": __version__,
+        **classification_report(y_true, probs[ok], bundle.classes, mel_sensitivity=mel_sensitivity),
+        "model": bundle.identity(),
+        "data": {
+            "path": str(data),
+            "images": len(images.paths),
+            "scored": int(ok.sum()),
+            "unreadable": unreadable,
+            "fingerprint": sha256_text("\n".join(f"{p.parent.name}/{p.name}" for p in images.paths)),
+        },
+        "provenance": provenance(bundle.meta, data),
+        "tta": tta,
+    }
+    out = Path(out)
+    return Evaluation(report, out, _write(report, out, y_true, probs[ok], bundle.meta.get("history")))
+
+
+def evaluate_predictions(
+    *,
+    predictions: Path,
+    truth: Path,
+    out: Path = EVALUATE.out,
+    mel_sensitivity: float = EVALUATE.mel_sensitivity,
+) -> Evaluation:
+    """Score an existing predict CSV against ground truth; unmatched rows are counted, not dropped."""
+    _check_sensitivity(mel_sensitivity)
+    frame = read_predictions(predictions)
+    truth_series, form = read_truth(truth)
+    sidecar = sidecar_path(Path(predictions))
+    model_info = json.loads(sidecar.read_text(encoding="utf-8")).get("model") if sidecar.is_file() else None
+    stems = frame["path"].map(lambda p: Path(p).stem)
+    if stems.duplicated().any():
+        raise SkinclfError(f"cannot match by file name: {stems[stems.duplicated()].iloc[0]} appears twice in {predictions}")
+    failed = frame["error"] != ""
+    has_truth = stems.isin(truth_series.index)
+    scored = frame[~failed & has_truth]
+    if scored.empty:
+        raise SkinclfError(
+            f"no prediction in {predictions} matches an image in {truth} (matched by file name without extension, "
+            f"e.g. {stems.iloc[0] if len(stems) else '-'})"
+        )
+    topk_classes = {c for col in frame.columns if col.endswith("_class") for c in frame[col] if c}
+    classes = list(model_info["classes"]) if model_info else sorted(topk_classes | set(truth_series))
+    classes += sorted(set(truth_series[stems[scored.index]]) - set(classes))  # truths the model cannot name
+    probs, exact = probabilities(scored, classes)
+    y_true = np.array([classes.index(c) for c in truth_series[stems[scored.index]]])
+    no_prediction = sorted(set(truth_series.index) - set(stems))
+    report = {
+        "skinclf": __version__,
+        **classification_report(y_true, probs, classes, mel_sensitivity=mel_sensitivity),
+        "model": model_info,
+        "matching": {
+            "predictions": len(frame),
+            "truth": len(truth_series),
+            "truth_format": form,
+            "scored": len(scored),
+            "prediction_errors": int(failed.sum()),
+            "no_truth": int((~failed & ~has_truth).sum()),
+            "no_prediction": len(no_prediction),
+            "examples": {
+                "prediction_errors": frame.loc[failed, "path"].head(5).tolist(),
+                "no_truth": frame.loc[~failed & ~has_truth, "path"].head(5).tolist(),
+                "no_prediction": no_prediction[:5],
+            },
+        },
+        "probabilities": "exact (prob_<class> columns)" if exact else
+                         "approximate: rebuilt from the top-k columns (run predict with --all-probs for exact AUC)",
+        "sources": {"predictions": str(predictions), "truth": str(truth)},
+    }
+    out = Path(out)
+    return Evaluation(report, out, _write(report, out, y_true, probs))
+
+
+def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path:
+    """Write the training curves stored in a model bundle as `history.png`."""
+    from skinclf.model import read_bundle_meta
+
+    path = model or default_model_path()
+    history = read_bundle_meta(path).get("history")
+    if not history:
+        raise SkinclfError(f"{path} carries no training history")
+    return history_png(history, Path(out) / "history.png")
+
+
+def _check_sensitivity(value: float) -> None:
+    if not 0 < value < 1:
+        raise SkinclfError(f"--mel-sensitivity {value}: must be between 0 and 1, e.g. 0.9")

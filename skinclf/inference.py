@@ -1,0 +1,95 @@
+"""Running a model over image files: decode in threads while the model runs the previous batch.
+
+Shared by `predict` (CSV rows), `evaluate` (labelled folders) and `train` (final validation).
+Memory stays flat: only `lookahead` decoded batches exist at any time, however many files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from skinclf.data import in_background
+from skinclf.errors import SkinclfError
+from skinclf.images import ImageError, load_image
+
+
+@dataclass
+class BatchResult:
+    """One batch of files: probabilities (NaN rows where decoding failed) and per-file errors."""
+
+    paths: list[Path]
+    probs: np.ndarray
+    errors: list[str | None]
+
+
+def predictor(model, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A function running `model` on one batch through its compiled predict step.
+
+    Batches are padded to `batch_size` so the compiled function sees one shape only (no
+    retracing for the last, shorter batch).
+    """
+
+    def run(x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if n < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
+        out = model.predict_on_batch(x)
+        return np.asarray(out, dtype="float32")[:n]
+
+    return run
+
+
+# The dihedral group of the square: flips and quarter turns leave a dermoscopic image a valid
+# image of the same lesion, so test-time augmentation averages over the first `tta` of them.
+_VIEWS = (
+    lambda x: x,
+    lambda x: x[:, :, ::-1],
+    lambda x: x[:, ::-1],
+    lambda x: x[:, ::-1, ::-1],
+    lambda x: x.transpose(0, 2, 1, 3),
+    lambda x: x.transpose(0, 2, 1, 3)[:, :, ::-1],
+    lambda x: x.transpose(0, 2, 1, 3)[:, ::-1],
+    lambda x: x.transpose(0, 2, 1, 3)[:, ::-1, ::-1],
+)
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def with_tta(run: Callable[[np.ndarray], np.ndarray], tta: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Average `run` over the first `tta` flips/rotations of each batch (tta=1: no averaging)."""
+    if tta not in TTA_CHOICES:
+        raise SkinclfError(f"--tta {tta}: choose one of {', '.join(map(str, TTA_CHOICES))}")
+    if tta == 1:
+        return run
+    return lambda x: np.mean([run(np.ascontiguousarray(view(x))) for view in _VIEWS[:tta]], axis=0)
+
+
+def _decode(paths: list[Path], image_size: int) -> tuple[list[Path], np.ndarray, list[str | None]]:
+    x = np.zeros((len(paths), image_size, image_size, 3), dtype="float32")
+    errors: list[str | None] = [None] * len(paths)
+    for j, path in enumerate(paths):
+        try:
+            x[j] = load_image(path, image_size)
+        except ImageError as exc:
+            errors[j] = str(exc)
+    return paths, x, errors
+
+
+def predict_files(
+    model, paths: Sequence[Path], *, image_size: int, batch_size: int, workers: int, tta: int = 1
+) -> Iterator[BatchResult]:
+    """Yield a BatchResult per `batch_size` files, in order; bad files never stop the stream."""
+    run = with_tta(predictor(model, batch_size), tta)
+    tasks = [partial(_decode, list(paths[i : i + batch_size]), image_size) for i in range(0, len(paths), batch_size)]
+    for batch_paths, x, errors in in_background(tasks, workers=workers):
+        ok = [j for j, e in enumerate(errors) if e is None]
+        probs = np.full((len(batch_paths), int(model.outputs[0].shape[-1])), np.nan, dtype="float32")
+        if len(ok) == len(errors):
+            probs[:] = run(x)
+        elif ok:
+            probs[ok] = run(x[ok])
+        yield BatchResult(paths=batch_paths, probs=probs, errors=errors)

@@ -1,0 +1,235 @@
+"""The network (MobileNet 1.0/224 with a new head) and the model bundle that carries it.
+
+The model is one flat Keras functional graph:
+
+    image (RGB, 0-255) -> preprocess (x/127.5 - 1) -> MobileNet conv1 ... conv_pw_13_relu
+                       -> pool -> dropout -> predictions (softmax over the classes)
+
+Preprocessing lives inside the model, so callers only decode and resize. The bundle is a
+single `.keras` file with one extra member, `skinclf.json`, holding everything predict and
+evaluate need: class names, input size, preprocessing, training settings, the data split's
+fingerprint, package versions and the validation metrics it was accepted with.
+
+Counting trainable layers from the top of the MobileNet base (`trainable_layers`):
+3 = conv_pw_13 only, 6 = block 13, 13 = blocks 12-13, 19 = 11-13, 25 = 10-13, 31 = 9-13,
+37 = 8-13, 43 = 7-13, 50 = 6-13, 56 = 5-13, 63 = 4-13, 85 = the whole base.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skinclf.backend import load_keras
+from skinclf.errors import SkinclfError
+from skinclf.files import atomic_path, sha256_file
+
+keras = load_keras()
+
+BUNDLE_FORMAT = "skinclf-bundle/1"
+META_MEMBER = "skinclf.json"
+BASE_FIRST, BASE_LAST = "conv1", "conv_pw_13_relu"
+MIN_TRAINABLE = 3  # conv_pw_13 + its batch norm + relu: the offline weights leave it untrained
+PREPROCESSING = {
+    "color": "RGB",
+    "decode": "EXIF orientation applied; grayscale, palette, alpha, CMYK and 16-bit converted to 8-bit RGB",
+    "resize": "whole image resized (not cropped) to input_size, bilinear with antialiasing (Pillow)",
+    "input_range": [0, 255],
+    "in_model": "x / 127.5 - 1 (MobileNet scaling, layer 'preprocess')",
+}
+
+
+def _mobilenet(image_size: int, alpha: float, weights: str | Path | None):
+    """A MobileNet base without its top, with `weights` ('imagenet', a file path, or None)."""
+    shape = (image_size, image_size, 3)
+    if weights == "imagenet":
+        try:
+            return keras.applications.MobileNet(input_shape=shape, alpha=alpha, include_top=False, weights="imagenet")
+        except Exception as exc:  # noqa: BLE001 - download or availability failure
+            reason = " ".join(str(exc).split())[:200]
+            raise SkinclfError(
+                f"could not get the ImageNet weights for MobileNet alpha={alpha} {image_size}x{image_size} "
+                f"({reason}); with no network, pass --weights PATH to a local weights file"
+            ) from None
+    base = keras.applications.MobileNet(input_shape=shape, alpha=alpha, include_top=False, weights=None)
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise SkinclfError(f"weights file not found: {path} (valid: imagenet, none, or a .weights.h5/.h5 file)")
+        try:
+            # Keras only warns when part of a file does not match and leaves those layers
+            # randomly initialised; that must be an error, not a silently worse model.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)
+                base.load_weights(str(path))
+        except Exception as exc:  # noqa: BLE001 - any mismatch is the same user problem
+            reason = " ".join(str(exc).split())[:200]
+            raise SkinclfError(
+                f"weights file {path} does not fit MobileNet alpha={alpha} without top ({reason})"
+            ) from None
+    return base
+
+
+def build_model(
+    *,
+    num_classes: int,
+    image_size: int = 224,
+    alpha: float = 1.0,
+    weights: str | Path | None = "imagenet",
+    dropout: float = 0.25,
+    seed: int | None = None,
+):
+    """MobileNet(alpha, image_size) with `weights`, preprocessing in front and a new head."""
+    if num_classes < 2:
+        raise SkinclfError(f"need at least 2 classes to train, found {num_classes}")
+    base = _mobilenet(image_size, alpha, weights)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    for layer in base.layers[1:]:  # MobileNet is a plain chain: re-apply its layers in order
+        x = layer(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="skinclf_mobilenet")
+
+
+def base_layer_range(model) -> tuple[int, int]:
+    """Indices (in `model.layers`) of the first and last MobileNet base layers."""
+    names = [layer.name for layer in model.layers]
+    return names.index(BASE_FIRST), names.index(BASE_LAST)
+
+
+def set_trainable(model, trainable_layers: int) -> int:
+    """Freeze the base except its top `trainable_layers` layers (the head always trains).
+
+    Returns the index in `model.layers` of the first trainable layer. Frozen batch-norm layers
+    run in inference mode, so the frozen part computes the same thing in training and use.
+    """
+    first, last = base_layer_range(model)
+    n_base = last - first + 1
+    if not MIN_TRAINABLE <= trainable_layers <= n_base:
+        raise SkinclfError(
+            f"--trainable-layers {trainable_layers}: must be {MIN_TRAINABLE}..{n_base} "
+            f"(e.g. 6 = block 13, 13 = blocks 12-13, 43 = blocks 7-13, {n_base} = everything)"
+        )
+    start = last + 1 - trainable_layers
+    for i, layer in enumerate(model.layers):
+        layer.trainable = i >= start
+    return start
+
+
+def split_model(model, start: int):
+    """Split a chain model before layer `start` into (frozen prefix, trainable suffix).
+
+    Both share the layer objects (and weights) with `model`: training the suffix trains the
+    model. The prefix's outputs are what the feature cache stores.
+    """
+    def chain(inputs, layers, name):
+        # Layers shared with the MobileNet they came from have several call sites, so
+        # `layer.output` is ambiguous; re-applying the chain to a fresh input is not.
+        x = inputs
+        for layer in layers:
+            x = layer(x)
+        return keras.Model(inputs, x, name=name)
+
+    prefix = chain(keras.Input(tuple(model.inputs[0].shape[1:]), name="image"), model.layers[1:start], "frozen_prefix")
+    features = keras.Input(tuple(prefix.outputs[0].shape[1:]), name="features")
+    return prefix, chain(features, model.layers[start:], "trainable_suffix")
+
+
+# --- the bundle ---------------------------------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    """A loaded model and its metadata."""
+
+    model: Any
+    meta: dict[str, Any]
+    path: Path
+    sha256: str = field(default="")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["input_size"][0])
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this model in reports and CSV sidecars."""
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "name": self.meta.get("name", self.path.stem),
+            "created": self.meta.get("created"),
+            "classes": self.classes,
+            "input_size": self.meta["input_size"],
+        }
+
+
+def save_bundle(model, path: Path, meta: dict[str, Any]) -> Path:
+    """Save `model` (without optimizer state) and `meta` as one `.keras` file, atomically."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise SkinclfError(f"--out {path}: the model file must end in .keras")
+    n_out = int(model.outputs[0].shape[-1])
+    if n_out != len(meta["classes"]):
+        raise SkinclfError(f"model has {n_out} outputs but {len(meta['classes'])} class names")
+    meta = {"format": BUNDLE_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **meta}
+    plain = keras.Model(model.inputs, model.outputs, name=model.name)  # uncompiled: no optimizer
+    with atomic_path(path) as tmp:
+        plain.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as zf:
+            zf.writestr(META_MEMBER, json.dumps(meta, indent=2, default=_json_default))
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def read_bundle_meta(path: Path) -> dict[str, Any]:
+    """The metadata of a bundle, read without loading Keras weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise SkinclfError(f"model file not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            meta = json.loads(zf.read(META_MEMBER))
+    except KeyError:
+        raise SkinclfError(f"{path} is a Keras model but not a skinclf bundle (no {META_MEMBER})") from None
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise SkinclfError(f"{path} is not a valid model file (corrupt or truncated: {exc})") from None
+    if meta.get("format") != BUNDLE_FORMAT or "classes" not in meta or "input_size" not in meta:
+        raise SkinclfError(f"{path} has metadata of an unknown format ({meta.get('format')!r}, expected {BUNDLE_FORMAT})")
+    return meta
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Load a bundle; any problem with the file is a one-line SkinclfError."""
+    path = Path(path)
+    meta = read_bundle_meta(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # a partial load is a corrupt model
+            model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - corrupt weights, wrong Keras version, ...
+        reason = " ".join(str(exc).split())[:200]
+        raise SkinclfError(f"cannot load model {path}: {reason}") from None
+    n_out = int(model.outputs[0].shape[-1])
+    if n_out != len(meta["classes"]):
+        raise SkinclfError(f"{path}: model has {n_out} outputs but its metadata names {len(meta['classes'])} classes")
+    return Bundle(model=model, meta=meta, path=path, sha256=sha256_file(path))
