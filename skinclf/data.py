@@ -57,13 +57,47 @@ def in_background(tasks: Sequence[Callable[[], T]], *, workers: int, lookahead: 
             yield result
 
 
-class ImageBatches(keras.utils.PyDataset):
-    """Batches of (images, one-hot labels[, sample weights]) decoded from files.
+class _LabelledBatches(keras.utils.PyDataset):
+    """Batches of (inputs, one-hot labels[, sample weights]) in a seeded order per epoch.
 
-    With `augment`, each image gets the random affine of `skinclf.augment`, drawn from a
-    generator seeded with (seed, epoch, image index). `epoch` advances at each epoch end,
-    when Keras has already stopped its loader threads.
+    Subclasses say how to produce the inputs of a list of item indices. `epoch` advances at
+    each epoch end, when Keras has already stopped its loader threads.
     """
+
+    def __init__(self, labels: Sequence[int], *, num_classes: int, batch_size: int, shuffle: bool, seed: int,
+                 epoch: int, sample_weights: Sequence[float] | None, **pydataset_options) -> None:
+        super().__init__(**pydataset_options)
+        self.labels = np.asarray(labels, dtype="int64")
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = epoch
+        self.sample_weights = None if sample_weights is None else np.asarray(sample_weights, dtype="float32")
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self._order = epoch_order(len(self.labels), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
+
+    def _inputs(self, indices: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __getitem__(self, batch: int):
+        idx = self._order[batch * self.batch_size : (batch + 1) * self.batch_size]
+        x, y = self._inputs(idx), one_hot(self.labels[idx], self.num_classes)
+        return (x, y) if self.sample_weights is None else (x, y, self.sample_weights[idx])
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._new_epoch()
+
+
+class ImageBatches(_LabelledBatches):
+    """Images decoded from files; with `augment`, each gets the random affine of
+    `skinclf.augment`, drawn from a generator seeded with (seed, epoch, image index)."""
 
     def __init__(
         self,
@@ -80,52 +114,30 @@ class ImageBatches(keras.utils.PyDataset):
         sample_weights: Sequence[float] | None = None,
         workers: int = 1,
     ) -> None:
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(2 * workers, 4))
         self.paths = [Path(p) for p in paths]
-        self.labels = np.asarray(labels, dtype="int64")
-        self.num_classes = num_classes
         self.image_size = image_size
-        self.batch_size = batch_size
         self.augment = augment
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = epoch
-        self.sample_weights = None if sample_weights is None else np.asarray(sample_weights, dtype="float32")
-        self._order = epoch_order(len(self.paths), seed=seed, epoch=epoch, shuffle=shuffle)
+        super().__init__(labels, num_classes=num_classes, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                         epoch=epoch, sample_weights=sample_weights, workers=workers, use_multiprocessing=False,
+                         max_queue_size=max(2 * workers, 4))
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.paths) / self.batch_size)
-
-    def image(self, index: int, epoch: int | None = None) -> np.ndarray:
-        """Image `index` as the model sees it in `epoch` (augmented when training)."""
+    def image(self, index: int) -> np.ndarray:
+        """Image `index` as the model sees it this epoch (augmented when training)."""
         try:
             pixels = load_image(self.paths[index], self.image_size)
         except ImageError as exc:
             raise SkinclfError(f"cannot read {self.paths[index]}: {exc}") from None
         if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
-            pixels = random_affine(pixels, rng)
+            pixels = random_affine(pixels, np.random.default_rng([self.seed, self.epoch, index]))
         return pixels
 
-    def indices(self, batch: int) -> np.ndarray:
-        return self._order[batch * self.batch_size : (batch + 1) * self.batch_size]
-
-    def __getitem__(self, batch: int):
-        idx = self.indices(batch)
-        x = np.stack([self.image(i) for i in idx]).astype("float32")
-        y = one_hot(self.labels[idx], self.num_classes)
-        if self.sample_weights is None:
-            return x, y
-        return x, y, self.sample_weights[idx]
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self._order = epoch_order(len(self.paths), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
+    def _inputs(self, indices: np.ndarray) -> np.ndarray:
+        return np.stack([self.image(i) for i in indices]).astype("float32")
 
 
-class FeatureBatches(keras.utils.PyDataset):
-    """Batches of cached frozen-part outputs: each epoch, every image is shown through one of
-    its cached augmented views, picked at random with (seed, epoch)."""
+class FeatureBatches(_LabelledBatches):
+    """Cached frozen-part outputs: each epoch shows every image through one of its cached
+    augmented views, picked at random with (seed, epoch)."""
 
     def __init__(
         self,
@@ -139,33 +151,13 @@ class FeatureBatches(keras.utils.PyDataset):
         epoch: int = 0,
         sample_weights: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
         self.views = list(views)
-        self.labels = np.asarray(labels, dtype="int64")
-        self.num_classes = num_classes
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = epoch
-        self.sample_weights = None if sample_weights is None else np.asarray(sample_weights, dtype="float32")
-        self._reset()
+        super().__init__(labels, num_classes=num_classes, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                         epoch=epoch, sample_weights=sample_weights)
 
-    def _reset(self) -> None:
-        n = len(self.labels)
-        self._order = epoch_order(n, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
-        self._view = np.random.default_rng([self.seed, self.epoch, 2]).integers(0, len(self.views), n)
+    def _new_epoch(self) -> None:
+        super()._new_epoch()
+        self._view = np.random.default_rng([self.seed, self.epoch, 2]).integers(0, len(self.views), len(self.labels))
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
-
-    def __getitem__(self, batch: int):
-        idx = self._order[batch * self.batch_size : (batch + 1) * self.batch_size]
-        x = np.stack([self.views[self._view[i]][i] for i in idx]).astype("float32")
-        y = one_hot(self.labels[idx], self.num_classes)
-        if self.sample_weights is None:
-            return x, y
-        return x, y, self.sample_weights[idx]
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self._reset()
+    def _inputs(self, indices: np.ndarray) -> np.ndarray:
+        return np.stack([self.views[self._view[i]][i] for i in indices]).astype("float32")

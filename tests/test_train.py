@@ -231,3 +231,31 @@ def test_bad_training_options(runner, prepared: Path, tmp_path: Path, args: list
     result = runner.invoke(app, [*base, *args])
     assert result.exit_code == 1, result.output
     assert needle in result.output
+
+
+@pytest.mark.slow
+def test_torch_backend_trains_a_bundle_tensorflow_loads(prepared: Path, tmp_path: Path) -> None:
+    """The model, data and training path hold no TensorFlow-only code: KERAS_BACKEND=torch trains,
+    and the bundle loads under the default backend with the same outputs."""
+    torch_python = os.environ.get("SKINCLF_TORCH_PYTHON", sys.executable)
+    probe = subprocess.run([torch_python, "-c", "import torch"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip("PyTorch is not installed (set SKINCLF_TORCH_PYTHON to a Python that has it)")
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [torch_python, "-c",
+         "import numpy as np, sys; from pathlib import Path; from skinclf.train import train_model; "
+         "from skinclf.model import load_bundle; "
+         f"r = train_model(data=Path({str(prepared)!r}), out=Path('t.keras'), epochs=1, batch_size=8, weights='none', "
+         "alpha=0.25, image_size=64, trainable_layers=85, workers=2, show_progress=False); "
+         "x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype('float32'); "
+         "np.save('torch_out.npy', np.asarray(load_bundle(Path('t.keras')).model.predict_on_batch(x)))"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    from skinclf.model import load_bundle
+
+    bundle = load_bundle(tmp_path / "t.keras")
+    assert bundle.meta["versions"]["backend"] == "torch"
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    assert np.allclose(np.asarray(bundle.model.predict_on_batch(x)), np.load(tmp_path / "torch_out.npy"), atol=1e-5)
