@@ -1,7 +1,9 @@
 """Training-time augmentation: the seed projects' recipe, done in one resampling per image.
 
 Rotation up to 180 degrees either way, shift up to 10% of the side, zoom 0.9-1.1, horizontal and
-vertical flips. All five are folded into a single affine map applied with Pillow in the
+vertical flips; optionally (`color`), brightness, contrast and saturation jitter, since
+dermatoscopes differ in colour rendering. The geometric five are folded into a single affine
+map applied with Pillow in the
 data-loading threads (outside the model: random augmentation layers inside a Keras model ran
 4x slower on a GPU). The image is reflect-padded first, so rotated corners show skin rather than
 black wedges that the model could learn to key on.
@@ -21,9 +23,20 @@ class AugmentSpec:
     shift: float = 0.1  # fraction of the side, each axis
     zoom: float = 0.1  # scale in [1 - zoom, 1 + zoom]
     flips: bool = True  # horizontal and vertical, each with probability 1/2
+    color: float = 0.0  # brightness, contrast and saturation factors in [1 - color, 1 + color]
 
 
 RECIPE = AugmentSpec()
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
+    """Scale brightness, contrast and saturation by random factors in [1 - amount, 1 + amount]."""
+    brightness, contrast, saturation = rng.uniform(1 - amount, 1 + amount, 3)
+    x = image.astype(np.float32) * brightness
+    x = (x - x.mean()) * contrast + x.mean()
+    gray = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    x = gray[..., None] + (x - gray[..., None]) * saturation
+    return np.clip(x, 0, 255).astype(np.uint8)
 
 
 def random_affine(image: np.ndarray, rng: np.random.Generator, spec: AugmentSpec = RECIPE) -> np.ndarray:
@@ -33,6 +46,8 @@ def random_affine(image: np.ndarray, rng: np.random.Generator, spec: AugmentSpec
     scale = rng.uniform(1 - spec.zoom, 1 + spec.zoom)
     shift = rng.uniform(-spec.shift, spec.shift, 2) * size
     flip = np.where(rng.random(2) < 0.5, -1.0, 1.0) if spec.flips else np.ones(2)
+    if spec.color:
+        image = color_jitter(image, rng, spec.color)
     # Output pixel o comes from input pixel i = M (o - c - shift) + c, with M = F R(-theta) / s.
     cos, sin = np.cos(theta), np.sin(theta)
     m = np.diag(flip) @ np.array([[cos, sin], [-sin, cos]]) / scale

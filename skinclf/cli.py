@@ -190,6 +190,9 @@ def train(
         TRAIN.cache_views, "--cache-views",
         help="Cache the frozen layers' outputs for N augmented views per training image (0: augment afresh each epoch).",
     ),
+    color_jitter: float = typer.Option(
+        TRAIN.color_jitter, "--color-jitter", help="Also jitter brightness, contrast and saturation by up to this share."
+    ),
     workers: int = typer.Option(TRAIN.workers, "--workers", help="Threads decoding and augmenting images."),
     run_dir: Optional[Path] = typer.Option(
         None, "--run-dir", help="Checkpoints, history and feature cache [default: runs/<model name>]."
@@ -210,7 +213,8 @@ def train(
             data=data, out=out_model, epochs=epochs, batch_size=batch_size, lr=lr, weights=weights,
             trainable_layers=trainable_layers, class_weight=class_weight, loss=loss, focal_gamma=focal_gamma,
             monitor=monitor, patience=patience, dropout=dropout, label_smoothing=label_smoothing, seed=seed,
-            image_size=image_size, alpha=alpha, cache_views=cache_views, workers=workers, run_dir=run_dir,
+            image_size=image_size, alpha=alpha, cache_views=cache_views, color_jitter=color_jitter, workers=workers,
+            run_dir=run_dir,
             resume=resume,
         )
     val = result.val_metrics

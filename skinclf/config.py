@@ -48,6 +48,8 @@ class TrainDefaults:
     # Cache the frozen part's outputs for this many augmented views of each training image
     # (0: no cache, augment every epoch afresh). Makes CPU training several times faster.
     cache_views: int = 0
+    # Brightness/contrast/saturation jitter on top of the seed recipe (0: the recipe alone).
+    color_jitter: float = 0.0
     workers: int = 4
 
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from skinclf.augment import random_affine
+from skinclf.augment import RECIPE, AugmentSpec, random_affine
 from skinclf.backend import load_keras
 from skinclf.errors import SkinclfError
 from skinclf.images import ImageError, load_image
@@ -96,8 +96,8 @@ class _LabelledBatches(keras.utils.PyDataset):
 
 
 class ImageBatches(_LabelledBatches):
-    """Images decoded from files; with `augment`, each gets the random affine of
-    `skinclf.augment`, drawn from a generator seeded with (seed, epoch, image index)."""
+    """Images decoded from files; with `augment` (True for the seed recipe, or an AugmentSpec),
+    each gets a random augmentation drawn from a generator seeded with (seed, epoch, index)."""
 
     def __init__(
         self,
@@ -107,7 +107,7 @@ class ImageBatches(_LabelledBatches):
         num_classes: int,
         image_size: int,
         batch_size: int,
-        augment: bool = False,
+        augment: bool | AugmentSpec = False,
         shuffle: bool = False,
         seed: int = 0,
         epoch: int = 0,
@@ -116,7 +116,7 @@ class ImageBatches(_LabelledBatches):
     ) -> None:
         self.paths = [Path(p) for p in paths]
         self.image_size = image_size
-        self.augment = augment
+        self.augment = RECIPE if augment is True else (augment or None)
         super().__init__(labels, num_classes=num_classes, batch_size=batch_size, shuffle=shuffle, seed=seed,
                          epoch=epoch, sample_weights=sample_weights, workers=workers, use_multiprocessing=False,
                          max_queue_size=max(2 * workers, 4))
@@ -128,7 +128,7 @@ class ImageBatches(_LabelledBatches):
         except ImageError as exc:
             raise SkinclfError(f"cannot read {self.paths[index]}: {exc}") from None
         if self.augment:
-            pixels = random_affine(pixels, np.random.default_rng([self.seed, self.epoch, index]))
+            pixels = random_affine(pixels, np.random.default_rng([self.seed, self.epoch, index]), self.augment)
         return pixels
 
     def _inputs(self, indices: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ BUNDLE_FORMAT = "skinclf-bundle/1"
 META_MEMBER = "skinclf.json"
 BASE_FIRST, BASE_LAST = "conv1", "conv_pw_13_relu"
 MIN_TRAINABLE = 3  # conv_pw_13 + its batch norm + relu: the offline weights leave it untrained
+BASE_LAYERS = 85  # layers of keras.applications.MobileNet without top, input excluded
 PREPROCESSING = {
     "color": "RGB",
     "decode": "EXIF orientation applied; grayscale, palette, alpha, CMYK and 16-bit converted to 8-bit RGB",
@@ -106,6 +107,15 @@ def base_layer_range(model) -> tuple[int, int]:
     return names.index(BASE_FIRST), names.index(BASE_LAST)
 
 
+def check_trainable_layers(trainable_layers: int, n_base: int = BASE_LAYERS) -> None:
+    """Raise unless `trainable_layers` is a valid count of top base layers to train."""
+    if not MIN_TRAINABLE <= trainable_layers <= n_base:
+        raise SkinclfError(
+            f"--trainable-layers {trainable_layers}: must be {MIN_TRAINABLE}..{n_base} "
+            f"(e.g. 6 = block 13, 13 = blocks 12-13, 43 = blocks 7-13, {n_base} = everything)"
+        )
+
+
 def set_trainable(model, trainable_layers: int) -> int:
     """Freeze the base except its top `trainable_layers` layers (the head always trains).
 
@@ -113,12 +123,7 @@ def set_trainable(model, trainable_layers: int) -> int:
     run in inference mode, so the frozen part computes the same thing in training and use.
     """
     first, last = base_layer_range(model)
-    n_base = last - first + 1
-    if not MIN_TRAINABLE <= trainable_layers <= n_base:
-        raise SkinclfError(
-            f"--trainable-layers {trainable_layers}: must be {MIN_TRAINABLE}..{n_base} "
-            f"(e.g. 6 = block 13, 13 = blocks 12-13, 43 = blocks 7-13, {n_base} = everything)"
-        )
+    check_trainable_layers(trainable_layers, last - first + 1)
     start = last + 1 - trainable_layers
     for i, layer in enumerate(model.layers):
         layer.trainable = i >= start

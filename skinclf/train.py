@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from skinclf import ui
-from skinclf.augment import RECIPE
+from skinclf.augment import AugmentSpec
 from skinclf.backend import accelerator, load_keras, versions
 from skinclf.config import TRAIN
 from skinclf.data import FeatureBatches, ImageBatches, in_background
@@ -40,7 +40,7 @@ from skinclf.files import atomic_path, atomic_write, atomic_write_json, sha256_f
 from skinclf.inference import predict_files
 from skinclf.layout import LabelledImages, list_labelled_images
 from skinclf.metrics import classification_report
-from skinclf.model import PREPROCESSING, build_model, save_bundle, set_trainable, split_model
+from skinclf.model import PREPROCESSING, build_model, check_trainable_layers, save_bundle, set_trainable, split_model
 
 keras = load_keras()
 ops = keras.ops
@@ -125,7 +125,8 @@ def class_weights(spec: str, counts: dict[str, int]) -> dict[str, float]:
     return weights
 
 
-def _validate(*, epochs, batch_size, lr, loss, monitor, cache_views, image_size, alpha, dropout, label_smoothing) -> None:
+def _validate(*, epochs, batch_size, lr, loss, monitor, cache_views, image_size, alpha, dropout, label_smoothing,
+              color_jitter) -> None:
     if epochs < 1:
         raise SkinclfError(f"--epochs {epochs}: must be at least 1")
     if batch_size < 1:
@@ -142,6 +143,8 @@ def _validate(*, epochs, batch_size, lr, loss, monitor, cache_views, image_size,
         raise SkinclfError(f"--image-size {image_size}: must be at least 32")
     if alpha not in (0.25, 0.5, 0.75, 1.0):
         raise SkinclfError(f"--alpha {alpha}: MobileNet comes in 0.25, 0.5, 0.75 and 1.0")
+    if not 0 <= color_jitter < 1:
+        raise SkinclfError(f"--color-jitter {color_jitter}: must be in [0, 1), e.g. 0.1")
     if not 0 <= dropout < 1 or not 0 <= label_smoothing < 1:
         raise SkinclfError("dropout and label smoothing must be in [0, 1)")
 
@@ -369,6 +372,7 @@ def train_model(
     image_size: int = TRAIN.image_size,
     alpha: float = TRAIN.alpha,
     cache_views: int = TRAIN.cache_views,
+    color_jitter: float = TRAIN.color_jitter,
     workers: int = TRAIN.workers,
     run_dir: Path | None = None,
     resume: bool = False,
@@ -381,7 +385,9 @@ def train_model(
     `resume`, training continues from its last completed epoch.
     """
     _validate(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, monitor=monitor, cache_views=cache_views,
-              image_size=image_size, alpha=alpha, dropout=dropout, label_smoothing=label_smoothing)
+              image_size=image_size, alpha=alpha, dropout=dropout, label_smoothing=label_smoothing,
+              color_jitter=color_jitter)
+    check_trainable_layers(trainable_layers)
     out = Path(out)
     if out.suffix != ".keras":
         raise SkinclfError(f"--out {out}: the model file must end in .keras")
@@ -397,7 +403,7 @@ def train_model(
         "trainable_layers": trainable_layers, "class_weight": class_weight, "loss": loss, "focal_gamma": focal_gamma,
         "monitor": monitor, "patience": patience, "dropout": dropout, "label_smoothing": label_smoothing,
         "seed": seed, "image_size": image_size, "alpha": alpha, "cache_views": cache_views,
-        "fingerprint": _data_fingerprint(data, train_set, val_set), "classes": list(classes),
+        "color_jitter": color_jitter, "fingerprint": _data_fingerprint(data, train_set, val_set), "classes": list(classes),
     }
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / out.stem
     state = None
@@ -415,6 +421,7 @@ def train_model(
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    augment = AugmentSpec(color=color_jitter)
     keras.utils.set_random_seed(seed)
     model = build_model(num_classes=len(classes), image_size=image_size, alpha=alpha, weights=weights_arg,
                         dropout=dropout, seed=seed)
@@ -425,10 +432,10 @@ def train_model(
     image_common = {**common, "image_size": image_size, "workers": workers}
     if cache_views:
         prefix, trainable = split_model(model, start)
-        key = sha256_text(json.dumps([settings["fingerprint"], weights_id, image_size, alpha, start, seed, asdict(RECIPE)]))
+        key = sha256_text(json.dumps([settings["fingerprint"], weights_id, image_size, alpha, start, seed, asdict(augment)]))
         # Shared by runs beside this one: the key covers everything the cached features depend on.
         cache_dir = run_dir.parent / f"feature-cache-{key[:16]}"
-        train_views = _cache_views(prefix, ImageBatches(train_set.paths, train_set.labels, augment=True, **image_common),
+        train_views = _cache_views(prefix, ImageBatches(train_set.paths, train_set.labels, augment=augment, **image_common),
                                    cache_dir, "train", cache_views, show_progress=show_progress)
         val_views = _cache_views(prefix, ImageBatches(val_set.paths, val_set.labels, **image_common),
                                  cache_dir, "val", 1, show_progress=show_progress)
@@ -437,7 +444,7 @@ def train_model(
         val_ds = FeatureBatches(val_views, val_set.labels, **common)
     else:
         trainable = model
-        train_ds = ImageBatches(train_set.paths, train_set.labels, augment=True, shuffle=True, epoch=initial_epoch,
+        train_ds = ImageBatches(train_set.paths, train_set.labels, augment=augment, shuffle=True, epoch=initial_epoch,
                                 sample_weights=train_weights, **image_common)
         val_ds = ImageBatches(val_set.paths, val_set.labels, **image_common)
 
@@ -499,7 +506,7 @@ def train_model(
         "architecture": {"base": "MobileNet", "alpha": alpha, "head": "global average pool, dropout, dense softmax",
                          "dropout": dropout, "first_trainable_layer": model.layers[start].name},
         "training": {**settings, "epochs": epochs, "epochs_run": len(history), "best_epoch": best_epoch,
-                     "best_value": run_state.state["best"], "class_weights": weight_of, "augmentation": asdict(RECIPE),
+                     "best_value": run_state.state["best"], "class_weights": weight_of, "augmentation": asdict(augment),
                      "device": device, "seconds": round(seconds, 1)},
         "data": {"path": str(data), "fingerprint": settings["fingerprint"], "train_counts": train_set.counts(),
                  "val_counts": val_set.counts()},

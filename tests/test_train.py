@@ -157,7 +157,8 @@ def test_killed_run_resumes_to_the_same_result(prepared: Path, tmp_path: Path) -
 # --- errors -------------------------------------------------------------------------------
 
 
-def test_wrong_architecture_weights_file(runner, prepared: Path, tmp_path: Path) -> None:
+def test_wrong_architecture_weights_file(runner, prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     from skinclf.backend import load_keras
 
     keras = load_keras()
@@ -171,7 +172,8 @@ def test_wrong_architecture_weights_file(runner, prepared: Path, tmp_path: Path)
     assert "Traceback" not in result.output
 
 
-def test_missing_weights_file(runner, prepared: Path, tmp_path: Path) -> None:
+def test_missing_weights_file(runner, prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["train", "--data", str(prepared), "--out", str(tmp_path / "m.keras"),
                                  *TINY, "--weights", str(tmp_path / "nope.h5")])
     assert result.exit_code == 1 and "weights file not found" in result.output
@@ -189,6 +191,7 @@ def test_imagenet_download_failure_suggests_a_local_file(monkeypatch, prepared: 
         return real(*args, weights=weights, **kwargs)
 
     monkeypatch.setattr(model_mod.keras.applications, "MobileNet", offline)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SkinclfError, match="--weights PATH"):
         train_model(data=prepared, out=tmp_path / "m.keras", weights="imagenet", alpha=0.25, image_size=64,
                     show_progress=False)
@@ -200,7 +203,8 @@ def test_no_prepared_data(runner, tmp_path: Path) -> None:
     assert "no prepared data" in result.output and "skinclf prepare" in result.output
 
 
-def test_empty_class_folder(runner, tmp_path: Path) -> None:
+def test_empty_class_folder(runner, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     ham = write_ham(tmp_path / "ham", per_class=3)
     prepare_dataset(src=ham, out=tmp_path / "p", val=0.3, test=0.0, show_progress=False)
     (tmp_path / "p" / "train" / "healthy").mkdir()
@@ -224,13 +228,16 @@ def test_resume_with_nothing_to_resume(runner, prepared: Path, tmp_path: Path) -
         (["--alpha", "0.3"], "0.25, 0.5, 0.75 and 1.0"),
         (["--epochs", "0"], "at least 1"),
         (["--out", "model.h5"], "must end in .keras"),
+        (["--color-jitter", "1.5"], "must be in [0, 1)"),
     ],
 )
-def test_bad_training_options(runner, prepared: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+def test_bad_training_options(runner, prepared: Path, tmp_path: Path, monkeypatch, args: list[str], needle: str) -> None:
+    monkeypatch.chdir(tmp_path)
     base = ["train", "--data", str(prepared), "--out", str(tmp_path / "m.keras"), *TINY]
     result = runner.invoke(app, [*base, *args])
     assert result.exit_code == 1, result.output
     assert needle in result.output
+    assert not (tmp_path / "runs").exists()  # options are checked before anything is written
 
 
 @pytest.mark.slow

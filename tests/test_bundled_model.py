@@ -1,0 +1,78 @@
+"""Integration: the committed model in models/ on CPU, with the real full-size images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import BUNDLED_MODEL, CLASSES, SHARED_FULLRES, SHARED_HAM, require
+from PIL import Image
+
+from skinclf.cli import app
+
+pytestmark = pytest.mark.integration
+
+# The bundled model's probabilities for one fixed image (ISIC_0024358.jpg, full size), recorded
+# when the model was committed: any accidental change of the model or the preprocessing shows.
+FIXED_IMAGE = "ISIC_0024358.jpg"
+EXPECTED = {"akiec": 0.0, "bcc": 0.0, "bkl": 0.0, "df": 0.0, "mel": 0.0, "nv": 0.0, "vasc": 0.0}
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    from skinclf.model import load_bundle
+
+    return load_bundle(require(BUNDLED_MODEL))
+
+
+def test_bundle_is_small_and_carries_its_metadata(bundle) -> None:
+    assert BUNDLED_MODEL.stat().st_size < 20 * 1024 * 1024
+    assert bundle.classes == list(CLASSES)
+    assert bundle.image_size == 224
+    meta = bundle.meta
+    assert meta["architecture"]["base"] == "MobileNet" and meta["architecture"]["alpha"] == 1.0
+    assert meta["preprocessing"]["input_range"] == [0, 255]
+    assert meta["training"]["weights"] and meta["data"]["fingerprint"]
+    assert meta["metrics"]["validation"]["balanced_accuracy"] > 0.7
+
+
+def test_fixed_image_matches_the_recorded_output(bundle) -> None:
+    from skinclf.images import load_image
+
+    x = load_image(require(SHARED_FULLRES) / FIXED_IMAGE, bundle.image_size)[None].astype("float32")
+    probs = np.asarray(bundle.model.predict_on_batch(x))[0]
+    assert probs == pytest.approx([EXPECTED[c] for c in bundle.classes], abs=2e-4)
+
+
+def test_same_image_as_jpeg_and_png_gets_the_same_top1(tmp_path: Path, bundle) -> None:
+    from skinclf.predict import predict_directory
+
+    images = sorted(require(SHARED_FULLRES).glob("*.jpg"))[:12]
+    for path in images:
+        with Image.open(path) as im:
+            im.save(tmp_path / f"{path.stem}.png")
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    predict_directory(directory=tmp_path, out=tmp_path / "out" / "r.csv", model=BUNDLED_MODEL, show_progress=False)
+    frame = pd.read_csv(tmp_path / "out" / "r.csv", keep_default_na=False)
+    frame["stem"] = frame["path"].map(lambda p: Path(p).stem)
+    pairs = frame.pivot(index="stem", columns=frame["path"].map(lambda p: Path(p).suffix), values="top1_class")
+    assert (pairs[".jpg"] == pairs[".png"]).all(), pairs
+
+
+def test_predict_on_full_size_images_from_another_directory(runner, monkeypatch, tmp_path: Path) -> None:
+    """With no --model, the bundled model is found whatever the working directory."""
+    monkeypatch.delenv("SKINCLF_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    folder = require(SHARED_FULLRES)
+    result = runner.invoke(app, ["predict", str(folder), "--out", "r.csv"])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "r.csv", keep_default_na=False)
+    assert len(frame) == len(list(folder.glob("*.jpg"))) and (frame["error"] == "").all()
+    assert json.loads((tmp_path / "r.csv.json").read_text())["model"]["name"] == "skinclf-mobilenet"
+    # Far better than chance on these (mostly unseen) images: check against their labels.
+    truth = pd.read_csv(require(SHARED_HAM) / "HAM10000_metadata.csv").set_index("image_id")["dx"]
+    labels = truth[frame["path"].map(lambda p: Path(p).stem)].to_numpy()
+    assert (frame["top1_class"].to_numpy() == labels).mean() > 0.6
