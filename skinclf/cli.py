@@ -171,7 +171,9 @@ def train(
         help="MobileNet layers trained from the top (3..85): 6 = block 13, 13 = blocks 12-13, 43 = blocks 7-13, 85 = all.",
     ),
     class_weight: str = typer.Option(
-        TRAIN.class_weight, "--class-weight", help="balanced, sqrt, none, or explicit NAME=WEIGHT,... (others 1)."
+        TRAIN.class_weight, "--class-weight",
+        help="balanced, sqrt or none, optionally followed by NAME=WEIGHT or NAME*FACTOR changes "
+        "(e.g. balanced,mel*2); NAME=WEIGHT,... alone leaves other classes at 1."
     ),
     loss: str = typer.Option(TRAIN.loss, "--loss", help="crossentropy or focal."),
     focal_gamma: float = typer.Option(TRAIN.focal_gamma, "--focal-gamma", help="Focusing parameter of --loss focal."),
@@ -306,20 +308,13 @@ def evaluate(
     whether the data is held out from the model's training split.
     """
     with _user_errors():
-        from skinclf import evaluate as ev
+        from skinclf.evaluate import run_evaluation
 
-        if history:
-            path = ev.plot_history(model=model, out=out_dir)
-            out.print(f"Wrote {path}")
-            return
-        if (predictions is None) != (truth is None):
-            raise SkinclfError("--predictions and --truth go together")
-        if predictions is not None:
-            result = ev.evaluate_predictions(predictions=predictions, truth=truth, out=out_dir,
-                                             mel_sensitivity=mel_sensitivity)
-        else:
-            result = ev.evaluate_model(model=model, data=data, out=out_dir, mel_sensitivity=mel_sensitivity,
-                                       batch_size=batch_size, tta=tta)
+        result = run_evaluation(model=model, data=data, out=out_dir, predictions=predictions, truth=truth,
+                                history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta)
+    if not result.report:  # --history: only the curves
+        out.print("Wrote " + ", ".join(str(p) for p in result.files))
+        return
     if as_json:
         typer.echo(json.dumps(result.report, indent=2))
         return

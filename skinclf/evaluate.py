@@ -223,6 +223,30 @@ def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path
     return history_png(history, Path(out) / "history.png")
 
 
+def run_evaluation(
+    *,
+    model: Path | None = None,
+    data: Path = EVALUATE.data,
+    out: Path = EVALUATE.out,
+    predictions: Path | None = None,
+    truth: Path | None = None,
+    history: bool = False,
+    mel_sensitivity: float = EVALUATE.mel_sensitivity,
+    batch_size: int = EVALUATE.batch_size,
+    tta: int = 1,
+) -> Evaluation:
+    """The `evaluate` command: training curves only (`history`), a predictions CSV against
+    `truth`, or the model over the labelled folder `data`."""
+    if history:
+        return Evaluation(report={}, out=Path(out), files=[plot_history(model=model, out=out)])
+    if (predictions is None) != (truth is None):
+        raise SkinclfError("--predictions and --truth go together")
+    if predictions is not None:
+        return evaluate_predictions(predictions=predictions, truth=truth, out=out, mel_sensitivity=mel_sensitivity)
+    return evaluate_model(model=model, data=data, out=out, mel_sensitivity=mel_sensitivity, batch_size=batch_size,
+                          tta=tta)
+
+
 def _check_sensitivity(value: float) -> None:
     if not 0 < value < 1:
         raise SkinclfError(f"--mel-sensitivity {value}: must be between 0 and 1, e.g. 0.9")

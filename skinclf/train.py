@@ -93,35 +93,37 @@ class BalancedAccuracy(keras.metrics.Metric):
 
 
 def class_weights(spec: str, counts: dict[str, int]) -> dict[str, float]:
-    """Per-class loss weights from `spec`.
+    """Per-class loss weights from `spec`: a base, optionally followed by per-class changes.
 
-    'balanced': n / (k * n_c), so every class carries the same total weight (scikit-learn's
-    formula); 'sqrt': the square root of that, a softer correction; 'none': all 1;
-    'mel=4,nv=1.25,...': explicit values, unnamed classes 1.
+    Bases: 'balanced', n / (k * n_c), so every class carries the same total weight
+    (scikit-learn's formula); 'sqrt', its square root, a softer correction; 'none', all 1.
+    Changes, comma-separated: 'NAME=W' sets a weight, 'NAME*F' multiplies it. Without a base,
+    'none' is assumed: 'mel=4,nv=1.25' (the seed's style) leaves other classes at 1;
+    'balanced,mel*2' doubles melanoma's balanced weight.
     """
-    spec = spec.strip()
+    items = [item.strip() for item in spec.split(",") if item.strip()]
     present = {c: n for c, n in counts.items() if n > 0}
     total, k = sum(present.values()), len(present)
-    if spec in ("balanced", "sqrt"):
-        balanced = {c: total / (k * n) if n else 0.0 for c, n in counts.items()}
-        return {c: math.sqrt(w) for c, w in balanced.items()} if spec == "sqrt" else balanced
-    if spec == "none":
-        return dict.fromkeys(counts, 1.0)
-    weights = dict.fromkeys(counts, 1.0)
-    for item in spec.split(","):
-        name, sep, value = item.partition("=")
+    balanced = {c: total / (k * n) if n else 0.0 for c, n in counts.items()}
+    bases = {"balanced": balanced, "sqrt": {c: math.sqrt(w) for c, w in balanced.items()},
+             "none": dict.fromkeys(counts, 1.0)}
+    weights = dict(bases[items.pop(0)] if items and items[0] in bases else bases["none"])
+    for item in items:
+        op = "=" if "=" in item else "*" if "*" in item else None
+        name, _, value = item.partition(op) if op else (item, "", "")
         name = name.strip()
-        if not sep or name not in counts:
+        if op is None or name not in counts:
             raise SkinclfError(
-                f"--class-weight {spec!r}: expected balanced, sqrt, none or NAME=WEIGHT,... with NAME one of "
-                f"{', '.join(counts)}"
+                f"--class-weight {spec!r}: expected a base (balanced, sqrt, none) and/or NAME=WEIGHT or NAME*FACTOR "
+                f"items with NAME one of {', '.join(counts)}"
             )
         try:
-            weights[name] = float(value)
+            number = float(value)
         except ValueError:
             raise SkinclfError(f"--class-weight {item!r}: {value!r} is not a number") from None
-        if not weights[name] > 0:
+        if not number > 0:
             raise SkinclfError(f"--class-weight {item!r}: weights must be positive")
+        weights[name] = number if op == "=" else weights[name] * number
     return weights
 
 
@@ -194,6 +196,9 @@ def _cache_views(prefix, batches: ImageBatches, folder: Path, name: str, views: 
     shape = (len(batches.paths), *tuple(int(d) for d in prefix.outputs[0].shape[1:]))
     todo = [v for v in range(views) if not (folder / f"{name}-view{v}.npy").is_file()]
     if todo:
+        gigabytes = len(todo) * np.prod(shape) * 2 / 1e9
+        ui.stderr.print(f"Caching frozen-layer outputs of {len(todo)} {name} view(s) x {shape[0]} images "
+                        f"(~{gigabytes:.1f} GB) in {folder}", soft_wrap=True)
         with ui.progress(enabled=show_progress) as progress:
             task = progress.add_task(f"Caching {name} features", total=len(todo) * shape[0], rate="")
             t0, done = time.perf_counter(), 0

@@ -56,6 +56,9 @@ def test_explicit_class_weights() -> None:
     from skinclf.train import class_weights
 
     assert class_weights("mel=4,nv=1.25", {"mel": 5, "nv": 9, "df": 1}) == {"mel": 4.0, "nv": 1.25, "df": 1.0}
+    # A base with changes: melanoma's balanced weight doubled, df's set outright.
+    counts = {"mel": 10, "nv": 30, "df": 20}  # n = 60, k = 3
+    assert class_weights("balanced,mel*2,df=1", counts) == pytest.approx({"mel": 4.0, "nv": 60 / 90, "df": 1.0})
     with pytest.raises(SkinclfError, match="NAME=WEIGHT"):
         class_weights("melanoma=4", {"mel": 5})
     with pytest.raises(SkinclfError, match="not a number"):
