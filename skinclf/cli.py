@@ -362,7 +362,7 @@ def predict(
     resumed = f" ({summary.resumed} kept from the interrupted run)" if summary.resumed else ""
     typer.echo(
         f"{summary.files} files: {summary.files - summary.errors} classified, {summary.errors} errors{resumed}; "
-        f"{summary.images_per_second:.1f} img/s"
+        f"{summary.images_per_second:.1f} img/s after {summary.startup_seconds:.1f} s start-up"
         + (f"; wrote {summary.out}" if summary.out else "")
         + ". Decision support, not a diagnosis.",
         err=True,

@@ -58,13 +58,14 @@ class EvaluateDefaults:
     data: Path = Path("data/prepared/test")
     out: Path = Path("reports/eval")
     mel_sensitivity: float = 0.9
-    batch_size: int = 32
+    batch_size: int = 16
 
 
 @dataclass(frozen=True)
 class PredictDefaults:
     top_k: int = 3
-    batch_size: int = 32
+    # Fastest on the 2-core CPU measured by bench/predict_throughput.py (batch 16 beat 8 and 32).
+    batch_size: int = 16
     workers: int = 2
 
 

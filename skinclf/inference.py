@@ -27,6 +27,25 @@ class BatchResult:
     errors: list[str | None]
 
 
+def inference_model(model, *, image_size: int | None = None):
+    """The fastest equivalent of `model` for inference: batch norms folded into convolutions.
+
+    The folded graph is checked against the original on a probe batch; any model that is not
+    a plain chain (or folds differently) is returned unchanged.
+    """
+    from skinclf.model import fold_batch_norm
+
+    size = image_size or int(model.inputs[0].shape[1])
+    probe = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
+    try:
+        folded = fold_batch_norm(model)
+        same = np.allclose(np.asarray(folded.predict_on_batch(probe)), np.asarray(model.predict_on_batch(probe)),
+                           atol=1e-4)
+    except Exception:  # noqa: BLE001 - not a foldable chain: use the model as it is
+        return model
+    return folded if same else model
+
+
 def predictor(model, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
     """A function running `model` on one batch through its compiled predict step.
 
@@ -80,9 +99,17 @@ def _decode(paths: list[Path], image_size: int) -> tuple[list[Path], np.ndarray,
 
 
 def predict_files(
-    model, paths: Sequence[Path], *, image_size: int, batch_size: int, workers: int, tta: int = 1
+    model, paths: Sequence[Path], *, image_size: int, batch_size: int, workers: int, tta: int = 1,
+    optimize: bool = True,
 ) -> Iterator[BatchResult]:
-    """Yield a BatchResult per `batch_size` files, in order; bad files never stop the stream."""
+    """Yield a BatchResult per `batch_size` files, in order; bad files never stop the stream.
+
+    With `optimize`, the model runs with its batch norms folded (`inference_model`; pass a
+    model already prepared and `optimize=False` to do that once up front). Decoding runs in
+    `workers` threads a few batches ahead.
+    """
+    if optimize:
+        model = inference_model(model, image_size=image_size)
     run = with_tta(predictor(model, batch_size), tta)
     tasks = [partial(_decode, list(paths[i : i + batch_size]), image_size) for i in range(0, len(paths), batch_size)]
     for batch_paths, x, errors in in_background(tasks, workers=workers):
