@@ -39,7 +39,8 @@ out = Console(highlight=False, soft_wrap=True)
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn SkinclfError into one line on stderr and exit status 1 (130 on Ctrl-C)."""
+    """Turn SkinclfError (and environmental failures: disk full, out of memory) into one line on
+    stderr and exit status 1 (130 on Ctrl-C)."""
     try:
         yield
     except SkinclfError as exc:
@@ -48,6 +49,13 @@ def _user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
         raise typer.Exit(130) from None
+    except MemoryError:
+        typer.echo("Error: out of memory; try a smaller --batch-size", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:  # the machine, not the input: a full disk, a vanished mount, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        typer.echo(f"Error: {exc.strerror or exc}{where}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _examples(*lines: str) -> str:

@@ -41,3 +41,15 @@ def test_python_dash_m() -> None:
 def test_unknown_option_is_a_usage_error(runner) -> None:
     result = runner.invoke(app, ["prepare", "--no-such-option"])
     assert result.exit_code == 2
+
+
+def test_environmental_failure_is_one_line(runner, monkeypatch, tmp_path) -> None:
+    import skinclf.prepare as prepare_mod
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "split.csv"))
+
+    monkeypatch.setattr(prepare_mod, "prepare_dataset", disk_full)
+    result = runner.invoke(app, ["prepare", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: No space left on device: {tmp_path / 'out' / 'split.csv'}"
