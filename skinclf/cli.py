@@ -163,6 +163,7 @@ def prepare(
         "skinclf train --cache-views 10 --trainable-layers 43   # several times faster on a CPU",
         "skinclf train --class-weight mel=4,nv=1.25 --loss focal --monitor val_balanced_accuracy",
         "skinclf train --resume                                 # continue an interrupted run",
+        "skinclf train --resume --decision-weight mel=1.5       # re-bundle a finished run, flagging more melanomas",
     )
 )
 def train(
@@ -182,6 +183,11 @@ def train(
         TRAIN.class_weight, "--class-weight",
         help="balanced, sqrt or none, optionally followed by NAME=WEIGHT or NAME*FACTOR changes "
         "(e.g. balanced,mel*2); NAME=WEIGHT,... alone leaves other classes at 1."
+    ),
+    decision_weight: str = typer.Option(
+        TRAIN.decision_weight, "--decision-weight",
+        help="Multiply class probabilities after training, e.g. mel=1.5 (more melanomas flagged, at a cost to other "
+        "classes); built into the model. Choose it on validation; with --resume it re-bundles a finished run.",
     ),
     loss: str = typer.Option(TRAIN.loss, "--loss", help="crossentropy or focal."),
     focal_gamma: float = typer.Option(TRAIN.focal_gamma, "--focal-gamma", help="Focusing parameter of --loss focal."),
@@ -221,8 +227,8 @@ def train(
 
         result = train_model(
             data=data, out=out_model, epochs=epochs, batch_size=batch_size, lr=lr, weights=weights,
-            trainable_layers=trainable_layers, class_weight=class_weight, loss=loss, focal_gamma=focal_gamma,
-            monitor=monitor, patience=patience, dropout=dropout, label_smoothing=label_smoothing, seed=seed,
+            trainable_layers=trainable_layers, class_weight=class_weight, decision_weight=decision_weight, loss=loss,
+            focal_gamma=focal_gamma, monitor=monitor, patience=patience, dropout=dropout, label_smoothing=label_smoothing, seed=seed,
             image_size=image_size, alpha=alpha, cache_views=cache_views, color_jitter=color_jitter, workers=workers,
             run_dir=run_dir,
             resume=resume,
@@ -234,7 +240,8 @@ def train(
         f"({result.monitor} {result.best_value:.4f}); validation balanced accuracy {val['balanced_accuracy']:.3f}, "
         f"accuracy {val['accuracy']:.3f}"
         + (f", melanoma recall {mel['sensitivity']:.3f}" if mel else "")
-        + f"; {result.images_per_second:.1f} img/s training. Checkpoints in {result.run_dir}"
+        + (f"; {result.images_per_second:.1f} img/s training" if result.images_per_second else "")
+        + f". Checkpoints in {result.run_dir}"
     )
 
 

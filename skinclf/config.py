@@ -36,6 +36,9 @@ class TrainDefaults:
     # Layers of the MobileNet base trained from the top; 43 = blocks 7-13 (see `skinclf.model`).
     trainable_layers: int = 43
     class_weight: str = "balanced"
+    # Post-hoc multipliers of class probabilities, built into the final layer after training
+    # (e.g. "mel=1.5"); "none" leaves the trained model as it is.
+    decision_weight: str = "none"
     loss: str = "crossentropy"
     focal_gamma: float = 2.0
     monitor: str = "val_top2_accuracy"

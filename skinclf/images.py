@@ -77,6 +77,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _draft_factor(image_size: tuple[int, int], size: int) -> int:
+    """The reduction PIL's JPEG `draft` picks: the largest of 1, 2, 4, 8 keeping both sides >= size."""
+    scale = min(image_size[0] // size, image_size[1] // size)
+    return next((f for f in (8, 4, 2) if f <= scale), 1)
+
+
 def load_image(path: Path | str, size: int) -> np.ndarray:
     """Decode `path` into a `(size, size, 3)` uint8 RGB array.
 
@@ -99,10 +105,17 @@ def load_image(path: Path | str, size: int) -> np.ndarray:
                     raise ImageError(
                         f"image too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})"
                     )
-                if im.format == "JPEG":
+                is_jpeg = im.format == "JPEG"
+                if is_jpeg:
                     im.draft("RGB", (size, size))
                 im = ImageOps.exif_transpose(im)
                 im = _to_rgb(im)
+                if not is_jpeg:
+                    # Shrink other formats by the factor JPEG's DCT scaling uses, so the same
+                    # picture as PNG or JPEG reaches the model as (nearly) the same pixels.
+                    factor = _draft_factor(im.size, size)
+                    if factor > 1:
+                        im = im.reduce(factor)
                 if im.size != (size, size):
                     im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
                 return np.asarray(im, dtype=np.uint8)

@@ -149,6 +149,23 @@ def split_model(model, start: int):
     return prefix, chain(features, model.layers[start:], "trainable_suffix")
 
 
+def shift_decision(model, weights) -> None:
+    """Multiply the model's class probabilities by `weights` (one per class), renormalised.
+
+    Done in place by adding log(w) to the classifier's biases: softmax(z + log w) is
+    proportional to w * softmax(z), so the bundle's probabilities, and its top-1 decision,
+    carry the shift with no change to predict. Weights of 1 leave the model untouched.
+    """
+    weights = np.asarray(weights, dtype="float64")
+    if np.allclose(weights, 1.0):
+        return
+    layer = model.get_layer("predictions")
+    kernel, bias = layer.get_weights()
+    if bias.shape != weights.shape:
+        raise SkinclfError(f"{len(weights)} decision weights for a model of {bias.shape[0]} classes")
+    layer.set_weights([kernel, (bias + np.log(weights)).astype(bias.dtype)])
+
+
 def fold_batch_norm(model):
     """An inference-only copy of a chain model with each batch norm folded into the
     convolution before it (kernel scaled by gamma / sqrt(var + eps), a bias added).

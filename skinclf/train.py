@@ -40,7 +40,15 @@ from skinclf.files import atomic_path, atomic_write, atomic_write_json, sha256_f
 from skinclf.inference import predict_files
 from skinclf.layout import LabelledImages, list_labelled_images
 from skinclf.metrics import classification_report
-from skinclf.model import PREPROCESSING, build_model, check_trainable_layers, save_bundle, set_trainable, split_model
+from skinclf.model import (
+    PREPROCESSING,
+    build_model,
+    check_trainable_layers,
+    save_bundle,
+    set_trainable,
+    shift_decision,
+    split_model,
+)
 
 keras = load_keras()
 ops = keras.ops
@@ -92,7 +100,7 @@ class BalancedAccuracy(keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def class_weights(spec: str, counts: dict[str, int]) -> dict[str, float]:
+def class_weights(spec: str, counts: dict[str, int], *, option: str = "--class-weight") -> dict[str, float]:
     """Per-class loss weights from `spec`: a base, optionally followed by per-class changes.
 
     Bases: 'balanced', n / (k * n_c), so every class carries the same total weight
@@ -114,15 +122,15 @@ def class_weights(spec: str, counts: dict[str, int]) -> dict[str, float]:
         name = name.strip()
         if op is None or name not in counts:
             raise SkinclfError(
-                f"--class-weight {spec!r}: expected a base (balanced, sqrt, none) and/or NAME=WEIGHT or NAME*FACTOR "
+                f"{option} {spec!r}: expected a base (balanced, sqrt, none) and/or NAME=WEIGHT or NAME*FACTOR "
                 f"items with NAME one of {', '.join(counts)}"
             )
         try:
             number = float(value)
         except ValueError:
-            raise SkinclfError(f"--class-weight {item!r}: {value!r} is not a number") from None
+            raise SkinclfError(f"{option} {item!r}: {value!r} is not a number") from None
         if not number > 0:
-            raise SkinclfError(f"--class-weight {item!r}: weights must be positive")
+            raise SkinclfError(f"{option} {item!r}: weights must be positive")
         weights[name] = number if op == "=" else weights[name] * number
     return weights
 
@@ -287,6 +295,7 @@ class RunState(keras.callbacks.Callback):
         self.kill_after = int(kill) if kill else None
 
     def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.perf_counter()
         # Reseed dropout from (seed, epoch): an epoch draws the same masks after --resume.
         for layer in self.model.layers:
             generator = getattr(layer, "seed_generator", None)
@@ -317,6 +326,8 @@ class RunState(keras.callbacks.Callback):
         with atomic_path(self.run_dir / "last.optimizer.npz") as tmp:
             np.savez(tmp, *[ops.convert_to_numpy(v) for v in self.model.optimizer.variables])
         self.state["epoch"] = epoch + 1
+        # Training time over every session of the run, so a resumed or re-bundled run reports it whole.
+        self.state["seconds"] = self.state.get("seconds", 0.0) + time.perf_counter() - self.epoch_started
         self.state["stopped_early"] = bool(self.model.stop_training)
         self.state["callbacks"] = {
             "reduce_lr": {a: getattr(self.reduce_lr, a) for a in ("wait", "best", "cooldown_counter")},
@@ -341,9 +352,11 @@ def write_history_csv(path: Path, history: list[dict]) -> None:
 
 def _restore(model, run_dir: Path) -> None:
     """Load the last epoch's weights and optimizer state into `model` (compiled)."""
-    model.load_weights(run_dir / "last.weights.h5")
     optimizer = model.optimizer
+    # Build the optimizer first: the weights file holds its slots too, and an unbuilt
+    # optimizer makes Keras warn that it skipped them.
     optimizer.build(model.trainable_variables)
+    model.load_weights(run_dir / "last.weights.h5")
     saved = np.load(run_dir / "last.optimizer.npz")
     values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
     if len(values) != len(optimizer.variables):
@@ -367,6 +380,7 @@ def train_model(
     weights: str = TRAIN.weights,
     trainable_layers: int = TRAIN.trainable_layers,
     class_weight: str = TRAIN.class_weight,
+    decision_weight: str = TRAIN.decision_weight,
     loss: str = TRAIN.loss,
     focal_gamma: float = TRAIN.focal_gamma,
     monitor: str = TRAIN.monitor,
@@ -401,6 +415,7 @@ def train_model(
     val_set = _labelled(data, "val", classes=train_set.classes)
     classes = train_set.classes
     weight_of = class_weights(class_weight, train_set.counts())
+    decision_of = class_weights(decision_weight, dict.fromkeys(classes, 1), option="--decision-weight")
     weights_arg: str | Path | None = {"imagenet": "imagenet", "none": None}.get(weights, Path(weights))
     weights_id = sha256_file(weights_arg) if isinstance(weights_arg, Path) and weights_arg.is_file() else weights
     settings = {
@@ -493,6 +508,9 @@ def train_model(
     epochs_trained = max(0, len(history) - initial_epoch)
     best_epoch = run_state.state["best_epoch"]
     trainable.load_weights(run_dir / "best.weights.h5")
+    # After checkpoint selection, so a finished run can be re-bundled with other decision
+    # weights (`--resume`) without training again; the validation figures below include them.
+    shift_decision(model, [decision_of[c] for c in classes])
 
     # Validate the assembled model on the images themselves, exactly as predict will run it.
     probs = []
@@ -511,8 +529,9 @@ def train_model(
         "architecture": {"base": "MobileNet", "alpha": alpha, "head": "global average pool, dropout, dense softmax",
                          "dropout": dropout, "first_trainable_layer": model.layers[start].name},
         "training": {**settings, "epochs": epochs, "epochs_run": len(history), "best_epoch": best_epoch,
-                     "best_value": run_state.state["best"], "class_weights": weight_of, "augmentation": asdict(augment),
-                     "device": device, "seconds": round(seconds, 1)},
+                     "best_value": run_state.state["best"], "class_weights": weight_of,
+                     "decision_weight": decision_weight, "decision_weights": decision_of, "augmentation": asdict(augment),
+                     "device": device, "seconds": round(run_state.state.get("seconds", seconds), 1)},
         "data": {"path": str(data), "fingerprint": settings["fingerprint"], "train_counts": train_set.counts(),
                  "val_counts": val_set.counts()},
         "metrics": {"validation": val_report},

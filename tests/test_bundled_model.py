@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 # The bundled model's probabilities for one fixed image (ISIC_0024358.jpg, full size), recorded
 # when the model was committed: any accidental change of the model or the preprocessing shows.
 FIXED_IMAGE = "ISIC_0024358.jpg"
-EXPECTED = {"akiec": 0.0, "bcc": 0.0, "bkl": 0.0, "df": 0.0, "mel": 0.0, "nv": 0.0, "vasc": 0.0}
+EXPECTED = {"akiec": 0.000618, "bcc": 0.000090, "bkl": 0.885424, "df": 0.000123, "mel": 0.105200, "nv": 0.008541,
+            "vasc": 0.000005}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,9 @@ def test_same_image_as_jpeg_and_png_gets_the_same_top1(tmp_path: Path, bundle) -
     predict_directory(directory=tmp_path, out=tmp_path / "out" / "r.csv", model=BUNDLED_MODEL, show_progress=False)
     frame = pd.read_csv(tmp_path / "out" / "r.csv", keep_default_na=False)
     frame["stem"] = frame["path"].map(lambda p: Path(p).stem)
-    pairs = frame.pivot(index="stem", columns=frame["path"].map(lambda p: Path(p).suffix), values="top1_class")
+    frame["suffix"] = frame["path"].map(lambda p: Path(p).suffix)
+    pairs = frame.pivot(index="stem", columns="suffix", values="top1_class")
+    assert len(pairs) == 12 and (frame["error"] == "").all()
     assert (pairs[".jpg"] == pairs[".png"]).all(), pairs
 
 

@@ -53,3 +53,22 @@ def test_environmental_failure_is_one_line(runner, monkeypatch, tmp_path) -> Non
     result = runner.invoke(app, ["prepare", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert result.output.strip() == f"Error: No space left on device: {tmp_path / 'out' / 'split.csv'}"
+
+
+def test_atomic_outputs_replace_whole_files_with_normal_permissions(tmp_path) -> None:
+    import os
+
+    from skinclf.files import atomic_path, atomic_write
+
+    target = tmp_path / "results.csv"
+    atomic_write(target, "old\n")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half a ro")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+    mask = os.umask(0o022)
+    try:
+        atomic_write(target, "new\n")
+    finally:
+        os.umask(mask)
+    assert target.read_text() == "new\n" and target.stat().st_mode & 0o777 == 0o644

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import CLASSES, lesion_image
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from skinclf import inference
 from skinclf.cli import app
@@ -282,3 +282,18 @@ def test_default_model_from_environment(monkeypatch, runner, mixed, tiny_bundle,
     result = runner.invoke(app, ["predict", str(mixed), "--out", "r.csv"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r.csv.json").read_text())["model"]["path"] == str(tiny_bundle)
+
+
+def test_large_png_and_jpeg_of_one_picture_decode_alike(tmp_path: Path) -> None:
+    """Non-JPEG files are shrunk by the factor JPEG's DCT scaling uses, so both reach the model alike."""
+    from skinclf.images import _draft_factor, load_image
+
+    assert [_draft_factor(s, 224) for s in [(600, 450), (320, 240), (2000, 1000), (4000, 3000), (100, 80)]] == [
+        2, 1, 4, 8, 1]
+    # Fine texture, like skin: a plain resize of the PNG differs from the JPEG's by ~2.4 levels.
+    noise = (np.random.default_rng(0).random((450, 600, 3)) * 255).astype("uint8")
+    picture = Image.fromarray(noise).filter(ImageFilter.GaussianBlur(1))
+    picture.save(tmp_path / "a.png")
+    picture.save(tmp_path / "a.jpg", quality=95)
+    png, jpg = (load_image(tmp_path / name, 224).astype(int) for name in ("a.png", "a.jpg"))
+    assert np.abs(png - jpg).mean() < 1.8

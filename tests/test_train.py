@@ -130,6 +130,25 @@ def test_training_with_feature_cache_and_focal_loss(prepared: Path, tmp_path: Pa
     assert load_bundle(result.model_path).meta["architecture"]["first_trainable_layer"] == "conv_pad_2"
 
 
+def test_decision_weight_rebundles_a_finished_run(runner, prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    """--resume on a finished run with --decision-weight trains nothing and scales the probabilities."""
+    from skinclf.model import load_bundle
+
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--data", str(prepared), "--epochs", "1", "--run-dir", "runs/r", *TINY]
+    assert runner.invoke(app, [*base, "--out", "plain.keras"]).exit_code == 0
+    result = runner.invoke(app, [*base, "--out", "shifted.keras", "--resume", "--decision-weight", "mel=3,nv=0.5"])
+    assert result.exit_code == 0, result.output
+    plain, shifted = load_bundle(tmp_path / "plain.keras"), load_bundle(tmp_path / "shifted.keras")
+    x = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3)).astype("float32")
+    p, q = (np.asarray(b.model.predict_on_batch(x), dtype="float64") for b in (plain, shifted))
+    w = np.array([{"mel": 3.0, "nv": 0.5}.get(c, 1.0) for c in plain.classes])
+    assert q == pytest.approx(p * w / (p * w).sum(axis=1, keepdims=True), rel=1e-4)
+    training = shifted.meta["training"]
+    assert training["decision_weight"] == "mel=3,nv=0.5" and training["decision_weights"]["mel"] == 3.0
+    assert training["epochs_run"] == 1 and plain.meta["training"]["decision_weights"]["mel"] == 1.0
+
+
 def test_killed_run_resumes_to_the_same_result(prepared: Path, tmp_path: Path) -> None:
     args = ["train", "--data", str(prepared), "--epochs", "3", *TINY]
     straight = run_cli(*args, "--out", "straight.keras", cwd=tmp_path)
@@ -232,6 +251,7 @@ def test_resume_with_nothing_to_resume(runner, prepared: Path, tmp_path: Path) -
         (["--epochs", "0"], "at least 1"),
         (["--out", "model.h5"], "must end in .keras"),
         (["--color-jitter", "1.5"], "must be in [0, 1)"),
+        (["--decision-weight", "melanoma=2"], "--decision-weight 'melanoma=2'"),
     ],
 )
 def test_bad_training_options(runner, prepared: Path, tmp_path: Path, monkeypatch, args: list[str], needle: str) -> None:
