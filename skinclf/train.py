@@ -323,8 +323,6 @@ class RunState(keras.callbacks.Callback):
                 self.model.save_weights(tmp)
         with atomic_path(self.run_dir / "last.weights.h5") as tmp:
             self.model.save_weights(tmp)
-        with atomic_path(self.run_dir / "last.optimizer.npz") as tmp:
-            np.savez(tmp, *[ops.convert_to_numpy(v) for v in self.model.optimizer.variables])
         self.state["epoch"] = epoch + 1
         # Training time over every session of the run, so a resumed or re-bundled run reports it whole.
         self.state["seconds"] = self.state.get("seconds", 0.0) + time.perf_counter() - self.epoch_started
@@ -352,17 +350,10 @@ def write_history_csv(path: Path, history: list[dict]) -> None:
 
 def _restore(model, run_dir: Path) -> None:
     """Load the last epoch's weights and optimizer state into `model` (compiled)."""
-    optimizer = model.optimizer
-    # Build the optimizer first: the weights file holds its slots too, and an unbuilt
-    # optimizer makes Keras warn that it skipped them.
-    optimizer.build(model.trainable_variables)
+    # The weights file holds the optimizer's slots too; Keras loads them only into a built
+    # optimizer (and warns that it skipped them otherwise).
+    model.optimizer.build(model.trainable_variables)
     model.load_weights(run_dir / "last.weights.h5")
-    saved = np.load(run_dir / "last.optimizer.npz")
-    values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-    if len(values) != len(optimizer.variables):
-        raise SkinclfError(f"cannot resume from {run_dir}: the optimizer state does not match this model")
-    for variable, value in zip(optimizer.variables, values):
-        variable.assign(value)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -437,7 +428,7 @@ def train_model(
             raise SkinclfError(f"cannot resume {run_dir}: settings differ from the interrupted run ({', '.join(changed)})")
         state = {k: v for k, v in saved.items() if k != "settings"}
     else:
-        for name in ("state.json", "last.weights.h5", "last.optimizer.npz", "best.weights.h5", "history.csv"):
+        for name in ("state.json", "last.weights.h5", "best.weights.h5", "history.csv"):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
