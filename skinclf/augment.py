@@ -24,9 +24,15 @@ class AugmentSpec:
     zoom: float = 0.1  # scale in [1 - zoom, 1 + zoom]
     flips: bool = True  # horizontal and vertical, each with probability 1/2
     color: float = 0.0  # brightness, contrast and saturation factors in [1 - color, 1 + color]
+    # Random resized crop (the ISIC winners' recipe): a box of this share of the image's area and
+    # an aspect ratio in `crop_ratio`, stretched to the output. None keeps the zoom/shift recipe.
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
 RECIPE = AugmentSpec()
+# Full fine-tuning recipe: random resized crops (area 0.3-1), rotations, flips, colour jitter.
+WINNERS = AugmentSpec(color=0.2, crop_scale=(0.3, 1.0))
 
 
 def color_jitter(image: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
@@ -39,21 +45,41 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, amount: float) -> 
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+def _crop_box(size: int, rng: np.random.Generator, spec: AugmentSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (x, y) and centre offset of a random resized crop of a `size` square.
+
+    The box's area is a share in `crop_scale` of the image and its aspect ratio (log-uniform)
+    in `crop_ratio`; sides are capped at the image's and the box lies inside it.
+    """
+    area = rng.uniform(*spec.crop_scale)
+    ratio = np.exp(rng.uniform(np.log(spec.crop_ratio[0]), np.log(spec.crop_ratio[1])))
+    sides = np.minimum(np.array([np.sqrt(area * ratio), np.sqrt(area / ratio)]), 1.0)
+    room = (1.0 - sides) / 2 * size
+    return sides, rng.uniform(-room, room)
+
+
 def random_affine(image: np.ndarray, rng: np.random.Generator, spec: AugmentSpec = RECIPE) -> np.ndarray:
-    """Return a randomly rotated, shifted, zoomed and flipped copy of a square uint8 RGB image."""
+    """Return a randomly rotated, shifted/cropped, zoomed and flipped copy of a square uint8 RGB image.
+
+    Every geometric step is folded into one affine map, so the image is resampled once.
+    """
     size = image.shape[0]
     theta = np.deg2rad(rng.uniform(-spec.rotation, spec.rotation))
-    scale = rng.uniform(1 - spec.zoom, 1 + spec.zoom)
-    shift = rng.uniform(-spec.shift, spec.shift, 2) * size
+    if spec.crop_scale:
+        # Per-axis scale < 1: the output shows a box of that share of each side.
+        scale_xy, centre_shift = _crop_box(size, rng, spec)
+    else:
+        scale_xy = np.full(2, 1.0 / rng.uniform(1 - spec.zoom, 1 + spec.zoom))
+        centre_shift = -rng.uniform(-spec.shift, spec.shift, 2) * size / scale_xy
     flip = np.where(rng.random(2) < 0.5, -1.0, 1.0) if spec.flips else np.ones(2)
     if spec.color:
         image = color_jitter(image, rng, spec.color)
-    # Output pixel o comes from input pixel i = M (o - c - shift) + c, with M = F R(-theta) / s.
+    # Input pixel i = c + d + S F R(-theta) (o - c), with S the per-axis scale and d the box's offset.
     cos, sin = np.cos(theta), np.sin(theta)
-    m = np.diag(flip) @ np.array([[cos, sin], [-sin, cos]]) / scale
+    m = np.diag(scale_xy) @ np.diag(flip) @ np.array([[cos, sin], [-sin, cos]])
     pad = size // 2
     centre = np.array([size / 2, size / 2])
-    offset = centre + pad - m @ (centre + shift)
+    offset = centre + pad + centre_shift - m @ centre
     padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
     out = Image.fromarray(padded).transform(
         (size, size),

@@ -209,6 +209,37 @@ def train(
     color_jitter: float = typer.Option(
         TRAIN.color_jitter, "--color-jitter", help="Also jitter brightness, contrast and saturation by up to this share."
     ),
+    crop_scale: float = typer.Option(
+        TRAIN.crop_scale, "--crop-scale",
+        help="Random resized crops covering at least this share of the image (e.g. 0.3; 0: the seed's zoom/shift).",
+    ),
+    weight_decay: float = typer.Option(
+        TRAIN.weight_decay, "--weight-decay", help="Decoupled weight decay: AdamW when positive (e.g. 0.05), else Adam."
+    ),
+    schedule: str = typer.Option(
+        TRAIN.schedule, "--schedule",
+        help="Learning rate: plateau (halve when the monitor stalls) or cosine (warm-up, then cosine decay).",
+    ),
+    warmup_epochs: int = typer.Option(TRAIN.warmup_epochs, "--warmup-epochs", help="Warm-up epochs of --schedule cosine."),
+    train_size: int = typer.Option(
+        TRAIN.train_size, "--train-size",
+        help="Train small, test large (FixRes): epochs at this side in pixels, the last --fixres-epochs at --image-size "
+        "(0: all at --image-size).",
+    ),
+    fixres_epochs: int = typer.Option(TRAIN.fixres_epochs, "--fixres-epochs", help="Final epochs at --image-size."),
+    colour_constancy: bool = typer.Option(
+        TRAIN.colour_constancy, "--colour-constancy/--no-colour-constancy",
+        help="Shades of Gray colour constancy as the model's first layer (applied by predict and every export too).",
+    ),
+    prior_correction: str = typer.Option(
+        TRAIN.prior_correction, "--prior-correction",
+        help="Subtract tau x log(training class share) from the logits after training: none, fit (tau chosen on "
+        "validation balanced accuracy) or a number.",
+    ),
+    calibrate: bool = typer.Option(
+        TRAIN.calibrate, "--calibrate/--no-calibrate",
+        help="Fit a temperature on validation after training, so probabilities mean what they say.",
+    ),
     workers: int = typer.Option(TRAIN.workers, "--workers", help="Threads decoding and augmenting images."),
     run_dir: Optional[Path] = typer.Option(
         None, "--run-dir", help="Checkpoints, history and feature cache [default: runs/<model name>]."
@@ -229,8 +260,10 @@ def train(
             data=data, out=out_model, epochs=epochs, batch_size=batch_size, lr=lr, weights=weights,
             trainable_layers=trainable_layers, class_weight=class_weight, decision_weight=decision_weight, loss=loss,
             focal_gamma=focal_gamma, monitor=monitor, patience=patience, dropout=dropout, label_smoothing=label_smoothing, seed=seed,
-            image_size=image_size, alpha=alpha, cache_views=cache_views, color_jitter=color_jitter, workers=workers,
-            run_dir=run_dir,
+            image_size=image_size, alpha=alpha, cache_views=cache_views, color_jitter=color_jitter,
+            crop_scale=crop_scale, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+            train_size=train_size, fixres_epochs=fixres_epochs, colour_constancy=colour_constancy,
+            prior_correction=prior_correction, calibrate=calibrate, workers=workers, run_dir=run_dir,
             resume=resume,
         )
     val = result.val_metrics

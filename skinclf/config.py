@@ -53,6 +53,24 @@ class TrainDefaults:
     cache_views: int = 0
     # Brightness/contrast/saturation jitter on top of the seed recipe (0: the recipe alone).
     color_jitter: float = 0.0
+    # Random resized crops of this minimum share of the image's area (0: the seed's zoom/shift).
+    crop_scale: float = 0.0
+    # Decoupled weight decay (AdamW); 0 trains with Adam.
+    weight_decay: float = 0.0
+    # "plateau": halve the rate when the monitor stalls; "cosine": warm-up, then cosine decay to 0.
+    schedule: str = "plateau"
+    warmup_epochs: int = 1
+    # Train small, test large (FixRes): epochs at this side, the last `fixres_epochs` at image_size
+    # (0: every epoch at image_size).
+    train_size: int = 0
+    fixres_epochs: int = 0
+    # Shades of Gray colour constancy as the model's first layer.
+    colour_constancy: bool = False
+    # Post-hoc prior correction of the logits, -tau * log(class prior): "none", "fit" (tau chosen
+    # on validation balanced accuracy) or a number.
+    prior_correction: str = "none"
+    # Temperature scaling fitted on validation NLL, built into the final layer.
+    calibrate: bool = True
     workers: int = 4
 
 

@@ -47,8 +47,36 @@ PREPROCESSING = {
 }
 
 
-def _mobilenet(image_size: int, alpha: float, weights: str | Path | None):
-    """A MobileNet base without its top, with `weights` ('imagenet', a file path, or None)."""
+@keras.saving.register_keras_serializable(package="skinclf")
+class ShadesOfGray(keras.layers.Layer):
+    """Colour constancy (Shades of Gray, Finlayson & Trezzi 2004) as a layer, on 0-255 RGB.
+
+    Each image's illuminant is estimated per channel as the Minkowski p-norm mean of its
+    pixels, e_c = mean(x_c^p)^(1/p), and each channel is scaled by mean(e) / e_c, so a grey
+    illuminant leaves the image unchanged and a tinted one is neutralised. Inside the model,
+    training, evaluate, predict and every export apply it identically.
+    """
+
+    def __init__(self, power: float = 6.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.power = float(power)
+
+    def call(self, x):
+        ops = keras.ops
+        x = ops.maximum(x, 0.0)
+        # Scale to [0, 1] before the power: 255^6 would lose precision in float32.
+        illuminant = ops.power(ops.mean(ops.power(x / 255.0, self.power), axis=(1, 2), keepdims=True), 1.0 / self.power)
+        gain = ops.mean(illuminant, axis=-1, keepdims=True) / ops.maximum(illuminant, 1e-6)
+        return ops.clip(x * gain, 0.0, 255.0)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "power": self.power}
+
+
+def _mobilenet(image_size: int | None, alpha: float, weights: str | Path | None):
+    """A MobileNet base without its top, with `weights` ('imagenet', a file path, or None).
+
+    `image_size` None builds it for any input size (train small, test large)."""
     shape = (image_size, image_size, 3)
     if weights == "imagenet":
         try:
@@ -81,18 +109,23 @@ def _mobilenet(image_size: int, alpha: float, weights: str | Path | None):
 def build_model(
     *,
     num_classes: int,
-    image_size: int = 224,
+    image_size: int | None = 224,
     alpha: float = 1.0,
     weights: str | Path | None = "imagenet",
     dropout: float = 0.25,
     seed: int | None = None,
+    colour_constancy: bool = False,
 ):
-    """MobileNet(alpha, image_size) with `weights`, preprocessing in front and a new head."""
+    """MobileNet(alpha, image_size) with `weights`, preprocessing in front and a new head.
+
+    `image_size` None accepts any square size (the weights do not depend on it);
+    `colour_constancy` puts a Shades of Gray layer before the scaling."""
     if num_classes < 2:
         raise SkinclfError(f"need at least 2 classes to train, found {num_classes}")
     base = _mobilenet(image_size, alpha, weights)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    x = ShadesOfGray(name="colour_constancy")(inputs) if colour_constancy else inputs
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(x)
     for layer in base.layers[1:]:  # MobileNet is a plain chain: re-apply its layers in order
         x = layer(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
@@ -149,21 +182,36 @@ def split_model(model, start: int):
     return prefix, chain(features, model.layers[start:], "trainable_suffix")
 
 
-def shift_decision(model, weights) -> None:
-    """Multiply the model's class probabilities by `weights` (one per class), renormalised.
+def with_input_size(model, image_size: int):
+    """A copy of a chain model with a fixed `image_size` input (same layers' weights).
 
-    Done in place by adding log(w) to the classifier's biases: softmax(z + log w) is
-    proportional to w * softmax(z), so the bundle's probabilities, and its top-1 decision,
-    carry the shift with no change to predict. Weights of 1 leave the model untouched.
+    Models trained at several sizes accept any; the bundle fixes the size predict uses."""
+    inputs = keras.Input((image_size, image_size, 3), name=model.inputs[0].name)
+    x = inputs
+    for layer in model.layers[1:]:
+        x = layer.__class__.from_config(layer.get_config())(x)
+    fixed = keras.Model(inputs, x, name=model.name)
+    for src, dst in zip(model.layers[1:], fixed.layers[1:]):
+        dst.set_weights(src.get_weights())
+    return fixed
+
+
+def fold_logit_transform(model, *, shift=None, temperature: float = 1.0) -> None:
+    """Build `softmax((z + shift) / temperature)` into the classifier, in place.
+
+    z are the classifier's logits; `shift` (one per class) moves decisions (prior correction:
+    -tau * log(prior); decision weights: log(w)), `temperature` calibrates confidence without
+    changing any decision. Both go into the final Dense layer's kernel and bias, so every
+    engine and export carries them with no extra step.
     """
-    weights = np.asarray(weights, dtype="float64")
-    if np.allclose(weights, 1.0):
-        return
     layer = model.get_layer("predictions")
     kernel, bias = layer.get_weights()
-    if bias.shape != weights.shape:
-        raise SkinclfError(f"{len(weights)} decision weights for a model of {bias.shape[0]} classes")
-    layer.set_weights([kernel, (bias + np.log(weights)).astype(bias.dtype)])
+    shift = np.zeros_like(bias) if shift is None else np.asarray(shift, dtype="float64")
+    if shift.shape != bias.shape:
+        raise SkinclfError(f"{len(shift)} logit shifts for a model of {bias.shape[0]} classes")
+    if not temperature > 0:
+        raise SkinclfError(f"temperature {temperature}: must be positive")
+    layer.set_weights([(kernel / temperature).astype(kernel.dtype), ((bias + shift) / temperature).astype(bias.dtype)])
 
 
 def fold_batch_norm(model):

@@ -32,6 +32,7 @@ import numpy as np
 
 from skinclf import ui
 from skinclf.augment import AugmentSpec
+from skinclf.calibration import calibration_report, fit_prior_tau, fit_temperature, logits_from_probs, softmax
 from skinclf.backend import accelerator, load_keras, versions
 from skinclf.config import TRAIN
 from skinclf.data import FeatureBatches, ImageBatches, in_background
@@ -44,10 +45,11 @@ from skinclf.model import (
     PREPROCESSING,
     build_model,
     check_trainable_layers,
+    fold_logit_transform,
     save_bundle,
     set_trainable,
-    shift_decision,
     split_model,
+    with_input_size,
 )
 
 keras = load_keras()
@@ -55,6 +57,7 @@ ops = keras.ops
 
 MONITORS = ("val_top2_accuracy", "val_top1_accuracy", "val_top3_accuracy", "val_balanced_accuracy", "val_loss")
 LOSSES = ("crossentropy", "focal")
+SCHEDULES = ("plateau", "cosine")
 # Fault injection for the resume test: hard-kill the process after this epoch's checkpoint.
 _KILL_AFTER_EPOCH = "_SKINCLF_KILL_AFTER_EPOCH"
 
@@ -136,27 +139,66 @@ def class_weights(spec: str, counts: dict[str, int], *, option: str = "--class-w
 
 
 def _validate(*, epochs, batch_size, lr, loss, monitor, cache_views, image_size, alpha, dropout, label_smoothing,
-              color_jitter) -> None:
+              color_jitter, crop_scale=0.0, weight_decay=0.0, schedule="plateau", warmup_epochs=0, train_size=0,
+              fixres_epochs=0, patience=1, workers=1, prior_correction="none") -> None:
     if epochs < 1:
         raise SkinclfError(f"--epochs {epochs}: must be at least 1")
     if batch_size < 1:
         raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
+    if workers < 1:
+        raise SkinclfError(f"--workers {workers}: must be at least 1")
+    if patience < 1:
+        raise SkinclfError(f"--patience {patience}: must be at least 1")
     if not lr > 0:
         raise SkinclfError(f"--lr {lr}: must be positive")
     if loss not in LOSSES:
         raise SkinclfError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
     if monitor not in MONITORS:
         raise SkinclfError(f"--monitor {monitor!r}: choose one of {', '.join(MONITORS)}")
+    if schedule not in SCHEDULES:
+        raise SkinclfError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if not 0 <= warmup_epochs < epochs:
+        raise SkinclfError(f"--warmup-epochs {warmup_epochs}: must be 0 or more and below --epochs {epochs}")
     if cache_views < 0:
         raise SkinclfError(f"--cache-views {cache_views}: must be 0 (no cache) or more")
     if image_size < 32:
         raise SkinclfError(f"--image-size {image_size}: must be at least 32")
+    if train_size and not 32 <= train_size <= image_size:
+        raise SkinclfError(f"--train-size {train_size}: must be 0 (off) or 32..{image_size} (the --image-size)")
+    if not 0 <= fixres_epochs <= epochs:
+        raise SkinclfError(f"--fixres-epochs {fixres_epochs}: must be 0..{epochs} (the --epochs)")
+    if cache_views and train_size and train_size != image_size:
+        raise SkinclfError("--train-size needs training from images: drop --cache-views")
     if alpha not in (0.25, 0.5, 0.75, 1.0):
         raise SkinclfError(f"--alpha {alpha}: MobileNet comes in 0.25, 0.5, 0.75 and 1.0")
     if not 0 <= color_jitter < 1:
         raise SkinclfError(f"--color-jitter {color_jitter}: must be in [0, 1), e.g. 0.1")
+    if not 0 <= crop_scale < 1:
+        raise SkinclfError(f"--crop-scale {crop_scale}: must be in [0, 1), e.g. 0.3 (0: no random crops)")
+    if weight_decay < 0:
+        raise SkinclfError(f"--weight-decay {weight_decay}: must be 0 (Adam) or positive (AdamW), e.g. 0.05")
     if not 0 <= dropout < 1 or not 0 <= label_smoothing < 1:
         raise SkinclfError("dropout and label smoothing must be in [0, 1)")
+    _prior_tau(prior_correction)
+
+
+def _prior_tau(spec: str) -> float | str | None:
+    """--prior-correction as None ('none'), 'fit', or a fixed tau."""
+    if spec in ("none", "fit"):
+        return None if spec == "none" else spec
+    try:
+        return float(spec)
+    except ValueError:
+        raise SkinclfError(f"--prior-correction {spec!r}: use none, fit, or a number such as 0.5") from None
+
+
+def _phase_sizes(*, epochs: int, image_size: int, train_size: int, fixres_epochs: int) -> list[tuple[int, int, int]]:
+    """(first epoch, end epoch, image side) of each training phase: small first, then full size."""
+    if not train_size or train_size == image_size:
+        return [(0, epochs, image_size)]
+    small_end = epochs - fixres_epochs
+    phases = [(0, small_end, train_size), (small_end, epochs, image_size)]
+    return [p for p in phases if p[1] > p[0]]
 
 
 def _labelled(data: Path, split: str, classes: tuple[str, ...] | None = None) -> LabelledImages:
@@ -188,6 +230,30 @@ def _metrics(num_classes: int) -> list:
         keras.metrics.TopKCategoricalAccuracy(k=min(3, num_classes), name="top3_accuracy"),
         BalancedAccuracy(num_classes),
     ]
+
+
+def _optimizer(*, lr: float, weight_decay: float, schedule: str, warmup_epochs: int, epochs: int, steps: int):
+    """Adam or AdamW at a fixed rate (ReduceLROnPlateau changes it) or on warm-up + cosine decay.
+
+    The schedule reads the optimizer's step counter, which the checkpoint restores, so a resumed
+    run continues on the same curve."""
+    rate = lr
+    if schedule == "cosine":
+        warmup = warmup_epochs * steps
+        rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=lr / 100 if warmup else lr, decay_steps=max(1, (epochs - warmup_epochs) * steps),
+            warmup_target=lr if warmup else None, warmup_steps=warmup)
+    if weight_decay:
+        return keras.optimizers.AdamW(rate, weight_decay=weight_decay)
+    return keras.optimizers.Adam(rate)
+
+
+class LogLearningRate(keras.callbacks.Callback):
+    """Puts the rate the epoch ended with into the logs (ReduceLROnPlateau does so itself)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and "learning_rate" not in logs:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
 # --- the feature cache ---------------------------------------------------------------------
@@ -361,6 +427,97 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return "resourceexhausted" in text or "out of memory" in text or "oom when allocating" in text
 
 
+def _resume_state(run_dir: Path, settings: dict, resume: bool) -> dict | None:
+    """The saved state of an interrupted run (resume), or None after clearing old checkpoints."""
+    if not resume:
+        for name in ("state.json", "last.weights.h5", "best.weights.h5", "history.csv"):
+            (run_dir / name).unlink(missing_ok=True)
+        return None
+    state_file = run_dir / "state.json"
+    if not state_file.is_file():
+        raise SkinclfError(f"nothing to resume in {run_dir} (no state.json); start without --resume")
+    saved = json.loads(state_file.read_text(encoding="utf-8"))
+    # Settings added in later versions default to their old behaviour when an older run lacks them.
+    changed = [k for k in settings if saved["settings"].get(k, _LEGACY.get(k)) != settings[k]]
+    if changed:
+        raise SkinclfError(f"cannot resume {run_dir}: settings differ from the interrupted run ({', '.join(changed)}); "
+                           f"pass the same options, or start over without --resume")
+    return {k: v for k, v in saved.items() if k != "settings"}
+
+
+_LEGACY = {"crop_scale": 0.0, "weight_decay": 0.0, "schedule": "plateau", "warmup_epochs": 1, "train_size": 0,
+           "fixres_epochs": 0, "colour_constancy": False, "epochs_planned": None}
+
+
+def _callbacks(*, schedule, monitor, patience, run_dir, settings, state, epochs, steps, images, show_progress):
+    mode = "min" if monitor.endswith("loss") else "max"
+    # ReduceLROnPlateau cannot change a scheduled rate; with a schedule it only keeps its counters.
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5, patience=2, min_lr=1e-5)
+    early_stop = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience)
+    run_state = RunState(run_dir, settings=settings, monitor=monitor, reduce_lr=reduce_lr, early_stop=early_stop,
+                         state=state)
+    # Order matters: the first puts the epoch's learning rate into the logs the others read.
+    first = reduce_lr if schedule == "plateau" else LogLearningRate()
+    progress = EpochProgress(epochs=epochs, steps=steps, images=images, show_progress=show_progress)
+    return [first, progress, early_stop, run_state], run_state
+
+
+def _fit(trainable, phases, *, make_train, val_ds, initial_epoch, callbacks, batch_size) -> None:
+    """Run the epochs left, phase by phase (train small, then at full size)."""
+    try:
+        for first, end, size in phases:
+            if end <= initial_epoch or trainable.stop_training:
+                continue
+            trainable.fit(make_train(size, max(first, initial_epoch)), validation_data=val_ds, epochs=end,
+                          initial_epoch=max(first, initial_epoch), callbacks=callbacks, verbose=0, shuffle=False)
+    except SkinclfError:
+        raise
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise SkinclfError(f"out of memory at batch size {batch_size}: try --batch-size {max(1, batch_size // 2)}") from None
+        raise
+
+
+def _validation_probs(model, val_set: LabelledImages, *, image_size: int, batch_size: int, workers: int) -> np.ndarray:
+    """The assembled model's probabilities on the validation images, exactly as predict runs it."""
+    probs = []
+    for batch in predict_files(model, val_set.paths, image_size=image_size, batch_size=batch_size, workers=workers):
+        bad = [f"{p.name}: {e}" for p, e in zip(batch.paths, batch.errors) if e]
+        if bad:
+            raise SkinclfError(f"cannot read validation image {bad[0]}")
+        probs.append(batch.probs)
+    return np.concatenate(probs)
+
+
+def _post_hoc(model, probs: np.ndarray, labels: np.ndarray, *, classes, prior_counts: dict, decision_of: dict,
+              prior_correction: str, calibrate: bool) -> tuple[np.ndarray, dict]:
+    """Fold the decision weights, the prior correction and the temperature into the final layer.
+
+    Each is fitted on the validation probabilities of the model before it; returns the final
+    validation probabilities and a record of what was fitted. The decision is chosen first
+    (shifts), then its confidence (temperature), which leaves every decision as it was.
+    """
+    prior = np.array([prior_counts[c] for c in classes], dtype="float64")
+    prior = prior / prior.sum()
+    tau = _prior_tau(prior_correction)
+    record: dict[str, Any] = {"prior": dict(zip(classes, prior.round(6).tolist())), "prior_correction": prior_correction}
+    if tau == "fit":
+        tau, record["val_balanced_accuracy_at_tau"] = fit_prior_tau(probs, labels, prior)
+    tau = float(tau or 0.0)
+    shift = -tau * np.log(prior) + np.log([decision_of[c] for c in classes])
+    logits = logits_from_probs(probs) + shift
+    before = calibration_report(softmax(logits), labels)
+    temperature = fit_temperature(softmax(logits), labels) if calibrate else 1.0
+    fold_logit_transform(model, shift=shift, temperature=temperature)
+    final = softmax(logits / temperature)
+    after = calibration_report(final, labels)
+    record.update({"tau": tau, "temperature": temperature, "shift": dict(zip(classes, shift.round(6).tolist())),
+                   "fitted_on": "validation split",
+                   "validation_before": {k: before[k] for k in ("ece", "brier", "nll")},
+                   "validation_after": {k: after[k] for k in ("ece", "brier", "nll")}})
+    return final, record
+
+
 def train_model(
     *,
     data: Path = TRAIN.data,
@@ -383,6 +540,15 @@ def train_model(
     alpha: float = TRAIN.alpha,
     cache_views: int = TRAIN.cache_views,
     color_jitter: float = TRAIN.color_jitter,
+    crop_scale: float = TRAIN.crop_scale,
+    weight_decay: float = TRAIN.weight_decay,
+    schedule: str = TRAIN.schedule,
+    warmup_epochs: int = TRAIN.warmup_epochs,
+    train_size: int = TRAIN.train_size,
+    fixres_epochs: int = TRAIN.fixres_epochs,
+    colour_constancy: bool = TRAIN.colour_constancy,
+    prior_correction: str = TRAIN.prior_correction,
+    calibrate: bool = TRAIN.calibrate,
     workers: int = TRAIN.workers,
     run_dir: Path | None = None,
     resume: bool = False,
@@ -392,15 +558,20 @@ def train_model(
 
     `weights` is 'imagenet' (Keras' download), 'none', or the path of a MobileNet weights file.
     `run_dir` (default `runs/<out stem>`) keeps the checkpoints and the feature cache; with
-    `resume`, training continues from its last completed epoch.
+    `resume`, training continues from its last completed epoch. After training, the decision
+    weights, the prior correction and the temperature are fitted on validation and folded in.
     """
     _validate(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, monitor=monitor, cache_views=cache_views,
               image_size=image_size, alpha=alpha, dropout=dropout, label_smoothing=label_smoothing,
-              color_jitter=color_jitter)
+              color_jitter=color_jitter, crop_scale=crop_scale, weight_decay=weight_decay, schedule=schedule,
+              warmup_epochs=warmup_epochs if schedule == "cosine" else 0, train_size=train_size,
+              fixres_epochs=fixres_epochs, patience=patience, workers=workers, prior_correction=prior_correction)
     check_trainable_layers(trainable_layers)
     out = Path(out)
     if out.suffix != ".keras":
         raise SkinclfError(f"--out {out}: the model file must end in .keras")
+    if out.is_dir():
+        raise SkinclfError(f"--out {out} is a folder: give the model file's path, e.g. {out / 'model.keras'}")
     data = Path(data)
     train_set = _labelled(data, "train")
     val_set = _labelled(data, "val", classes=train_set.classes)
@@ -414,115 +585,108 @@ def train_model(
         "trainable_layers": trainable_layers, "class_weight": class_weight, "loss": loss, "focal_gamma": focal_gamma,
         "monitor": monitor, "patience": patience, "dropout": dropout, "label_smoothing": label_smoothing,
         "seed": seed, "image_size": image_size, "alpha": alpha, "cache_views": cache_views,
-        "color_jitter": color_jitter, "fingerprint": _data_fingerprint(data, train_set, val_set), "classes": list(classes),
+        "color_jitter": color_jitter, "crop_scale": crop_scale, "weight_decay": weight_decay, "schedule": schedule,
+        "warmup_epochs": warmup_epochs, "train_size": train_size, "fixres_epochs": fixres_epochs,
+        "colour_constancy": colour_constancy, "fingerprint": _data_fingerprint(data, train_set, val_set),
+        "classes": list(classes),
     }
+    if schedule == "cosine":
+        settings["epochs_planned"] = epochs  # the curve depends on the total, so resume must keep it
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / out.stem
-    state = None
-    if resume:
-        state_file = run_dir / "state.json"
-        if not state_file.is_file():
-            raise SkinclfError(f"nothing to resume in {run_dir} (no state.json); start without --resume")
-        saved = json.loads(state_file.read_text(encoding="utf-8"))
-        changed = [k for k in settings if saved["settings"].get(k) != settings[k]]
-        if changed:
-            raise SkinclfError(f"cannot resume {run_dir}: settings differ from the interrupted run ({', '.join(changed)})")
-        state = {k: v for k, v in saved.items() if k != "settings"}
-    else:
-        for name in ("state.json", "last.weights.h5", "best.weights.h5", "history.csv"):
-            (run_dir / name).unlink(missing_ok=True)
+    state = _resume_state(run_dir, settings, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    augment = AugmentSpec(color=color_jitter)
+    augment = AugmentSpec(color=color_jitter, crop_scale=(crop_scale, 1.0) if crop_scale else None)
+    phases = _phase_sizes(epochs=epochs, image_size=image_size, train_size=train_size, fixres_epochs=fixres_epochs)
     keras.utils.set_random_seed(seed)
-    model = build_model(num_classes=len(classes), image_size=image_size, alpha=alpha, weights=weights_arg,
-                        dropout=dropout, seed=seed)
+    model = build_model(num_classes=len(classes), image_size=image_size if len(phases) == 1 and phases[0][2] == image_size else None,
+                        alpha=alpha, weights=weights_arg, dropout=dropout, seed=seed, colour_constancy=colour_constancy)
     start = set_trainable(model, trainable_layers)
     train_weights = [weight_of[classes[label]] for label in train_set.labels]
     initial_epoch = state["epoch"] if state else 0
     common = {"num_classes": len(classes), "batch_size": batch_size, "seed": seed}
-    image_common = {**common, "image_size": image_size, "workers": workers}
+    image_common = {**common, "workers": workers}
     if cache_views:
         prefix, trainable = split_model(model, start)
         key = sha256_text(json.dumps([settings["fingerprint"], weights_id, image_size, alpha, start, seed, asdict(augment)]))
         # Shared by runs beside this one: the key covers everything the cached features depend on.
         cache_dir = run_dir.parent / f"feature-cache-{key[:16]}"
-        train_views = _cache_views(prefix, ImageBatches(train_set.paths, train_set.labels, augment=augment, **image_common),
+        train_views = _cache_views(prefix, ImageBatches(train_set.paths, train_set.labels, augment=augment,
+                                                        image_size=image_size, **image_common),
                                    cache_dir, "train", cache_views, show_progress=show_progress)
-        val_views = _cache_views(prefix, ImageBatches(val_set.paths, val_set.labels, **image_common),
+        val_views = _cache_views(prefix, ImageBatches(val_set.paths, val_set.labels, image_size=image_size, **image_common),
                                  cache_dir, "val", 1, show_progress=show_progress)
-        train_ds = FeatureBatches(train_views, train_set.labels, shuffle=True, epoch=initial_epoch,
+
+        def make_train(size: int, epoch: int):
+            return FeatureBatches(train_views, train_set.labels, shuffle=True, epoch=epoch,
                                   sample_weights=train_weights, **common)
+
         val_ds = FeatureBatches(val_views, val_set.labels, **common)
     else:
         trainable = model
-        train_ds = ImageBatches(train_set.paths, train_set.labels, augment=augment, shuffle=True, epoch=initial_epoch,
-                                sample_weights=train_weights, **image_common)
-        val_ds = ImageBatches(val_set.paths, val_set.labels, **image_common)
 
-    trainable.compile(optimizer=keras.optimizers.Adam(lr), loss=_loss(loss, focal_gamma, label_smoothing),
-                      metrics=_metrics(len(classes)))
+        def make_train(size: int, epoch: int):
+            return ImageBatches(train_set.paths, train_set.labels, augment=augment, shuffle=True, epoch=epoch,
+                                sample_weights=train_weights, image_size=size, **image_common)
+
+        # Validation always at the size predict will use, so epochs of both phases compare.
+        val_ds = ImageBatches(val_set.paths, val_set.labels, image_size=image_size, **image_common)
+
+    steps = math.ceil(len(train_set.paths) / batch_size)
+    trainable.compile(optimizer=_optimizer(lr=lr, weight_decay=weight_decay, schedule=schedule,
+                                           warmup_epochs=warmup_epochs, epochs=epochs, steps=steps),
+                      loss=_loss(loss, focal_gamma, label_smoothing), metrics=_metrics(len(classes)))
     if state:
         _restore(trainable, run_dir)
-    mode = "min" if monitor.endswith("loss") else "max"
-    reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5, patience=2, min_lr=1e-5)
-    early_stop = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience)
-    run_state = RunState(run_dir, settings=settings, monitor=monitor, reduce_lr=reduce_lr, early_stop=early_stop, state=state)
-    # Order matters: ReduceLROnPlateau adds the epoch's learning rate to the logs the others read.
-    callbacks = [
-        reduce_lr,
-        EpochProgress(epochs=epochs, steps=len(train_ds), images=len(train_set.paths), show_progress=show_progress),
-        early_stop,
-        run_state,
-    ]
+    callbacks, run_state = _callbacks(schedule=schedule, monitor=monitor, patience=patience, run_dir=run_dir,
+                                      settings=settings, state=state, epochs=epochs, steps=steps,
+                                      images=len(train_set.paths), show_progress=show_progress)
     device = accelerator() or "CPU"
+    sizes = " then ".join(f"{end - first} epoch(s) at {size}px" for first, end, size in phases)
     ui.stderr.print(
         f"Training {len(trainable.trainable_weights)} weight tensors ({trainable_layers} base layers + head) on "
-        f"{len(train_set.paths)} images, validating on {len(val_set.paths)}; {device}"
+        f"{len(train_set.paths)} images ({sizes}), validating on {len(val_set.paths)}; {device}"
         + (f"; resuming after epoch {initial_epoch}" if initial_epoch else ""),
         soft_wrap=True,
     )
     t0 = time.perf_counter()
     if initial_epoch < epochs and not (state and state.get("stopped_early")):
-        try:
-            trainable.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
-                          callbacks=callbacks, verbose=0, shuffle=False)
-        except SkinclfError:
-            raise
-        except Exception as exc:
-            if _is_out_of_memory(exc):
-                raise SkinclfError(
-                    f"out of memory at batch size {batch_size}: try --batch-size {max(1, batch_size // 2)}"
-                ) from None
-            raise
+        _fit(trainable, phases, make_train=make_train, val_ds=val_ds, initial_epoch=initial_epoch,
+             callbacks=callbacks, batch_size=batch_size)
     seconds = time.perf_counter() - t0
     history = run_state.state["history"]
     epochs_trained = max(0, len(history) - initial_epoch)
     best_epoch = run_state.state["best_epoch"]
     trainable.load_weights(run_dir / "best.weights.h5")
-    # After checkpoint selection, so a finished run can be re-bundled with other decision
-    # weights (`--resume`) without training again; the validation figures below include them.
-    shift_decision(model, [decision_of[c] for c in classes])
+    if model.inputs[0].shape[1] is None:
+        model = with_input_size(model, image_size)
 
-    # Validate the assembled model on the images themselves, exactly as predict will run it.
-    probs = []
-    for batch in predict_files(model, val_set.paths, image_size=image_size, batch_size=batch_size, workers=workers):
-        bad = [f"{p.name}: {e}" for p, e in zip(batch.paths, batch.errors) if e]
-        if bad:
-            raise SkinclfError(f"cannot read validation image {bad[0]}")
-        probs.append(batch.probs)
-    val_report = classification_report(np.asarray(val_set.labels), np.concatenate(probs), list(classes))
+    # After checkpoint selection, so a finished run can be re-bundled with other post-hoc
+    # choices (`--resume`) without training again; the validation figures below include them.
+    raw = _validation_probs(model, val_set, image_size=image_size, batch_size=batch_size, workers=workers)
+    labels = np.asarray(val_set.labels)
+    probs, post_hoc = _post_hoc(model, raw, labels, classes=classes, prior_counts=train_set.counts(),
+                                decision_of=decision_of, prior_correction=prior_correction, calibrate=calibrate)
+    val_report = classification_report(labels, probs, list(classes))
     val_report.get("melanoma", {}).pop("roc", None)
+    val_report["calibration"] = post_hoc["validation_after"]
     meta = {
         "name": out.stem,
         "classes": list(classes),
         "input_size": [image_size, image_size],
-        "preprocessing": PREPROCESSING,
+        "preprocessing": {**PREPROCESSING, **({"colour_constancy": "Shades of Gray, p = 6 (layer 'colour_constancy', "
+                                                                   "before the scaling)"} if colour_constancy else {})},
         "architecture": {"base": "MobileNet", "alpha": alpha, "head": "global average pool, dropout, dense softmax",
-                         "dropout": dropout, "first_trainable_layer": model.layers[start].name},
+                         "dropout": dropout, "first_trainable_layer": model.layers[start].name,
+                         "colour_constancy": colour_constancy},
         "training": {**settings, "epochs": epochs, "epochs_run": len(history), "best_epoch": best_epoch,
                      "best_value": run_state.state["best"], "class_weights": weight_of,
                      "decision_weight": decision_weight, "decision_weights": decision_of, "augmentation": asdict(augment),
+                     "phases": [{"epochs": [first + 1, end], "image_size": size} for first, end, size in phases],
                      "device": device, "seconds": round(run_state.state.get("seconds", seconds), 1)},
+        "post_hoc": post_hoc,
+        "calibration": {"temperature": post_hoc["temperature"], "fitted_on": "validation split",
+                        "validation_before": post_hoc["validation_before"], "validation_after": post_hoc["validation_after"]},
         "data": {"path": str(data), "fingerprint": settings["fingerprint"], "train_counts": train_set.counts(),
                  "val_counts": val_set.counts()},
         "metrics": {"validation": val_report},
