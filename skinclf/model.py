@@ -196,6 +196,23 @@ def with_input_size(model, image_size: int):
     return fixed
 
 
+def logits_model(model):
+    """A copy of a chain model that outputs the classifier's logits (softmax left off).
+
+    Shares nothing with `model`; engines apply the softmax themselves, so they can give
+    logits (for out-of-distribution scores) and probabilities from one forward pass."""
+    inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name=model.inputs[0].name)
+    x = inputs
+    for layer in model.layers[1:]:
+        config = layer.get_config()
+        if layer.name == "predictions":
+            config["activation"] = "linear"
+        clone = layer.__class__.from_config(config)
+        x = clone(x)
+        clone.set_weights(layer.get_weights())
+    return keras.Model(inputs, x, name=f"{model.name}_logits")
+
+
 def fold_logit_transform(model, *, shift=None, temperature: float = 1.0) -> None:
     """Build `softmax((z + shift) / temperature)` into the classifier, in place.
 

@@ -1,0 +1,106 @@
+"""Runtimes behind one small interface: a batch of images in, logits and probabilities out.
+
+predict, evaluate, serve and explain only ever hold an `Engine`; which runtime runs the
+network (Keras on any backend, or ONNX Runtime) is chosen once by `load_engine`.
+
+    engine = load_engine(model_path, engine="auto")
+    probs = engine(images)          # (n, classes) probabilities, rows sum to 1
+    logits = engine.logits(images)  # (n, classes) the final layer's logits (post-hoc shifts and
+                                    # temperature included): softmax(logits) == probs
+
+`images` is a float32 array (n, size, size, 3) of RGB values in 0..255, as `images.load_image`
+returns them (preprocessing lives inside the model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skinclf.errors import SkinclfError
+
+ENGINES = ("auto", "keras", "onnx")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype="float32")
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Engine:
+    """A loaded model and what it needs to be used; subclasses implement `_logits`."""
+
+    name = "engine"
+
+    def __init__(self, *, meta: dict[str, Any], path: Path, sha256: str, batch_size: int) -> None:
+        self.meta = meta
+        self.path = Path(path)
+        self.sha256 = sha256
+        self.batch_size = batch_size
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["input_size"][0])
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this model in reports, CSV sidecars and the web page."""
+        return {"path": str(self.path), "sha256": self.sha256, "name": self.meta.get("name", self.path.stem),
+                "created": self.meta.get("created"), "classes": self.classes, "input_size": self.meta["input_size"],
+                "engine": self.name}
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits for any number of images, run in batches of `batch_size` (padded to one shape)."""
+        images = np.asarray(images, dtype="float32")
+        parts = [self._padded(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), dtype="float32")
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(images))
+
+    def _padded(self, x: np.ndarray) -> np.ndarray:
+        # One input shape only: a compiled function never retraces for the last, shorter batch.
+        n = len(x)
+        if n < self.batch_size:
+            x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
+        return np.asarray(self._logits(x), dtype="float32")[:n]
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class KerasEngine(Engine):
+    """The `.keras` bundle on the active Keras backend, batch norms folded, softmax split off."""
+
+    name = "keras"
+
+    def __init__(self, bundle, *, batch_size: int) -> None:
+        super().__init__(meta=bundle.meta, path=bundle.path, sha256=bundle.sha256, batch_size=batch_size)
+        from skinclf.inference import inference_model
+        from skinclf.model import logits_model
+
+        self.model = inference_model(logits_model(bundle.model), image_size=bundle.image_size)
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        return self.model.predict_on_batch(x)
+
+
+def load_engine(path: Path, *, engine: str = "auto", batch_size: int = 16, threads: int | None = None) -> Engine:
+    """Load the model at `path` with the runtime `engine` (auto, keras or onnx).
+
+    auto: ONNX Runtime when the model has an ONNX form and onnxruntime is installed, else Keras.
+    """
+    if engine not in ENGINES:
+        raise SkinclfError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if batch_size < 1:
+        raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
+    from skinclf.model import load_bundle
+
+    return KerasEngine(load_bundle(Path(path)), batch_size=batch_size)
