@@ -1,0 +1,169 @@
+"""The full fine-tuning recipe: colour constancy, random resized crops, prior correction,
+temperature, train-small-test-large phases, ensembles and resuming such a run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import write_ham
+from test_train import TINY, run_cli
+
+from skinclf.augment import AugmentSpec, random_affine
+from skinclf.calibration import fit_prior_tau, softmax
+from skinclf.model import ShadesOfGray, build_model, fold_logit_transform
+from skinclf.prepare import prepare_dataset
+from skinclf.train import _phase_sizes
+
+
+def test_shades_of_gray_by_hand() -> None:
+    # A 1x2 image: pixels (255, 0, 0) and (0, 255, 0); p = 2.
+    # e_r = e_g = sqrt((1^2 + 0^2) / 2) = 0.7071, e_b = 0; mean(e) = 0.4714.
+    # gain_r = gain_g = 0.4714 / 0.7071 = 2/3; blue stays 0 whatever its gain.
+    x = np.array([[[[255.0, 0.0, 0.0], [0.0, 255.0, 0.0]]]], dtype="float32")
+    out = np.asarray(ShadesOfGray(power=2.0)(x))
+    assert out == pytest.approx(np.array([[[[170.0, 0.0, 0.0], [0.0, 170.0, 0.0]]]]), abs=1e-3)
+
+
+def test_shades_of_gray_neutralises_a_colour_cast() -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.uniform(40, 200, (1, 16, 16, 1)).astype("float32").repeat(3, axis=-1)
+    tinted = grey * np.array([1.0, 0.8, 0.6], dtype="float32")  # a warm illuminant
+    out = np.asarray(ShadesOfGray()(tinted))
+    means = out.reshape(-1, 3).mean(axis=0)
+    assert means.max() / means.min() < 1.01  # channels balanced again
+    assert np.asarray(ShadesOfGray()(grey)) == pytest.approx(grey, abs=1e-3)  # grey world unchanged
+
+
+def test_random_resized_crop_keeps_shape_and_is_reproducible() -> None:
+    image = np.random.default_rng(3).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    spec = AugmentSpec(crop_scale=(0.3, 1.0), color=0.2)
+    a = random_affine(image, np.random.default_rng([42, 1, 7]), spec)
+    b = random_affine(image, np.random.default_rng([42, 1, 7]), spec)
+    c = random_affine(image, np.random.default_rng([42, 2, 7]), spec)
+    assert a.shape == image.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_random_resized_crop_zooms_in() -> None:
+    # A crop of at most a third of the area (no rotation or flips) shows a quarter-image box
+    # stretched: a centred 2x2 dot grows to at least 3 pixels across.
+    image = np.zeros((60, 60, 3), dtype=np.uint8)
+    image[29:31, 29:31] = 255
+    spec = AugmentSpec(rotation=0, flips=False, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))
+    out = random_affine(image, np.random.default_rng(0), spec)
+    bright = out[..., 0] > 100
+    assert bright.any() and np.ptp(np.nonzero(bright)[0]) >= 3
+
+
+def test_prior_correction_changes_decisions_as_computed_by_hand() -> None:
+    model = build_model(num_classes=3, image_size=32, alpha=0.25, weights=None, seed=0)
+    x = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
+    before = np.asarray(model.predict_on_batch(x), dtype="float64")
+    prior = np.array([0.7, 0.2, 0.1])
+    tau, temperature = 1.0, 2.0
+    fold_logit_transform(model, shift=-tau * np.log(prior), temperature=temperature)
+    after = np.asarray(model.predict_on_batch(x), dtype="float64")
+    expected = softmax((np.log(before) - tau * np.log(prior)) / temperature)
+    assert after == pytest.approx(expected, abs=1e-5)
+    # Rare classes gain: each row's odds of class 2 over class 0 grow by (0.7 / 0.1) ** (1 / T).
+    ratio = (after[:, 2] / after[:, 0]) / (before[:, 2] / before[:, 0]) ** (1 / temperature)
+    assert ratio == pytest.approx(np.full(6, 7.0 ** 0.5), rel=1e-4)
+
+
+def test_fit_prior_tau_recovers_a_shifted_decision() -> None:
+    # Class 0 is common and its logit inflated by log(prior) ratios: tau = 1 undoes it exactly.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    prior = np.array([0.8, 0.15, 0.05])
+    clean = np.eye(3)[labels] * 2.0 + rng.normal(0, 0.6, (600, 3))
+    probs = softmax(clean + np.log(prior))
+    tau, accuracy = fit_prior_tau(probs, labels, prior)
+    assert 0.6 <= tau <= 1.4
+    plain = np.mean([np.mean(np.argmax(probs, 1)[labels == c] == c) for c in range(3)])
+    assert accuracy > plain + 0.05
+
+
+def test_phases_train_small_then_full_size() -> None:
+    assert _phase_sizes(epochs=10, image_size=224, train_size=160, fixres_epochs=3) == [(0, 7, 160), (7, 10, 224)]
+    assert _phase_sizes(epochs=10, image_size=224, train_size=0, fixres_epochs=3) == [(0, 10, 224)]
+    assert _phase_sizes(epochs=4, image_size=224, train_size=160, fixres_epochs=4) == [(0, 4, 224)]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("recipe-data")
+    ham = write_ham(root / "ham", per_class=6)
+    prepare_dataset(src=ham, out=root / "prepared", val=0.25, test=0.2, show_progress=False)
+    return root / "prepared"
+
+
+RECIPE = ["--train-size", "48", "--fixres-epochs", "1", "--schedule", "cosine", "--warmup-epochs", "1",
+          "--weight-decay", "0.05", "--crop-scale", "0.3", "--color-jitter", "0.2", "--colour-constancy",
+          "--prior-correction", "fit", "--label-smoothing", "0.1"]
+
+
+def test_killed_full_recipe_run_resumes_to_the_same_history(prepared, tmp_path) -> None:
+    args = ["train", "--data", str(prepared), "--epochs", "3", *TINY, *RECIPE]
+    straight = run_cli(*args, "--out", "straight.keras", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    assert "2 epoch(s) at 48px then 1 epoch(s) at 64px" in straight.stderr
+    killed = run_cli(*args, "--out", "resumed.keras", cwd=tmp_path, env_extra={"_SKINCLF_KILL_AFTER_EPOCH": "2"})
+    assert killed.returncode != 0 and not (tmp_path / "resumed.keras").exists()
+    resumed = run_cli(*args, "--out", "resumed.keras", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch 2" in resumed.stderr
+    a = pd.read_csv(tmp_path / "runs" / "straight" / "history.csv")
+    b = pd.read_csv(tmp_path / "runs" / "resumed" / "history.csv")
+    assert list(b["epoch"]) == [1, 2, 3]
+    # The cosine rate continues from the restored step counter: same curve, same numbers.
+    assert np.allclose(a.to_numpy(), b.to_numpy(), rtol=1e-3, atol=1e-4)
+    assert a["learning_rate"].iloc[-1] < a["learning_rate"].iloc[0]
+
+    from skinclf.model import load_bundle
+
+    bundle = load_bundle(tmp_path / "resumed.keras")
+    assert bundle.image_size == 64 and bundle.model.inputs[0].shape[1] == 64  # fixed for predict
+    assert bundle.model.get_layer("colour_constancy") is not None
+    post = bundle.meta["post_hoc"]
+    assert post["prior_correction"] == "fit" and math.isfinite(post["tau"]) and post["temperature"] > 0
+    assert bundle.meta["calibration"]["temperature"] == post["temperature"]
+    assert [p["image_size"] for p in bundle.meta["training"]["phases"]] == [48, 64]
+
+
+def test_resume_with_other_recipe_options_names_them(prepared, tmp_path) -> None:
+    from skinclf.cli import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    base = ["train", "--data", str(prepared), "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--out",
+            str(tmp_path / "m.keras"), *TINY]
+    assert runner.invoke(app, [*base, "--crop-scale", "0.3"]).exit_code == 0
+    result = runner.invoke(app, [*base, "--crop-scale", "0.5", "--resume"])
+    assert result.exit_code == 1 and "crop_scale" in result.output and "without --resume" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--schedule", "step"], "choose one of plateau, cosine"),
+        (["--train-size", "300"], "--train-size 300"),
+        (["--crop-scale", "1.5"], "--crop-scale 1.5"),
+        (["--weight-decay", "-1"], "--weight-decay -1"),
+        (["--prior-correction", "lots"], "use none, fit, or a number"),
+        (["--train-size", "48", "--cache-views", "2"], "drop --cache-views"),
+        (["--workers", "0"], "--workers 0"),
+    ],
+)
+def test_bad_recipe_options(prepared, tmp_path, monkeypatch, args, needle) -> None:
+    from skinclf.cli import app
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--data", str(prepared), "--out", str(tmp_path / "m.keras"), *TINY, *args])
+    assert result.exit_code == 1 and needle in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+    assert json  # noqa: B018 - imported for symmetry with test_train
