@@ -380,41 +380,62 @@ def evaluate(
     )
 )
 def predict(
-    directory: Path = typer.Argument(..., help="Folder of images (JPEG, PNG, BMP, TIFF) to classify."),
-    out_csv: str = typer.Option("results.csv", "--out", help="CSV to write, or - for stdout."),
+    directory: Path = typer.Argument(..., metavar="DIR", help="Folder of images (JPEG, PNG, BMP, TIFF) to classify."),
+    out_csv: str = typer.Option("results.csv", "--out", metavar="CSV", help="CSV to write, or - for stdout."),
     model: Optional[Path] = typer.Option(
-        None, "--model", help="Model bundle [default: $SKINCLF_MODEL, else the bundled model]."
+        None, "--model", metavar="PATH", help="Model bundle [default: $SKINCLF_MODEL, else the bundled model]."
     ),
-    top_k: int = typer.Option(PREDICT.top_k, "--top-k", help="How many most-probable classes per image."),
-    batch_size: int = typer.Option(PREDICT.batch_size, "--batch-size", help="Images per model call."),
-    recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Include sub-folders."),
-    all_probs: bool = typer.Option(False, "--all-probs", help="Add a prob_<class> column for every class."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip files already in the CSV."),
-    strict: bool = typer.Option(False, "--strict", help="Exit with status 1 if any file could not be classified."),
-    tta: int = typer.Option(1, "--tta", help="Average over 1, 2, 4 or 8 flips/rotations (slower)."),
-    workers: int = typer.Option(PREDICT.workers, "--workers", help="Threads decoding images."),
+    top_k: Optional[int] = typer.Option(
+        None, "--top-k", metavar="N",
+        help=f"How many most-probable classes per image [default: {PREDICT.top_k}, or all the model's classes if fewer].",
+    ),
+    batch_size: int = typer.Option(PREDICT.batch_size, "--batch-size", metavar="N", help="Images per model call."),
+    recursive: bool = typer.Option(True, "--recursive/--no-recursive", metavar="", help="Include sub-folders."),
+    all_probs: bool = typer.Option(False, "--all-probs", metavar="", help="Add a `prob_<class>` column for every class."),
+    resume: bool = typer.Option(
+        False, "--resume", metavar="", help="Continue an interrupted run (same options): skip files already in the CSV."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", metavar="", help="Start over, discarding the rows of an interrupted run (`CSV.partial`)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", metavar="", help="Exit with status 1 if any file or folder could not be read or classified."
+    ),
+    tta: int = typer.Option(1, "--tta", metavar="N", help="Average over 1, 2, 4 or 8 flips/rotations (slower)."),
+    workers: int = typer.Option(PREDICT.workers, "--workers", metavar="N", help="Threads decoding images."),
 ) -> None:
     """Classify every image in a folder into a CSV of the top-k classes and their probabilities.
 
-    One row per file, sorted by path; a file that cannot be read gets a row with an error and
-    the batch goes on. The output informs a clinician; it is not a diagnosis. The model's identity
-    is recorded in a JSON sidecar (results.csv.json).
+    One row per file, sorted by path; a file that cannot be read, or a folder that cannot be
+    listed, gets a row with an error and the batch goes on; an image the model cannot judge well
+    (far too small) gets a warning. The output informs a clinician; it is not a diagnosis. The
+    model's identity is recorded in a JSON sidecar (results.csv.json).
     """
     with _user_errors():
         from skinclf.predict import predict_directory
 
         summary = predict_directory(
             directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
-            all_probs=all_probs, resume=resume, strict=strict, tta=tta, workers=workers,
+            all_probs=all_probs, resume=resume, overwrite=overwrite, strict=strict, tta=tta, workers=workers,
         )
-    resumed = f" ({summary.resumed} kept from the interrupted run)" if summary.resumed else ""
-    typer.echo(
-        f"{summary.files} files: {summary.files - summary.errors} classified, {summary.errors} errors{resumed}; "
-        f"{summary.images_per_second:.1f} img/s after {summary.startup_seconds:.1f} s start-up"
-        + (f"; wrote {summary.out}" if summary.out else "")
-        + ". Decision support, not a diagnosis.",
-        err=True,
-    )
+    typer.echo(_predict_summary(summary), err=True)
+
+
+def _predict_summary(summary) -> str:
+    """One line: what was classified, what failed, what deserves caution, what was kept or dropped."""
+    classified = summary.files - (summary.errors - summary.unreadable)
+    parts = [f"{summary.files} files: {classified} classified, {summary.errors - summary.unreadable} errors"]
+    if summary.unreadable:
+        parts.append(f"{summary.unreadable} folders or links could not be read (rows with an error; their images "
+                     "are missing)")
+    if summary.warnings:
+        parts.append(f"{summary.warnings} with warnings (see the warning column)")
+    if summary.resumed:
+        parts.append(f"{summary.resumed} rows kept from the earlier run")
+    if summary.dropped:
+        parts.append(f"{summary.dropped} rows dropped: their files are no longer in the folder")
+    return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s after {summary.startup_seconds:.1f} s start-up"
+            + (f"; wrote {summary.out}" if summary.out else "") + ". Decision support, not a diagnosis.")
 
 
 def main() -> None:

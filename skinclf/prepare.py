@@ -20,7 +20,7 @@ from skinclf import __version__, ui
 from skinclf.config import PREPARE
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_write, atomic_write_json, link_or_copy, sha256_text
-from skinclf.images import iter_image_files
+from skinclf.walk import walk_images
 from skinclf.layout import read_metadata
 
 SPLITS = ("train", "val", "test")
@@ -68,7 +68,12 @@ def _extra_class_rows(extra: dict[str, Path], known: set[str]) -> pd.DataFrame:
             raise SkinclfError(
                 f"--extra-class {name!r} is already a class of the dataset ({', '.join(sorted(known))})"
             )
-        files = sorted(iter_image_files(folder))
+        found = walk_images(folder)
+        if found.problems:
+            first = found.problems[0]
+            raise SkinclfError(f"--extra-class {name}={folder}: cannot read {folder / first.path} ({first.reason}); "
+                               "fix its permissions or move it out of the folder")
+        files = [folder / rel for rel in found.files]
         if not files:
             raise SkinclfError(f"--extra-class {name}={folder}: no images found")
         for path in files:
