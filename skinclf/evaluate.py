@@ -21,11 +21,12 @@ import numpy as np
 import pandas as pd
 
 from skinclf import __version__
-from skinclf.config import EVALUATE
+from skinclf.config import EVALUATE, TTA_CHOICES
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_write_json, sha256_text
+from skinclf.files import atomic_write_json, check_output_dir, sha256_text
 from skinclf.layout import default_model_path, list_labelled_images
 from skinclf.metrics import classification_report
+from skinclf.options import at_least, one_of
 from skinclf.plots import confusion_matrix_png, history_png, roc_png
 from skinclf.results import probabilities, read_predictions, sidecar_path
 
@@ -237,6 +238,9 @@ def run_evaluation(
 ) -> Evaluation:
     """The `evaluate` command: training curves only (`history`), a predictions CSV against
     `truth`, or the model over the labelled folder `data`."""
+    at_least("--batch-size", batch_size, 1, example=EVALUATE.batch_size)
+    one_of("--tta", tta, TTA_CHOICES)
+    check_output_dir(Path(out))
     if history:
         return Evaluation(report={}, out=Path(out), files=[plot_history(model=model, out=out)])
     if (predictions is None) != (truth is None):

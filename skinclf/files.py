@@ -105,13 +105,17 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def _check_can_create_in(folder: Path, option: str, target: Path) -> None:
     """The folder that will hold `target` exists or can be made, and can be written in."""
     existing = _nearest_existing(folder)
     if not existing.is_dir():
         raise SkinclfError(f"{option} {target}: {existing} is a file, so no folder can be made there; "
                            "choose another place")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not _writable(existing):
         raise SkinclfError(f"{option} {target}: cannot write in {existing} (permission denied); choose another place")
 
 

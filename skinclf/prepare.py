@@ -19,7 +19,8 @@ import pandas as pd
 from skinclf import __version__, ui
 from skinclf.config import PREPARE
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_write, atomic_write_json, link_or_copy, sha256_text
+from skinclf.options import at_least
+from skinclf.files import atomic_write, atomic_write_json, check_output_dir, link_or_copy, sha256_text
 from skinclf.walk import walk_images
 from skinclf.layout import read_metadata
 
@@ -158,7 +159,9 @@ def prepare_dataset(
     manifest. The same arguments again are a no-op; other arguments over an existing split
     are refused unless `force`, which replaces it."""
     validate_fractions(val=val, test=test)
+    at_least("--seed", seed, 0, example=PREPARE.seed)
     src, out = Path(src), Path(out)
+    check_output_dir(out)
     extra_classes = extra_classes or {}
     args = {
         "src": str(src.resolve()),

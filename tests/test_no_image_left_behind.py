@@ -1,0 +1,415 @@
+"""Issue 12, "No image left behind": every image reachable is classified or reported, every
+refusal leads to a command that works, and nothing depends on thread timing."""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import lesion_image, make_tiny_bundle
+from PIL import Image
+
+from skinclf.cli import app
+from skinclf.errors import SkinclfError
+from skinclf.images import ImageError, load_image
+from skinclf.predict import predict_directory
+from skinclf.results import warning_cell
+from skinclf.walk import walk_images
+
+
+def read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def image(path: Path, seed: int = 0, size: tuple[int, int] = (40, 32)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lesion_image((120, 60, 40), seed, size=size).save(path)
+    return path
+
+
+def unlistable(monkeypatch: pytest.MonkeyPatch, *folders: Path) -> None:
+    """Make listing these folders fail as an unreadable folder does (root reads chmod-000 ones)."""
+    blocked = {os.path.realpath(f) for f in folders}
+    real = os.scandir
+
+    def scandir(path="."):
+        if not isinstance(path, int) and os.path.realpath(path) in blocked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+# --- 1. images silently left out ------------------------------------------------------------
+
+
+@pytest.fixture
+def clinic(tmp_path: Path) -> Path:
+    """A folder with an archive mounted by link, a link loop, a locked folder and a dead link."""
+    root = tmp_path / "clinic"
+    image(root / "a.jpg")
+    image(tmp_path / "mounted" / "2019" / "b.jpg", 1)
+    (root / "archive").symlink_to(tmp_path / "mounted", target_is_directory=True)
+    (root / "archive" / "2019" / "loop").symlink_to(tmp_path / "mounted", target_is_directory=True)
+    image(root / "locked" / "c.jpg", 2)
+    (root / "gone").symlink_to(tmp_path / "unmounted-share", target_is_directory=True)
+    return root
+
+
+def test_linked_folders_are_followed_and_unreadable_ones_are_error_rows(runner, monkeypatch, clinic, tiny_bundle,
+                                                                        tmp_path) -> None:
+    unlistable(monkeypatch, clinic / "locked")
+    out = tmp_path / "r.csv"
+    result = runner.invoke(app, ["predict", str(clinic), "--out", str(out), "--model", str(tiny_bundle)])
+    assert result.exit_code == 0, result.output
+    rows = dict(zip(read(out)["path"], read(out)["error"]))
+    assert rows == {
+        "a.jpg": "",
+        "archive/2019/b.jpg": "",  # through the link, once: the loop back to the archive is not followed again
+        "gone": "broken link: its target does not exist",
+        "locked/": "cannot list folder: permission denied",
+    }
+    assert "2 folders or links could not be read" in result.output
+    strict = runner.invoke(app, ["predict", str(clinic), "--out", str(out), "--model", str(tiny_bundle), "--strict"])
+    assert strict.exit_code == 1 and "2 folders or links could not be read" in strict.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists folders whatever their permissions")
+def test_folder_without_permissions_is_reported(tmp_path) -> None:
+    image(tmp_path / "ok.jpg")
+    image(tmp_path / "locked" / "x.jpg")
+    (tmp_path / "locked").chmod(0)
+    try:
+        found = walk_images(tmp_path)
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert found.files == ["ok.jpg"]
+    assert [(p.path, p.reason) for p in found.problems] == [("locked/", "cannot list folder: permission denied")]
+
+
+def _random_tree(rng: random.Random, root: Path, outside: Path) -> set[Path]:
+    """Folders, images (good and bad), other files, hidden ones, links (loops, to outside, dead);
+    returns the real folders that cannot be listed."""
+    folders = [root]
+    for i in range(rng.randint(1, 6)):
+        parent = rng.choice(folders)
+        folder = parent / (f".hidden{i}" if rng.random() < 0.1 else f"d{i}")
+        folder.mkdir()
+        folders.append(folder)
+    image(outside / "far.png", 99)
+    for i in range(rng.randint(2, 10)):
+        folder = rng.choice(folders)
+        kind = rng.random()
+        if kind < 0.5:
+            image(folder / f"img{i}.{rng.choice(['jpg', 'PNG', 'bmp'])}", i)
+        elif kind < 0.65:
+            (folder / f"bad{i}.jpg").write_bytes(b"" if rng.random() < 0.5 else b"not an image")
+        elif kind < 0.75:
+            (folder / f"notes{i}.txt").write_text("x")
+        elif kind < 0.85:
+            image(folder / f".hidden{i}.jpg", i)
+        else:
+            (folder / f"photo{i}.jpg").symlink_to(outside / "far.png")
+    for i in range(rng.randint(0, 3)):
+        target = rng.choice([*folders, outside, root.parent / "nowhere"])
+        rng.choice(folders).joinpath(f"link{i}").symlink_to(target, target_is_directory=True)
+    return {f.resolve() for f in folders[1:] if rng.random() < 0.2}
+
+
+def _expected(root: Path, blocked: set[Path]) -> tuple[list[Path], set[Path], int]:
+    """Independently of skinclf: the real image files reachable through visible, listable
+    folders; the reachable folders that cannot be listed; and the dead links to report."""
+    files, unlistable_seen, dead, seen, todo = [], set(), 0, set(), [root]
+    while todo:
+        folder = todo.pop()
+        real = folder.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        if real in blocked:
+            unlistable_seen.add(real)
+            continue
+        for entry in folder.iterdir():
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                todo.append(entry)
+            elif entry.is_symlink() and not entry.exists():
+                dead += 1
+            elif entry.suffix.lower() in {".jpg", ".png", ".bmp"}:
+                files.append(entry.resolve())
+    return files, unlistable_seen, dead
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_reachable_image_is_a_row_exactly_once(monkeypatch, tiny_bundle, tmp_path, seed) -> None:
+    rng = random.Random(seed)
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    blocked = _random_tree(rng, root, outside)
+    unlistable(monkeypatch, *blocked)
+    files, unlistable_seen, dead = _expected(root, blocked)
+    if not files and not unlistable_seen and not dead:
+        image(root / "one.jpg")
+        files = [(root / "one.jpg").resolve()]
+    out = tmp_path / "r.csv"
+    predict_directory(directory=root, out=out, model=tiny_bundle, show_progress=False)
+    frame = read(out)
+    folders = frame[frame["path"].str.endswith("/")]
+    links = frame[frame["error"].str.startswith("broken link")]
+    rows = frame.drop(folders.index).drop(links.index)
+    assert sorted((root / p).resolve() for p in rows["path"]) == sorted(files)  # each reachable image once
+    assert {(root / p).resolve() for p in folders["path"]} == unlistable_seen
+    assert (folders["error"] == "cannot list folder: permission denied").all()
+    assert len(links) == dead
+
+
+# --- 2. --resume dead ends ------------------------------------------------------------------
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    folder = tmp_path / "small"
+    for i in range(3):
+        image(folder / f"{i}.jpg", i)
+    return folder
+
+
+def test_resume_with_other_options_names_the_way_out_and_leaves_nothing(small, tiny_bundle, tmp_path) -> None:
+    out = tmp_path / "a.csv"
+    predict_directory(directory=small, out=out, model=tiny_bundle, show_progress=False)
+    with pytest.raises(SkinclfError, match=r"resume with those options \(--resume --top-k 3\), or run without "
+                                           r"--resume to replace it"):
+        predict_directory(directory=small, out=out, model=tiny_bundle, all_probs=True, resume=True,
+                          show_progress=False)
+    assert not (tmp_path / "a.csv.partial").exists()
+    # Both ways out work.
+    predict_directory(directory=small, out=out, model=tiny_bundle, top_k=3, resume=True, show_progress=False)
+    predict_directory(directory=small, out=out, model=tiny_bundle, all_probs=True, show_progress=False)
+    assert "prob_nv" in read(out).columns
+
+
+def test_an_interrupted_run_can_be_resumed_or_overwritten(small, tiny_bundle, tmp_path) -> None:
+    out = tmp_path / "a.csv"
+    partial = tmp_path / "a.csv.partial"
+    partial.write_text("path,top1_class,top1_prob,error,warning\n0.jpg,nv,0.5000,,\n")
+    with pytest.raises(SkinclfError, match="add --resume .* or --overwrite to start over"):
+        predict_directory(directory=small, out=out, model=tiny_bundle, show_progress=False)
+    with pytest.raises(SkinclfError, match=r"written with --top-k 1 \(no --all-probs\).*--resume --top-k 1.*--overwrite"):
+        predict_directory(directory=small, out=out, model=tiny_bundle, resume=True, show_progress=False)
+    summary = predict_directory(directory=small, out=out, model=tiny_bundle, top_k=1, resume=True,
+                                show_progress=False)
+    assert summary.resumed == 1 and summary.classified == 2
+    partial.write_text("junk\n")
+    predict_directory(directory=small, out=out, model=tiny_bundle, overwrite=True, show_progress=False)
+    assert len(read(out)) == 3 and not partial.exists()
+
+
+def test_resuming_onto_a_file_that_is_not_a_csv(small, tiny_bundle, tmp_path) -> None:
+    out = tmp_path / "notes.csv"
+    out.write_bytes(b"\x89PNG\r\n\x1a\n not a csv at all")
+    with pytest.raises(SkinclfError, match="not a CSV written by skinclf predict; run without --resume to replace it"):
+        predict_directory(directory=small, out=out, model=tiny_bundle, resume=True, show_progress=False)
+    assert not (tmp_path / "notes.csv.partial").exists()
+    predict_directory(directory=small, out=out, model=tiny_bundle, show_progress=False)
+    assert len(read(out)) == 3
+
+
+def test_a_failed_start_leaves_no_partial(monkeypatch, small, tiny_bundle, tmp_path) -> None:
+    from skinclf import inference
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder crashed")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(inference, "predict_files", broken)
+    with pytest.raises(RuntimeError):
+        predict_directory(directory=small, out=tmp_path / "a.csv", model=tiny_bundle, show_progress=False)
+    assert list(tmp_path.glob("a.csv*")) == []
+
+
+# --- 3. output paths checked before any work ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda d: (d / "out.csv").mkdir(), "is a folder: give a file name"),
+        (lambda d: (d / "out.csv.json").mkdir(), "out.csv.json is a folder"),
+        (lambda d: (d / "out.csv.partial").mkdir(), "out.csv.partial is a folder"),
+    ],
+)
+def test_output_paths_are_checked_before_any_work(runner, small, tmp_path, make, needle) -> None:
+    make(tmp_path)
+    # A model that does not exist: the output check must come first, before any work.
+    result = runner.invoke(app, ["predict", str(small), "--out", str(tmp_path / "out.csv"), "--model",
+                                 str(tmp_path / "no-model.keras")])
+    assert result.exit_code == 1 and result.output.count("Error:") == 1 and needle in result.output, result.output
+
+
+def test_output_under_a_file_or_in_a_read_only_folder(runner, monkeypatch, small, tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["predict", str(small), "--out", str(tmp_path / "file" / "sub" / "r.csv")])
+    assert result.exit_code == 1 and "is a file, so no folder can be made there" in result.output
+    from skinclf import files
+
+    monkeypatch.setattr(files, "_writable", lambda folder: False)  # root may write anywhere
+    result = runner.invoke(app, ["predict", str(small), "--out", str(tmp_path / "r.csv")])
+    assert result.exit_code == 1 and "cannot write in" in result.output
+    for command in (["evaluate", "--out", str(tmp_path / "rep")], ["prepare", "--out", str(tmp_path / "prep")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1 and "cannot write in" in result.output, result.output
+
+
+# --- 4. numeric options validated up front, in every command ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["predict", "{small}", "--workers", "0"], "--workers 0: must be at least 1"),
+        (["predict", "{small}", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["predict", "{small}", "--top-k", "0"], "--top-k 0: must be at least 1"),
+        (["predict", "{small}", "--tta", "3"], "--tta 3: choose one of 1, 2, 4, 8"),
+        (["evaluate", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["evaluate", "--tta", "5"], "--tta 5: choose one of 1, 2, 4, 8"),
+        (["train", "--workers", "0"], "--workers 0: must be at least 1"),
+        (["train", "--focal-gamma", "-1"], "--focal-gamma -1.0: must be at least 0"),
+        (["train", "--seed", "-1"], "--seed -1: must be at least 0"),
+        (["prepare", "--seed", "-1"], "--seed -1: must be at least 0"),
+        (["prepare", "--val", "0"], "--val 0.0: must be between 0 and 1"),
+    ],
+)
+def test_numeric_options_fail_in_one_line_before_any_work(runner, small, tmp_path, monkeypatch, args, needle) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = [a.format(small=small) for a in args]
+    result = runner.invoke(app, [*argv, "--out", str(tmp_path / ("r.csv" if argv[0] == "predict" else "o"))]
+                           if argv[0] != "train" else argv)
+    assert result.exit_code == 1, result.output
+    assert result.output.count("Error:") == 1 and needle in result.output and "Traceback" not in result.output
+    assert list(tmp_path.glob("r.csv*")) == []
+
+
+# --- 5. one message for an oversized file, whatever the threads do ---------------------------
+
+
+def test_oversized_images_get_one_message_without_touching_warning_filters(monkeypatch, tmp_path) -> None:
+    Image.new("1", (12_000, 8_000)).save(tmp_path / "bomb.png")  # above Pillow's warning limit
+    Image.new("1", (15_000, 13_000)).save(tmp_path / "huge.png")  # above Pillow's error limit
+
+    def not_thread_safe(*args, **kwargs):
+        raise AssertionError("warnings.catch_warnings is not thread-safe: decode threads must not use it")
+
+    monkeypatch.setattr(warnings, "catch_warnings", not_thread_safe)
+    with _record() as seen:
+        for name, size in (("bomb.png", "12000x8000"), ("huge.png", "15000x13000")):
+            with pytest.raises(ImageError) as error:
+                load_image(tmp_path / name, 32)
+            assert str(error.value) == f"image too large ({size} pixels; the limit is 80,000,000)"
+    assert seen == []
+
+
+class _record:
+    """Record warnings by hooking showwarning (catch_warnings itself is patched out above)."""
+
+    def __enter__(self) -> list:
+        self.seen: list = []
+        self.saved = warnings.showwarning, warnings.filters[:]
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda *args, **kwargs: self.seen.append(args)
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        warnings.showwarning, warnings.filters[:] = self.saved
+
+
+def test_oversized_copies_all_get_the_same_row(tiny_bundle, tmp_path) -> None:
+    folder = tmp_path / "bombs"
+    folder.mkdir()
+    Image.new("1", (12_000, 8_000)).save(folder / "0.png")
+    data = (folder / "0.png").read_bytes()
+    for i in range(1, 12):
+        (folder / f"{i}.png").write_bytes(data)
+    predict_directory(directory=folder, out=tmp_path / "r.csv", model=tiny_bundle, batch_size=2, workers=4,
+                      show_progress=False)
+    assert set(read(tmp_path / "r.csv")["error"]) == {"image too large (12000x8000 pixels; the limit is 80,000,000)"}
+
+
+# --- 7. images a model cannot judge ---------------------------------------------------------
+
+
+def test_tiny_images_are_classified_with_a_warning_that_strict_ignores(runner, tiny_bundle, tmp_path) -> None:
+    folder = tmp_path / "imgs"
+    image(folder / "ok.jpg")
+    Image.new("RGB", (1, 1), (120, 60, 40)).save(folder / "dot.png")
+    out = tmp_path / "r.csv"
+    result = runner.invoke(app, ["predict", str(folder), "--out", str(out), "--model", str(tiny_bundle), "--strict"])
+    assert result.exit_code == 0, result.output
+    frame = read(out).set_index("path")
+    assert frame.loc["dot.png", "top1_class"] and frame.loc["dot.png", "error"] == ""
+    assert frame.loc["dot.png", "warning"] == ("image is 1x1 pixels, far below the model's 32x32 input: "
+                                               "the result is unreliable")
+    assert frame.loc["ok.jpg", "warning"] == ""
+    assert "1 with warnings" in result.output
+
+
+def test_warning_cell_joins_short_messages() -> None:
+    assert warning_cell([]) == ""
+    assert warning_cell(["too small", "out of\ndistribution; unusual", "too small"]) == (
+        "too small; out of distribution, unusual")
+
+
+# --- 8. smaller dead ends ---------------------------------------------------------------------
+
+
+def test_default_top_k_fits_a_two_class_model(small, tmp_path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "two.keras", classes=("mel", "nv"))
+    predict_directory(directory=small, out=tmp_path / "r.csv", model=bundle, show_progress=False)
+    assert list(read(tmp_path / "r.csv").columns) == ["path", "top1_class", "top1_prob", "top2_class", "top2_prob",
+                                                      "error", "warning"]
+
+
+def test_resume_drops_rows_of_deleted_files_and_says_so(runner, small, tiny_bundle, tmp_path) -> None:
+    out = tmp_path / "r.csv"
+    predict_directory(directory=small, out=out, model=tiny_bundle, show_progress=False)
+    (small / "1.jpg").unlink()
+    image(small / "3.jpg", 3)
+    result = runner.invoke(app, ["predict", str(small), "--out", str(out), "--model", str(tiny_bundle), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert list(read(out)["path"]) == ["0.jpg", "2.jpg", "3.jpg"]
+    assert "3 files: 3 classified" in result.output and "1 rows dropped: their files are no longer in the folder" \
+        in result.output
+
+
+def test_help_keeps_every_character_and_no_type_noise(runner) -> None:
+    train = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    assert "balanced,mel*2" in train
+    predict = runner.invoke(app, ["predict", "--help"], terminal_width=200).output
+    assert "prob_<class>" in predict
+    for text in (train, predict):
+        assert "<bool>" not in text and "<str>" not in text and "{directory}" not in text
+
+
+def test_bad_zip_given_with_from_is_not_to_be_deleted(tmp_path) -> None:
+    from skinclf.fetch import fetch_dataset
+
+    archive = tmp_path / "mine.zip"
+    archive.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SkinclfError) as error:
+        fetch_dataset(dest=tmp_path / "ham", source=archive, show_progress=False)
+    assert "delete" not in str(error.value) and "copy" in str(error.value)
+    assert archive.exists()
+
+
+def test_legacy_h5_model_is_named_as_such(tmp_path) -> None:
+    from skinclf.model import read_bundle_meta
+
+    legacy = tmp_path / "model.h5"
+    legacy.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(SkinclfError, match=r"legacy Keras 2 \.h5 file.*\.keras bundle from `skinclf train`"):
+        read_bundle_meta(legacy)
