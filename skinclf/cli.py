@@ -329,6 +329,7 @@ def _render_report(report: dict) -> None:
                   f"when flagging p(mel) >= {_fmt(t['threshold'], 4)}")
     if "provenance" in report:
         out.print(f"Data: {report['provenance']['note']}")
+    _render_seen(report.get("seen"))
     if report.get("data", {}).get("unreadable"):
         out.print(f"[yellow]{len(report['data']['unreadable'])} unreadable image(s) skipped (listed in report.json)[/yellow]")
     if "matching" in report:
@@ -338,12 +339,28 @@ def _render_report(report: dict) -> None:
                   f"{m['no_prediction']} truths without prediction. Probabilities: {report['probabilities']}")
 
 
+def _render_seen(seen: dict | None) -> None:
+    """Say how many scored images the model has seen, and score the held-out rest on its own."""
+    if not seen or (seen["known"] and not seen["train"] and not seen["val"]):
+        return
+    out.print(f"[yellow]Caution: {seen['note']}.[/yellow]")
+    rest = seen.get("held_out_report")
+    if rest:
+        mel = rest.get("melanoma", {}).get("at_decision")
+        out.print(f"[bold]Held-out rest ({rest['n']} images): balanced accuracy {_fmt(rest['balanced_accuracy'])}"
+                  f"[/bold], accuracy {_fmt(rest['accuracy'])}"
+                  + (f", melanoma sensitivity {_fmt(mel['sensitivity'])}" if mel else ""))
+    elif seen["known"]:
+        out.print("[yellow]No scored image is held out: these figures say little about new patients.[/yellow]")
+
+
 @app.command(
     cls=_Command,
     epilog=_examples(
         "skinclf evaluate",
         "skinclf evaluate --model models/skinclf-mobilenet.keras --data data/prepared/test --out reports/test",
         "skinclf evaluate --predictions results.csv --truth ISIC2018_Task3_Test_GroundTruth.csv",
+        "skinclf evaluate --predictions results.csv --truth HAM10000_metadata.csv --split data/prepared/split.csv",
         "skinclf evaluate --history --out reports/curves",
         "skinclf evaluate --json > report.json",
     )
@@ -364,6 +381,11 @@ def evaluate(
     history: bool = typer.Option(False, "--history", metavar="", help="Only plot the model's training curves (history.png)."),
     tta: int = typer.Option(1, "--tta", metavar="N", help="Average over 1, 2, 4 or 8 flips/rotations of each image."),
     batch_size: int = typer.Option(EVALUATE.batch_size, "--batch-size", metavar="N", help="Images per model call."),
+    split: Optional[Path] = typer.Option(
+        None, "--split", metavar="PATH",
+        help="split.csv (or its folder) of the `skinclf prepare` run the model was trained on, for models that do not "
+        "record their training images [default: where the model was trained, if found].",
+    ),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the report as JSON on stdout (no tables)."),
 ) -> None:
     """Confusion matrix, per-class precision/recall/F1, balanced accuracy, top-k accuracy, ROC-AUC,
@@ -376,7 +398,8 @@ def evaluate(
         from skinclf.evaluate import run_evaluation
 
         result = run_evaluation(model=model, data=data, out=out_dir, predictions=predictions, truth=truth,
-                                history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta)
+                                history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta,
+                                split=split)
     if not result.report:  # --history: only the curves
         out.print("Wrote " + ", ".join(str(p) for p in result.files))
         return

@@ -413,3 +413,107 @@ def test_legacy_h5_model_is_named_as_such(tmp_path) -> None:
     legacy.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     with pytest.raises(SkinclfError, match=r"legacy Keras 2 \.h5 file.*\.keras bundle from `skinclf train`"):
         read_bundle_meta(legacy)
+
+
+# --- 6. scores that mislead: images the model was trained or validated on ------------------
+
+
+def _scored_csv(tmp_path: Path, names: list[str], truth: dict[str, str]) -> tuple[Path, Path]:
+    from test_evaluate import one_hot_probs, write_predictions
+
+    entries = [(f"{n}.jpg", one_hot_probs(truth[n]), None) for n in names]
+    preds = write_predictions(tmp_path / "r.csv", entries, all_probs=True)
+    (tmp_path / "truth.csv").write_text("image_id,dx\n" + "".join(f"{n},{truth[n]}\n" for n in names))
+    return preds, tmp_path / "truth.csv"
+
+
+TRUTH = {"I1": "mel", "I2": "nv", "I3": "bkl", "I4": "nv", "I5": "mel"}
+
+
+def test_evaluate_counts_images_the_model_has_seen_and_scores_the_rest_alone(runner, tmp_path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "m.keras", data={"train_ids": ["I1", "I2"], "val_ids": ["I3"]})
+    preds, truth = _scored_csv(tmp_path, list(TRUTH), TRUTH)
+    result = runner.invoke(app, ["evaluate", "--predictions", str(preds), "--truth", str(truth), "--model", str(bundle),
+                                 "--out", str(tmp_path / "rep")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert ("Caution: 2 of 5 scored images were in the model's training split and 1 in its validation split"
+            in result.output)
+    assert "Held-out rest (2 images)" in result.output
+    import json
+
+    seen = json.loads((tmp_path / "rep" / "report.json").read_text())["seen"]
+    assert (seen["train"], seen["val"], seen["held_out"]) == (2, 1, 2)
+    assert seen["held_out_report"]["n"] == 2 and seen["source"] == "the model's metadata"
+
+
+def _split_csv(folder: Path, rows: dict[str, str]) -> str:
+    from skinclf.files import atomic_write, sha256_text
+
+    text = "image_id,lesion_id,dx,split,path\n" + "".join(
+        f"{i},L{i},{TRUTH[i]},{s},{s}/{TRUTH[i]}/{i}.jpg\n" for i, s in rows.items())
+    atomic_write(folder / "split.csv", text)
+    return sha256_text(text)
+
+
+def test_older_bundles_fall_back_to_split_csv_checked_by_fingerprint(runner, tmp_path) -> None:
+    prepared = tmp_path / "prepared"
+    fingerprint = _split_csv(prepared, {"I1": "train", "I2": "val", "I3": "test", "I4": "test", "I5": "test"})
+    found_by_path = make_tiny_bundle(tmp_path / "a.keras", fingerprint=fingerprint, data={"path": str(prepared)})
+    elsewhere = make_tiny_bundle(tmp_path / "b.keras", fingerprint=fingerprint, data={"path": "nowhere"})
+    other = make_tiny_bundle(tmp_path / "c.keras", fingerprint="0" * 64, data={"path": "nowhere"})
+    preds, truth = _scored_csv(tmp_path, list(TRUTH), TRUTH)
+    common = ["evaluate", "--predictions", str(preds), "--truth", str(truth), "--out", str(tmp_path / "rep")]
+
+    def seen(*args: str) -> dict:
+        from skinclf.evaluate import run_evaluation
+
+        result = runner.invoke(app, [*common, *args], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        return run_evaluation(predictions=preds, truth=truth, out=tmp_path / "rep", model=Path(args[1]),
+                              split=Path(args[3]) if len(args) > 2 else None).report["seen"], result.output
+
+    report, output = seen("--model", str(found_by_path))  # the split.csv where the model was trained
+    assert (report["train"], report["val"], report["held_out"]) == (1, 1, 3) and "Held-out rest (3" in output
+    report, output = seen("--model", str(elsewhere), "--split", str(prepared))
+    assert report["train"] == 1 and report["source"] == str(prepared / "split.csv")
+    report, output = seen("--model", str(elsewhere))
+    assert report["known"] is False and "cannot tell which of these images the model was trained on" in output
+    result = runner.invoke(app, [*common, "--model", str(other), "--split", str(prepared)])
+    assert result.exit_code == 1 and "is not the split this model was trained on" in result.output
+
+
+def test_evaluating_a_folder_counts_seen_images_too(tmp_path) -> None:
+    from skinclf.evaluate import evaluate_model
+    from skinclf.prepare import prepare_dataset
+
+    from conftest import write_ham
+
+    ham = write_ham(tmp_path / "ham", per_class=3)
+    result = prepare_dataset(src=ham, out=tmp_path / "prepared", val=0.2, test=0.3, show_progress=False)
+    bundle = make_tiny_bundle(tmp_path / "m.keras", fingerprint=result.fingerprint, data={"path": "not-here"})
+    test = evaluate_model(model=bundle, data=tmp_path / "prepared" / "test", out=tmp_path / "rep").report["seen"]
+    assert test["known"] and (test["train"], test["val"]) == (0, 0) and test["held_out"] > 0
+    val = evaluate_model(model=bundle, data=tmp_path / "prepared" / "val", out=tmp_path / "rep").report["seen"]
+    assert val["val"] == len(list((tmp_path / "prepared" / "val").rglob("*.jpg"))) and val["held_out"] == 0
+
+
+@pytest.mark.integration
+def test_readme_samples_are_mostly_training_images(tmp_path) -> None:
+    """The README's 300 full-size samples: 201 are in the bundled model's seed-42 training split."""
+    from conftest import BUNDLED_MODEL, SHARED_FULLRES, SHARED_HAM, require
+
+    from skinclf.evaluate import evaluate_predictions
+    from skinclf.model import read_bundle_meta
+    from skinclf.prepare import prepare_dataset
+
+    require(SHARED_FULLRES), require(SHARED_HAM), require(BUNDLED_MODEL)
+    split = prepare_dataset(src=SHARED_HAM, out=tmp_path / "prepared", seed=42, val=0.15, test=0.15,
+                            show_progress=False)
+    assert split.fingerprint == read_bundle_meta(BUNDLED_MODEL)["data"]["fingerprint"]
+    meta = pd.read_csv(SHARED_HAM / "HAM10000_metadata.csv")
+    names = sorted(p.stem for p in SHARED_FULLRES.glob("*.jpg"))
+    truth = dict(zip(meta["image_id"], meta["dx"]))
+    preds, truth_csv = _scored_csv(tmp_path, names, {n: truth[n] for n in names})
+    report = evaluate_predictions(predictions=preds, truth=truth_csv, out=tmp_path / "rep", model=BUNDLED_MODEL,
+                                  split=tmp_path / "prepared").report
+    assert (report["seen"]["train"], report["seen"]["val"], report["seen"]["held_out"]) == (201, 41, 58)
