@@ -23,6 +23,19 @@ from skinclf import __version__
 from skinclf.config import EVALUATE, FETCH, PREDICT, PREPARE, TRAIN
 from skinclf.errors import SkinclfError
 
+class _Command(typer.core.TyperCommand):
+    """Help without type noise: no `<bool>` beside --help, `DIR` rather than `{DIR}` in usage."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+
 app = typer.Typer(
     name="skinclf",
     help=(
@@ -79,6 +92,7 @@ def _main(
 
 
 @app.command(
+    cls=_Command,
     epilog=_examples(
         "skinclf fetch",
         "skinclf fetch --dest data/ham10000 --verify",
@@ -87,12 +101,12 @@ def _main(
     )
 )
 def fetch(
-    dest: Path = typer.Option(FETCH.dest, "--dest", help="Folder to put the dataset in (Kaggle layout)."),
+    dest: Path = typer.Option(FETCH.dest, "--dest", metavar="PATH", help="Folder to put the dataset in (Kaggle layout)."),
     source: Optional[Path] = typer.Option(
-        None, "--from", help="Import a local copy (folder or .zip in the Kaggle layout) instead of downloading."
+        None, "--from", metavar="PATH", help="Import a local copy (folder or .zip in the Kaggle layout) instead of downloading."
     ),
-    verify: bool = typer.Option(False, "--verify", help="Decode every image the metadata names."),
-    keep_archive: bool = typer.Option(False, "--keep-archive", help="Keep the downloaded Kaggle zip."),
+    verify: bool = typer.Option(False, "--verify", metavar="", help="Decode every image the metadata names."),
+    keep_archive: bool = typer.Option(False, "--keep-archive", metavar="", help="Keep the downloaded Kaggle zip."),
 ) -> None:
     """Download HAM10000 from Kaggle, or import a local copy, into the Kaggle layout.
 
@@ -112,6 +126,7 @@ def fetch(
 
 
 @app.command(
+    cls=_Command,
     epilog=_examples(
         "skinclf prepare",
         "skinclf prepare --src data/ham10000 --out data/prepared --val 0.15 --test 0.15 --seed 42",
@@ -119,15 +134,15 @@ def fetch(
     )
 )
 def prepare(
-    src: Path = typer.Option(PREPARE.src, "--src", help="Dataset in the Kaggle layout (from `skinclf fetch`)."),
-    out_dir: Path = typer.Option(PREPARE.out, "--out", help="Folder for train/ val/ test/ and split.csv."),
-    val: float = typer.Option(PREPARE.val, "--val", help="Share of each class's images for validation."),
-    test: float = typer.Option(PREPARE.test, "--test", help="Share of each class's images for the test split."),
-    seed: int = typer.Option(PREPARE.seed, "--seed", help="Seed of the split; the same seed gives the same split."),
+    src: Path = typer.Option(PREPARE.src, "--src", metavar="PATH", help="Dataset in the Kaggle layout (from `skinclf fetch`)."),
+    out_dir: Path = typer.Option(PREPARE.out, "--out", metavar="PATH", help="Folder for train/ val/ test/ and split.csv."),
+    val: float = typer.Option(PREPARE.val, "--val", metavar="X", help="Share of each class's images for validation."),
+    test: float = typer.Option(PREPARE.test, "--test", metavar="X", help="Share of each class's images for the test split."),
+    seed: int = typer.Option(PREPARE.seed, "--seed", metavar="N", help="Seed of the split; the same seed gives the same split."),
     extra_class: list[str] = typer.Option(
-        [], "--extra-class", help="Add a class from a plain folder of images: NAME=FOLDER (repeatable)."
+        [], "--extra-class", metavar="NAME=FOLDER", help="Add a class from a plain folder of images: NAME=FOLDER (repeatable)."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing split made with other settings."),
+    force: bool = typer.Option(False, "--force", metavar="", help="Replace an existing split made with other settings."),
 ) -> None:
     """Split the dataset by lesion into train/ val/ test/ folders, one sub-folder per class.
 
@@ -157,6 +172,7 @@ def prepare(
 
 
 @app.command(
+    cls=_Command,
     epilog=_examples(
         "skinclf train --epochs 30",
         "skinclf train --data data/prepared --weights ~/weights/mobilenet_1_0_224_tf_no_top.h5",
@@ -167,84 +183,84 @@ def prepare(
     )
 )
 def train(
-    data: Path = typer.Option(TRAIN.data, "--data", help="Prepared data with train/ and val/ class folders."),
-    out_model: Path = typer.Option(TRAIN.out, "--out", help="Model bundle to write (.keras)."),
-    epochs: int = typer.Option(TRAIN.epochs, "--epochs", help="Maximum number of epochs."),
-    batch_size: int = typer.Option(TRAIN.batch_size, "--batch-size", help="Images per training step."),
-    lr: float = typer.Option(TRAIN.lr, "--lr", help="Initial learning rate (Adam); halved on plateaus down to 1e-5."),
+    data: Path = typer.Option(TRAIN.data, "--data", metavar="PATH", help="Prepared data with train/ and val/ class folders."),
+    out_model: Path = typer.Option(TRAIN.out, "--out", metavar="PATH", help="Model bundle to write (.keras)."),
+    epochs: int = typer.Option(TRAIN.epochs, "--epochs", metavar="N", help="Maximum number of epochs."),
+    batch_size: int = typer.Option(TRAIN.batch_size, "--batch-size", metavar="N", help="Images per training step."),
+    lr: float = typer.Option(TRAIN.lr, "--lr", metavar="X", help="Initial learning rate (Adam); halved on plateaus down to 1e-5."),
     weights: str = typer.Option(
-        TRAIN.weights, "--weights", help="Initial base weights: imagenet (downloads), none, or a local weights file."
+        TRAIN.weights, "--weights", metavar="TEXT", help="Initial base weights: imagenet (downloads), none, or a local weights file."
     ),
     trainable_layers: int = typer.Option(
         TRAIN.trainable_layers, "--trainable-layers",
-        help="MobileNet layers trained from the top (3..85): 6 = block 13, 13 = blocks 12-13, 43 = blocks 7-13, 85 = all.",
+        metavar="N", help="MobileNet layers trained from the top (3..85): 6 = block 13, 13 = blocks 12-13, 43 = blocks 7-13, 85 = all.",
     ),
     class_weight: str = typer.Option(
         TRAIN.class_weight, "--class-weight",
-        help="balanced, sqrt or none, optionally followed by NAME=WEIGHT or NAME*FACTOR changes "
-        "(e.g. balanced,mel*2); NAME=WEIGHT,... alone leaves other classes at 1."
+        metavar="TEXT", help="balanced, sqrt or none, optionally followed by NAME=WEIGHT or NAME*FACTOR changes "
+        "(e.g. `balanced,mel*2`); `NAME=WEIGHT,...` alone leaves other classes at 1."
     ),
     decision_weight: str = typer.Option(
         TRAIN.decision_weight, "--decision-weight",
-        help="Multiply class probabilities after training, e.g. mel=1.5 (more melanomas flagged, at a cost to other "
+        metavar="TEXT", help="Multiply class probabilities after training, e.g. mel=1.5 (more melanomas flagged, at a cost to other "
         "classes); built into the model. Choose it on validation; with --resume it re-bundles a finished run.",
     ),
-    loss: str = typer.Option(TRAIN.loss, "--loss", help="crossentropy or focal."),
-    focal_gamma: float = typer.Option(TRAIN.focal_gamma, "--focal-gamma", help="Focusing parameter of --loss focal."),
+    loss: str = typer.Option(TRAIN.loss, "--loss", metavar="TEXT", help="crossentropy or focal."),
+    focal_gamma: float = typer.Option(TRAIN.focal_gamma, "--focal-gamma", metavar="X", help="Focusing parameter of --loss focal."),
     monitor: str = typer.Option(
         TRAIN.monitor, "--monitor",
-        help="Validation metric that picks the best epoch: val_top2_accuracy, val_top1_accuracy, val_top3_accuracy, "
+        metavar="TEXT", help="Validation metric that picks the best epoch: val_top2_accuracy, val_top1_accuracy, val_top3_accuracy, "
         "val_balanced_accuracy or val_loss.",
     ),
-    patience: int = typer.Option(TRAIN.patience, "--patience", help="Epochs without improvement before stopping early."),
-    dropout: float = typer.Option(TRAIN.dropout, "--dropout", help="Dropout before the classifier."),
-    label_smoothing: float = typer.Option(TRAIN.label_smoothing, "--label-smoothing", help="Label smoothing of the loss."),
-    seed: int = typer.Option(TRAIN.seed, "--seed", help="Seed for initialisation, shuffling and augmentation."),
-    image_size: int = typer.Option(TRAIN.image_size, "--image-size", help="Input side in pixels."),
-    alpha: float = typer.Option(TRAIN.alpha, "--alpha", help="MobileNet width multiplier (0.25, 0.5, 0.75, 1.0)."),
+    patience: int = typer.Option(TRAIN.patience, "--patience", metavar="N", help="Epochs without improvement before stopping early."),
+    dropout: float = typer.Option(TRAIN.dropout, "--dropout", metavar="X", help="Dropout before the classifier."),
+    label_smoothing: float = typer.Option(TRAIN.label_smoothing, "--label-smoothing", metavar="X", help="Label smoothing of the loss."),
+    seed: int = typer.Option(TRAIN.seed, "--seed", metavar="N", help="Seed for initialisation, shuffling and augmentation."),
+    image_size: int = typer.Option(TRAIN.image_size, "--image-size", metavar="N", help="Input side in pixels."),
+    alpha: float = typer.Option(TRAIN.alpha, "--alpha", metavar="X", help="MobileNet width multiplier (0.25, 0.5, 0.75, 1.0)."),
     cache_views: int = typer.Option(
         TRAIN.cache_views, "--cache-views",
-        help="Cache the frozen layers' outputs for N augmented views per training image (0: augment afresh each epoch).",
+        metavar="N", help="Cache the frozen layers' outputs for N augmented views per training image (0: augment afresh each epoch).",
     ),
     color_jitter: float = typer.Option(
-        TRAIN.color_jitter, "--color-jitter", help="Also jitter brightness, contrast and saturation by up to this share."
+        TRAIN.color_jitter, "--color-jitter", metavar="X", help="Also jitter brightness, contrast and saturation by up to this share."
     ),
     crop_scale: float = typer.Option(
         TRAIN.crop_scale, "--crop-scale",
-        help="Random resized crops covering at least this share of the image (e.g. 0.3; 0: the seed's zoom/shift).",
+        metavar="X", help="Random resized crops covering at least this share of the image (e.g. 0.3; 0: the seed's zoom/shift).",
     ),
     weight_decay: float = typer.Option(
-        TRAIN.weight_decay, "--weight-decay", help="Decoupled weight decay: AdamW when positive (e.g. 0.05), else Adam."
+        TRAIN.weight_decay, "--weight-decay", metavar="X", help="Decoupled weight decay: AdamW when positive (e.g. 0.05), else Adam."
     ),
     schedule: str = typer.Option(
         TRAIN.schedule, "--schedule",
-        help="Learning rate: plateau (halve when the monitor stalls) or cosine (warm-up, then cosine decay).",
+        metavar="TEXT", help="Learning rate: plateau (halve when the monitor stalls) or cosine (warm-up, then cosine decay).",
     ),
-    warmup_epochs: int = typer.Option(TRAIN.warmup_epochs, "--warmup-epochs", help="Warm-up epochs of --schedule cosine."),
+    warmup_epochs: int = typer.Option(TRAIN.warmup_epochs, "--warmup-epochs", metavar="N", help="Warm-up epochs of --schedule cosine."),
     train_size: int = typer.Option(
         TRAIN.train_size, "--train-size",
-        help="Train small, test large (FixRes): epochs at this side in pixels, the last --fixres-epochs at --image-size "
+        metavar="N", help="Train small, test large (FixRes): epochs at this side in pixels, the last --fixres-epochs at --image-size "
         "(0: all at --image-size).",
     ),
-    fixres_epochs: int = typer.Option(TRAIN.fixres_epochs, "--fixres-epochs", help="Final epochs at --image-size."),
+    fixres_epochs: int = typer.Option(TRAIN.fixres_epochs, "--fixres-epochs", metavar="N", help="Final epochs at --image-size."),
     colour_constancy: bool = typer.Option(
         TRAIN.colour_constancy, "--colour-constancy/--no-colour-constancy",
-        help="Shades of Gray colour constancy as the model's first layer (applied by predict and every export too).",
+        metavar="", help="Shades of Gray colour constancy as the model's first layer (applied by predict and every export too).",
     ),
     prior_correction: str = typer.Option(
         TRAIN.prior_correction, "--prior-correction",
-        help="Subtract tau x log(training class share) from the logits after training: none, fit (tau chosen on "
+        metavar="TEXT", help="Subtract tau x log(training class share) from the logits after training: none, fit (tau chosen on "
         "validation balanced accuracy) or a number.",
     ),
     calibrate: bool = typer.Option(
         TRAIN.calibrate, "--calibrate/--no-calibrate",
-        help="Fit a temperature on validation after training, so probabilities mean what they say.",
+        metavar="", help="Fit a temperature on validation after training, so probabilities mean what they say.",
     ),
-    workers: int = typer.Option(TRAIN.workers, "--workers", help="Threads decoding and augmenting images."),
+    workers: int = typer.Option(TRAIN.workers, "--workers", metavar="N", help="Threads decoding and augmenting images."),
     run_dir: Optional[Path] = typer.Option(
-        None, "--run-dir", help="Checkpoints, history and feature cache [default: runs/<model name>]."
+        None, "--run-dir", metavar="PATH", help="Checkpoints, history and feature cache [default: runs/<model name>]."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --run-dir."),
+    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the interrupted run in --run-dir."),
 ) -> None:
     """Fine-tune ImageNet MobileNet (1.0, 224) on the prepared images, class-weighted and augmented.
 
@@ -313,6 +329,7 @@ def _render_report(report: dict) -> None:
                   f"when flagging p(mel) >= {_fmt(t['threshold'], 4)}")
     if "provenance" in report:
         out.print(f"Data: {report['provenance']['note']}")
+    _render_seen(report.get("seen"))
     if report.get("data", {}).get("unreadable"):
         out.print(f"[yellow]{len(report['data']['unreadable'])} unreadable image(s) skipped (listed in report.json)[/yellow]")
     if "matching" in report:
@@ -322,32 +339,54 @@ def _render_report(report: dict) -> None:
                   f"{m['no_prediction']} truths without prediction. Probabilities: {report['probabilities']}")
 
 
+def _render_seen(seen: dict | None) -> None:
+    """Say how many scored images the model has seen, and score the held-out rest on its own."""
+    if not seen or (seen["known"] and not seen["train"] and not seen["val"]):
+        return
+    out.print(f"[yellow]Caution: {seen['note']}.[/yellow]")
+    rest = seen.get("held_out_report")
+    if rest:
+        mel = rest.get("melanoma", {}).get("at_decision")
+        out.print(f"[bold]Held-out rest ({rest['n']} images): balanced accuracy {_fmt(rest['balanced_accuracy'])}"
+                  f"[/bold], accuracy {_fmt(rest['accuracy'])}"
+                  + (f", melanoma sensitivity {_fmt(mel['sensitivity'])}" if mel else ""))
+    elif seen["known"]:
+        out.print("[yellow]No scored image is held out: these figures say little about new patients.[/yellow]")
+
+
 @app.command(
+    cls=_Command,
     epilog=_examples(
         "skinclf evaluate",
         "skinclf evaluate --model models/skinclf-mobilenet.keras --data data/prepared/test --out reports/test",
         "skinclf evaluate --predictions results.csv --truth ISIC2018_Task3_Test_GroundTruth.csv",
+        "skinclf evaluate --predictions results.csv --truth HAM10000_metadata.csv --split data/prepared/split.csv",
         "skinclf evaluate --history --out reports/curves",
         "skinclf evaluate --json > report.json",
     )
 )
 def evaluate(
-    model: Optional[Path] = typer.Option(None, "--model", help="Model bundle [default: the bundled model]."),
-    data: Path = typer.Option(EVALUATE.data, "--data", help="Labelled folder: one sub-folder per class."),
-    out_dir: Path = typer.Option(EVALUATE.out, "--out", help="Folder for report.json and the PNGs."),
+    model: Optional[Path] = typer.Option(None, "--model", metavar="PATH", help="Model bundle [default: the bundled model]."),
+    data: Path = typer.Option(EVALUATE.data, "--data", metavar="PATH", help="Labelled folder: one sub-folder per class."),
+    out_dir: Path = typer.Option(EVALUATE.out, "--out", metavar="PATH", help="Folder for report.json and the PNGs."),
     predictions: Optional[Path] = typer.Option(
-        None, "--predictions", help="Score this predict CSV instead of running a model (needs --truth)."
+        None, "--predictions", metavar="PATH", help="Score this predict CSV instead of running a model (needs --truth)."
     ),
     truth: Optional[Path] = typer.Option(
-        None, "--truth", help="Ground truth: HAM10000 metadata (image_id,dx) or ISIC one-hot (image,MEL,NV,...)."
+        None, "--truth", metavar="PATH", help="Ground truth: HAM10000 metadata (image_id,dx) or ISIC one-hot (image,MEL,NV,...)."
     ),
     mel_sensitivity: float = typer.Option(
-        EVALUATE.mel_sensitivity, "--mel-sensitivity", help="Melanoma sensitivity for which to report the threshold."
+        EVALUATE.mel_sensitivity, "--mel-sensitivity", metavar="X", help="Melanoma sensitivity for which to report the threshold."
     ),
-    history: bool = typer.Option(False, "--history", help="Only plot the model's training curves (history.png)."),
-    tta: int = typer.Option(1, "--tta", help="Average over 1, 2, 4 or 8 flips/rotations of each image."),
-    batch_size: int = typer.Option(EVALUATE.batch_size, "--batch-size", help="Images per model call."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (no tables)."),
+    history: bool = typer.Option(False, "--history", metavar="", help="Only plot the model's training curves (history.png)."),
+    tta: int = typer.Option(1, "--tta", metavar="N", help="Average over 1, 2, 4 or 8 flips/rotations of each image."),
+    batch_size: int = typer.Option(EVALUATE.batch_size, "--batch-size", metavar="N", help="Images per model call."),
+    split: Optional[Path] = typer.Option(
+        None, "--split", metavar="PATH",
+        help="split.csv (or its folder) of the `skinclf prepare` run the model was trained on, for models that do not "
+        "record their training images [default: where the model was trained, if found].",
+    ),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the report as JSON on stdout (no tables)."),
 ) -> None:
     """Confusion matrix, per-class precision/recall/F1, balanced accuracy, top-k accuracy, ROC-AUC,
     melanoma sensitivity/specificity, and training curves.
@@ -359,7 +398,8 @@ def evaluate(
         from skinclf.evaluate import run_evaluation
 
         result = run_evaluation(model=model, data=data, out=out_dir, predictions=predictions, truth=truth,
-                                history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta)
+                                history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta,
+                                split=split)
     if not result.report:  # --history: only the curves
         out.print("Wrote " + ", ".join(str(p) for p in result.files))
         return
@@ -371,6 +411,7 @@ def evaluate(
 
 
 @app.command(
+    cls=_Command,
     epilog=_examples(
         "skinclf predict ./images --out results.csv",
         "skinclf predict ./images --out results.csv --top-k 2 --all-probs",
@@ -380,41 +421,62 @@ def evaluate(
     )
 )
 def predict(
-    directory: Path = typer.Argument(..., help="Folder of images (JPEG, PNG, BMP, TIFF) to classify."),
-    out_csv: str = typer.Option("results.csv", "--out", help="CSV to write, or - for stdout."),
+    directory: Path = typer.Argument(..., metavar="DIR", help="Folder of images (JPEG, PNG, BMP, TIFF) to classify."),
+    out_csv: str = typer.Option("results.csv", "--out", metavar="CSV", help="CSV to write, or - for stdout."),
     model: Optional[Path] = typer.Option(
-        None, "--model", help="Model bundle [default: $SKINCLF_MODEL, else the bundled model]."
+        None, "--model", metavar="PATH", help="Model bundle [default: $SKINCLF_MODEL, else the bundled model]."
     ),
-    top_k: int = typer.Option(PREDICT.top_k, "--top-k", help="How many most-probable classes per image."),
-    batch_size: int = typer.Option(PREDICT.batch_size, "--batch-size", help="Images per model call."),
-    recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Include sub-folders."),
-    all_probs: bool = typer.Option(False, "--all-probs", help="Add a prob_<class> column for every class."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip files already in the CSV."),
-    strict: bool = typer.Option(False, "--strict", help="Exit with status 1 if any file could not be classified."),
-    tta: int = typer.Option(1, "--tta", help="Average over 1, 2, 4 or 8 flips/rotations (slower)."),
-    workers: int = typer.Option(PREDICT.workers, "--workers", help="Threads decoding images."),
+    top_k: Optional[int] = typer.Option(
+        None, "--top-k", metavar="N",
+        help=f"How many most-probable classes per image [default: {PREDICT.top_k}, or all the model's classes if fewer].",
+    ),
+    batch_size: int = typer.Option(PREDICT.batch_size, "--batch-size", metavar="N", help="Images per model call."),
+    recursive: bool = typer.Option(True, "--recursive/--no-recursive", metavar="", help="Include sub-folders."),
+    all_probs: bool = typer.Option(False, "--all-probs", metavar="", help="Add a `prob_<class>` column for every class."),
+    resume: bool = typer.Option(
+        False, "--resume", metavar="", help="Continue an interrupted run (same options): skip files already in the CSV."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", metavar="", help="Start over, discarding the rows of an interrupted run (`CSV.partial`)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", metavar="", help="Exit with status 1 if any file or folder could not be read or classified."
+    ),
+    tta: int = typer.Option(1, "--tta", metavar="N", help="Average over 1, 2, 4 or 8 flips/rotations (slower)."),
+    workers: int = typer.Option(PREDICT.workers, "--workers", metavar="N", help="Threads decoding images."),
 ) -> None:
     """Classify every image in a folder into a CSV of the top-k classes and their probabilities.
 
-    One row per file, sorted by path; a file that cannot be read gets a row with an error and
-    the batch goes on. The output informs a clinician; it is not a diagnosis. The model's identity
-    is recorded in a JSON sidecar (results.csv.json).
+    One row per file, sorted by path; a file that cannot be read, or a folder that cannot be
+    listed, gets a row with an error and the batch goes on; an image the model cannot judge well
+    (far too small) gets a warning. The output informs a clinician; it is not a diagnosis. The
+    model's identity is recorded in a JSON sidecar (results.csv.json).
     """
     with _user_errors():
         from skinclf.predict import predict_directory
 
         summary = predict_directory(
             directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
-            all_probs=all_probs, resume=resume, strict=strict, tta=tta, workers=workers,
+            all_probs=all_probs, resume=resume, overwrite=overwrite, strict=strict, tta=tta, workers=workers,
         )
-    resumed = f" ({summary.resumed} kept from the interrupted run)" if summary.resumed else ""
-    typer.echo(
-        f"{summary.files} files: {summary.files - summary.errors} classified, {summary.errors} errors{resumed}; "
-        f"{summary.images_per_second:.1f} img/s after {summary.startup_seconds:.1f} s start-up"
-        + (f"; wrote {summary.out}" if summary.out else "")
-        + ". Decision support, not a diagnosis.",
-        err=True,
-    )
+    typer.echo(_predict_summary(summary), err=True)
+
+
+def _predict_summary(summary) -> str:
+    """One line: what was classified, what failed, what deserves caution, what was kept or dropped."""
+    classified = summary.files - (summary.errors - summary.unreadable)
+    parts = [f"{summary.files} files: {classified} classified, {summary.errors - summary.unreadable} errors"]
+    if summary.unreadable:
+        parts.append(f"{summary.unreadable} folders or links could not be read (rows with an error; their images "
+                     "are missing)")
+    if summary.warnings:
+        parts.append(f"{summary.warnings} with warnings (see the warning column)")
+    if summary.resumed:
+        parts.append(f"{summary.resumed} rows kept from the earlier run")
+    if summary.dropped:
+        parts.append(f"{summary.dropped} rows dropped: their files are no longer in the folder")
+    return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s after {summary.startup_seconds:.1f} s start-up"
+            + (f"; wrote {summary.out}" if summary.out else "") + ". Decision support, not a diagnosis.")
 
 
 def main() -> None:

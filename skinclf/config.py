@@ -84,11 +84,15 @@ class EvaluateDefaults:
 
 @dataclass(frozen=True)
 class PredictDefaults:
+    # Fewer when the model has fewer classes.
     top_k: int = 3
     # Fastest on the 2-core CPU measured by bench/predict_throughput.py (batch 16 beat 8 and 32).
     batch_size: int = 16
     workers: int = 2
 
+
+# Test-time augmentation: how many flips/rotations may be averaged (see `skinclf.inference`).
+TTA_CHOICES = (1, 2, 4, 8)
 
 FETCH = FetchDefaults()
 PREPARE = PrepareDefaults()

@@ -21,13 +21,15 @@ import numpy as np
 import pandas as pd
 
 from skinclf import __version__
-from skinclf.config import EVALUATE
+from skinclf.config import EVALUATE, TTA_CHOICES
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_write_json, sha256_text
+from skinclf.files import atomic_write_json, check_output_dir, sha256_file, sha256_text
 from skinclf.layout import default_model_path, list_labelled_images
 from skinclf.metrics import classification_report
+from skinclf.options import at_least, one_of
 from skinclf.plots import confusion_matrix_png, history_png, roc_png
 from skinclf.results import probabilities, read_predictions, sidecar_path
+from skinclf.seen import SeenImages, seen_images, seen_report
 
 ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
 
@@ -119,6 +121,7 @@ def evaluate_model(
     batch_size: int = EVALUATE.batch_size,
     workers: int = 2,
     tta: int = 1,
+    split: Path | None = None,
 ) -> Evaluation:
     """Run a model bundle over a labelled folder and write the full report into `out`."""
     from skinclf.inference import predict_files
@@ -150,6 +153,8 @@ def evaluate_model(
             "fingerprint": sha256_text("\n".join(f"{p.parent.name}/{p.name}" for p in images.paths)),
         },
         "provenance": provenance(bundle.meta, data),
+        "seen": seen_report([p.stem for p, good in zip(images.paths, ok) if good], y_true, probs[ok], bundle.classes,
+                            seen_images(bundle.meta, split=split, near=data.parent), mel_sensitivity=mel_sensitivity),
         "tta": tta,
     }
     out = Path(out)
@@ -162,8 +167,13 @@ def evaluate_predictions(
     truth: Path,
     out: Path = EVALUATE.out,
     mel_sensitivity: float = EVALUATE.mel_sensitivity,
+    model: Path | None = None,
+    split: Path | None = None,
 ) -> Evaluation:
-    """Score an existing predict CSV against ground truth; unmatched rows are counted, not dropped."""
+    """Score an existing predict CSV against ground truth; unmatched rows are counted, not dropped.
+
+    The model's metadata (from `model`, else the model the CSV's sidecar names) tells which
+    images it was trained or validated on; those are counted and the rest scored on its own."""
     _check_sensitivity(mel_sensitivity)
     frame = read_predictions(predictions)
     truth_series, form = read_truth(truth)
@@ -204,12 +214,26 @@ def evaluate_predictions(
                 "no_prediction": no_prediction[:5],
             },
         },
+        "seen": seen_report(list(stems[scored.index]), y_true, probs, classes,
+                            _seen_for_predictions(model, model_info, split), mel_sensitivity=mel_sensitivity),
         "probabilities": "exact (prob_<class> columns)" if exact else
                          "approximate: rebuilt from the top-k columns (run predict with --all-probs for exact AUC)",
         "sources": {"predictions": str(predictions), "truth": str(truth)},
     }
     out = Path(out)
     return Evaluation(report, out, _write(report, out, y_true, probs))
+
+
+def _seen_for_predictions(model: Path | None, model_info: dict | None, split: Path | None) -> SeenImages | None:
+    """The training images of the model behind a predictions CSV: `--model`, else the model its
+    sidecar names if that file is still the same model."""
+    from skinclf.model import read_bundle_meta
+
+    if model is None and model_info and Path(model_info["path"]).is_file():
+        if sha256_file(Path(model_info["path"])) == model_info.get("sha256"):
+            model = Path(model_info["path"])
+    meta = read_bundle_meta(model) if model is not None else {}
+    return seen_images(meta, split=split)
 
 
 def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path:
@@ -234,17 +258,22 @@ def run_evaluation(
     mel_sensitivity: float = EVALUATE.mel_sensitivity,
     batch_size: int = EVALUATE.batch_size,
     tta: int = 1,
+    split: Path | None = None,
 ) -> Evaluation:
     """The `evaluate` command: training curves only (`history`), a predictions CSV against
     `truth`, or the model over the labelled folder `data`."""
+    at_least("--batch-size", batch_size, 1, example=EVALUATE.batch_size)
+    one_of("--tta", tta, TTA_CHOICES)
+    check_output_dir(Path(out))
     if history:
         return Evaluation(report={}, out=Path(out), files=[plot_history(model=model, out=out)])
     if (predictions is None) != (truth is None):
         raise SkinclfError("--predictions and --truth go together")
     if predictions is not None:
-        return evaluate_predictions(predictions=predictions, truth=truth, out=out, mel_sensitivity=mel_sensitivity)
+        return evaluate_predictions(predictions=predictions, truth=truth, out=out, mel_sensitivity=mel_sensitivity,
+                                    model=model, split=split)
     return evaluate_model(model=model, data=data, out=out, mel_sensitivity=mel_sensitivity, batch_size=batch_size,
-                          tta=tta)
+                          tta=tta, split=split)
 
 
 def _check_sensitivity(value: float) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from skinclf import ui
 from skinclf.config import FETCH
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_path, link_or_copy
+from skinclf.files import atomic_path, check_output_dir, link_or_copy
 from skinclf.images import ImageError, load_image
 from skinclf.layout import IMAGE_DIRS, METADATA_FILE, read_metadata
 
@@ -103,8 +103,11 @@ def _import_folder(source: Path, dest: Path, bar: Callable[[int], None]) -> tupl
     return added, present
 
 
-def _import_zip(archive: Path, dest: Path, bar: Callable[[int], None]) -> tuple[int, int]:
-    """Extract the layout's files from a zip archive; returns (added, already present)."""
+def _import_zip(archive: Path, dest: Path, bar: Callable[[int], None], *, downloaded: bool = False) -> tuple[int, int]:
+    """Extract the layout's files from a zip archive; returns (added, already present).
+
+    A corrupt archive that skinclf downloaded itself is removed (the next fetch downloads it
+    again); the user's own archive (`--from`) is never touched."""
     try:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
@@ -126,15 +129,19 @@ def _import_zip(archive: Path, dest: Path, bar: Callable[[int], None]) -> tuple[
                 bar(1)
             return added, present
     except (zipfile.BadZipFile, EOFError) as exc:
-        raise SkinclfError(
-            f"{archive} is truncated or corrupt ({exc or 'unexpected end of data'}); "
-            "delete it and fetch again"
-        ) from None
+        reason = exc or "unexpected end of data"
+        if downloaded:
+            archive.unlink(missing_ok=True)
+            raise SkinclfError(f"the downloaded {archive.name} is truncated or corrupt ({reason}); it was removed: "
+                               "run `skinclf fetch` again") from None
+        raise SkinclfError(f"--from {archive} is truncated or corrupt ({reason}); copy or download the archive "
+                           "again and pass the new copy to --from (or --from an unpacked folder)") from None
     except OSError as exc:
         raise SkinclfError(f"cannot extract {archive}: {exc}") from None
 
 
-def import_local(source: Path, dest: Path, *, show_progress: bool | None = None) -> tuple[int, int]:
+def import_local(source: Path, dest: Path, *, show_progress: bool | None = None,
+                 downloaded: bool = False) -> tuple[int, int]:
     """Bring a local HAM10000 copy (folder or .zip) into `dest`; returns (added, already present)."""
     source = Path(source)
     if not source.exists():
@@ -146,7 +153,7 @@ def import_local(source: Path, dest: Path, *, show_progress: bool | None = None)
         if source.is_dir():
             added, present = _import_folder(source, dest, advance)
         elif zipfile.is_zipfile(source) or source.suffix.lower() == ".zip":
-            added, present = _import_zip(source, dest, advance)
+            added, present = _import_zip(source, dest, advance, downloaded=downloaded)
         else:
             raise SkinclfError(f"--from {source}: expected a folder or a .zip archive")
     if not (dest / METADATA_FILE).is_file():
@@ -329,13 +336,14 @@ def fetch_dataset(
     adds only what is missing. With `verify`, every image is decoded.
     """
     dest = Path(dest)
+    check_output_dir(dest, option="--dest")
     if source is not None:
         added, present = import_local(Path(source), dest, show_progress=show_progress)
         origin = str(source)
     else:
         workdir = dest / _DOWNLOAD_DIR
         archive = download_from_kaggle(dataset, workdir, api=api, show_progress=show_progress)
-        added, present = import_local(archive, dest, show_progress=show_progress)
+        added, present = import_local(archive, dest, show_progress=show_progress, downloaded=True)
         if not keep_archive:
             archive.unlink(missing_ok=True)
             with contextlib.suppress(OSError):

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from skinclf.errors import SkinclfError
+
 
 def _default_mode() -> int:
     # mkstemp creates 0600 files; give outputs the mode any other new file would get.
@@ -94,3 +96,41 @@ def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
 def sha256_text(text: str) -> str:
     """Hex SHA-256 of a string's UTF-8 bytes."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _check_can_create_in(folder: Path, option: str, target: Path) -> None:
+    """The folder that will hold `target` exists or can be made, and can be written in."""
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise SkinclfError(f"{option} {target}: {existing} is a file, so no folder can be made there; "
+                           "choose another place")
+    if not _writable(existing):
+        raise SkinclfError(f"{option} {target}: cannot write in {existing} (permission denied); choose another place")
+
+
+def check_output_file(path: Path, *, option: str = "--out", example: str = "results.csv") -> None:
+    """Refuse, before any work, an output file that could not be written: the path is a
+    folder, or its folder can neither be made nor written in."""
+    path = Path(path)
+    if path.is_dir():
+        raise SkinclfError(f"{option} {path} is a folder: give a file name, e.g. {option} {path / example}")
+    _check_can_create_in(path.parent, option, path)
+
+
+def check_output_dir(path: Path, *, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be made or written in."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SkinclfError(f"{option} {path} is a file, not a folder: choose a folder (it is created if missing)")
+    _check_can_create_in(path, option, path)

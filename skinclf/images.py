@@ -8,9 +8,6 @@ clear message (train), never a traceback.
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,16 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 # Dermatoscope cameras produce at most a few tens of megapixels; a header claiming more is a
 # decompression bomb or a corrupt file, and decoding it could exhaust memory.
 MAX_PIXELS = 80_000_000
+# skinclf checks MAX_PIXELS itself, from the header that Image.open reads before decoding
+# anything, with one message. Pillow's own check (a warning above 89 megapixels, an error above
+# 179) is switched off once, here: its warning leaked to stderr, and silencing it per call with
+# `warnings.catch_warnings` is not thread-safe, so decode threads gave one oversized file either
+# of two messages from run to run.
+Image.MAX_IMAGE_PIXELS = None
+
+# An image whose shorter side is below this share of the model's input is mostly invented by
+# the upscaling: its row carries a warning (see `size_warnings`).
+MIN_SIDE_SHARE = 0.25
 
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
@@ -32,32 +39,6 @@ class ImageError(Exception):
 def is_image_file(path: Path) -> bool:
     """True for a visible file whose extension (any case) is a supported image format."""
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def iter_image_files(directory: Path, *, recursive: bool = True) -> Iterator[Path]:
-    """Yield supported image files below `directory`, skipping hidden files and folders.
-
-    Order is not defined; callers sort. Symbolic links to files are followed, to folders not
-    (a link loop must not hang a batch).
-    """
-    stack = [directory]
-    while stack:
-        current = stack.pop()
-        try:
-            entries = list(os.scandir(current))
-        except OSError:
-            continue  # an unreadable sub-folder is skipped, not fatal
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if recursive:
-                        stack.append(Path(entry.path))
-                elif is_image_file(Path(entry.name)):
-                    yield Path(entry.path)
-            except OSError:
-                continue
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -83,7 +64,31 @@ def _draft_factor(image_size: tuple[int, int], size: int) -> int:
     return next((f for f in (8, 4, 2) if f <= scale), 1)
 
 
-def load_image(path: Path | str, size: int) -> np.ndarray:
+def _decode(im: Image.Image, size: int) -> np.ndarray:
+    is_jpeg = im.format == "JPEG"
+    if is_jpeg:
+        im.draft("RGB", (size, size))
+    im = ImageOps.exif_transpose(im)
+    im = _to_rgb(im)
+    if not is_jpeg:
+        # Shrink other formats by the factor JPEG's DCT scaling uses, so the same picture as
+        # PNG or JPEG reaches the model as (nearly) the same pixels.
+        factor = _draft_factor(im.size, size)
+        if factor > 1:
+            im = im.reduce(factor)
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def size_warnings(width: int, height: int, size: int) -> list[str]:
+    """Warnings for an image too small for a model whose input is `size` x `size` pixels."""
+    if min(width, height) >= size * MIN_SIDE_SHARE:
+        return []
+    return [f"image is {width}x{height} pixels, far below the model's {size}x{size} input: the result is unreliable"]
+
+
+def load_image(path: Path | str, size: int, *, notes: list[str] | None = None) -> np.ndarray:
     """Decode `path` into a `(size, size, 3)` uint8 RGB array.
 
     EXIF orientation is applied; every mode becomes RGB; the whole image is resized (not
@@ -92,33 +97,19 @@ def load_image(path: Path | str, size: int) -> np.ndarray:
     for full-size photographs and still leaves at least `size` pixels on each side.
 
     Raises ImageError for empty, truncated, corrupt, unreadable, non-image or oversized files.
+    With `notes`, appends warnings about an image the model cannot judge well (far too small).
     """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                width, height = im.size
-                if width * height > MAX_PIXELS:
-                    raise ImageError(
-                        f"image too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})"
-                    )
-                is_jpeg = im.format == "JPEG"
-                if is_jpeg:
-                    im.draft("RGB", (size, size))
-                im = ImageOps.exif_transpose(im)
-                im = _to_rgb(im)
-                if not is_jpeg:
-                    # Shrink other formats by the factor JPEG's DCT scaling uses, so the same
-                    # picture as PNG or JPEG reaches the model as (nearly) the same pixels.
-                    factor = _draft_factor(im.size, size)
-                    if factor > 1:
-                        im = im.reduce(factor)
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-                return np.asarray(im, dtype=np.uint8)
+        with Image.open(path) as im:  # reads the header only
+            width, height = im.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"image too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})")
+            if notes is not None:
+                notes += size_warnings(width, height, size)
+            return _decode(im, size)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -129,8 +120,6 @@ def load_image(path: Path | str, size: int) -> np.ndarray:
         raise ImageError("is a directory") from None
     except UnidentifiedImageError:
         raise ImageError("not a recognised image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image too large ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-file error
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ImageError(f"cannot decode image: {reason}") from None

@@ -7,12 +7,13 @@ Memory stays flat: only `lookahead` decoded batches exist at any time, however m
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from skinclf.config import TTA_CHOICES
 from skinclf.data import in_background
 from skinclf.errors import SkinclfError
 from skinclf.images import ImageError, load_image
@@ -20,11 +21,13 @@ from skinclf.images import ImageError, load_image
 
 @dataclass
 class BatchResult:
-    """One batch of files: probabilities (NaN rows where decoding failed) and per-file errors."""
+    """One batch of files: probabilities (NaN rows where decoding failed), per-file errors, and
+    per-file warnings (the file was classified, but the result deserves caution)."""
 
     paths: list[Path]
     probs: np.ndarray
     errors: list[str | None]
+    warnings: list[list[str]] = field(default_factory=list)
 
 
 def inference_model(model, *, image_size: int | None = None):
@@ -75,7 +78,6 @@ _VIEWS = (
     lambda x: x.transpose(0, 2, 1, 3)[:, ::-1],
     lambda x: x.transpose(0, 2, 1, 3)[:, ::-1, ::-1],
 )
-TTA_CHOICES = (1, 2, 4, 8)
 
 
 def with_tta(run: Callable[[np.ndarray], np.ndarray], tta: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -87,15 +89,16 @@ def with_tta(run: Callable[[np.ndarray], np.ndarray], tta: int) -> Callable[[np.
     return lambda x: np.mean([run(np.ascontiguousarray(view(x))) for view in _VIEWS[:tta]], axis=0)
 
 
-def _decode(paths: list[Path], image_size: int) -> tuple[list[Path], np.ndarray, list[str | None]]:
+def _decode(paths: list[Path], image_size: int) -> tuple[list[Path], np.ndarray, list[str | None], list[list[str]]]:
     x = np.zeros((len(paths), image_size, image_size, 3), dtype="float32")
     errors: list[str | None] = [None] * len(paths)
+    notes: list[list[str]] = [[] for _ in paths]
     for j, path in enumerate(paths):
         try:
-            x[j] = load_image(path, image_size)
+            x[j] = load_image(path, image_size, notes=notes[j])
         except ImageError as exc:
             errors[j] = str(exc)
-    return paths, x, errors
+    return paths, x, errors, notes
 
 
 def predict_files(
@@ -112,11 +115,11 @@ def predict_files(
         model = inference_model(model, image_size=image_size)
     run = with_tta(predictor(model, batch_size), tta)
     tasks = [partial(_decode, list(paths[i : i + batch_size]), image_size) for i in range(0, len(paths), batch_size)]
-    for batch_paths, x, errors in in_background(tasks, workers=workers):
+    for batch_paths, x, errors, notes in in_background(tasks, workers=workers):
         ok = [j for j, e in enumerate(errors) if e is None]
         probs = np.full((len(batch_paths), int(model.outputs[0].shape[-1])), np.nan, dtype="float32")
         if len(ok) == len(errors):
             probs[:] = run(x)
         elif ok:
             probs[ok] = run(x[ok])
-        yield BatchResult(paths=batch_paths, probs=probs, errors=errors)
+        yield BatchResult(paths=batch_paths, probs=probs, errors=errors, warnings=notes)

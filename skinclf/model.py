@@ -328,6 +328,11 @@ def read_bundle_meta(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SkinclfError(f"model file not found: {path}")
+    with open(path, "rb") as fh:
+        legacy = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    if legacy:
+        raise SkinclfError(f"{path} is a legacy Keras 2 .h5 file; skinclf needs a .keras bundle from `skinclf train` "
+                           "(which carries the class names and preprocessing)")
     try:
         with zipfile.ZipFile(path) as zf:
             meta = json.loads(zf.read(META_MEMBER))

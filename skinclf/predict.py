@@ -1,33 +1,33 @@
 """`skinclf predict`: a whole folder of images into a top-k CSV, fast and unbreakable by bad files.
 
-Rows are appended to `<out>.partial` as batches finish (whole lines, flushed per batch); at
-the end that file replaces `<out>` in one rename. An interrupted run therefore leaves every
-finished row in the `.partial` file and the previous `<out>` untouched; `resume=True`
-continues from it. A file that cannot be decoded becomes a row with an `error`, and the batch
-goes on.
+Every option and output path is checked before any work. Rows are appended to `<out>.partial`
+as batches finish (whole lines, flushed per batch; see `skinclf.output`); at the end that file
+replaces `<out>` in one rename. An interrupted run therefore leaves every finished row in the
+`.partial` file and the previous `<out>` untouched; `resume=True` continues from it. A file
+that cannot be decoded, and a folder that cannot be listed (`skinclf.walk`), becomes a row with
+an `error`, and the batch goes on; an image the model cannot judge well gets a `warning`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
 from skinclf import __version__, ui
-from skinclf.config import PREDICT
+from skinclf.config import PREDICT, TTA_CHOICES
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_write_json
-from skinclf.images import IMAGE_EXTENSIONS, iter_image_files
+from skinclf.files import atomic_write_json, check_output_file
+from skinclf.images import IMAGE_EXTENSIONS
 from skinclf.layout import default_model_path
+from skinclf.options import at_least, one_of
+from skinclf.output import open_output, partial_path
 from skinclf.results import DISCLAIMER, columns, row, sidecar_path
+from skinclf.walk import Walk, walk_images
 
 
 @dataclass(frozen=True)
@@ -38,63 +38,69 @@ class PredictSummary:
     files: int
     classified: int  # in this run (excludes rows kept from a resumed run)
     resumed: int
-    errors: int
+    errors: int  # rows with an error: files that could not be classified, places that could not be read
     seconds: float  # classifying the files, after start-up
     model: dict[str, Any]
     startup_seconds: float = 0.0  # loading, folding and compiling the model
+    unreadable: int = 0  # folders, links and other entries that could not be read (rows with an error)
+    warnings: int = 0  # classified rows with a warning
+    dropped: int = 0  # rows of a resumed CSV whose files are no longer in the folder
 
     @property
     def images_per_second(self) -> float:
         return self.classified / self.seconds if self.seconds > 0 else 0.0
 
 
-def list_images(directory: Path, *, recursive: bool) -> list[str]:
-    """Paths (relative to `directory`, POSIX style) of the images to classify, sorted."""
+def list_images(directory: Path, *, recursive: bool) -> Walk:
+    """The images to classify below `directory` (sorted relative POSIX paths) and the places
+    that could not be read."""
     directory = Path(directory)
     if not directory.exists():
         raise SkinclfError(f"folder not found: {directory}")
     if not directory.is_dir():
         raise SkinclfError(f"not a folder: {directory} (predict classifies every image in a folder)")
-    found = sorted(p.relative_to(directory).as_posix() for p in iter_image_files(directory, recursive=recursive))
-    if not found:
+    found = walk_images(directory, recursive=recursive)
+    if found.problems and found.problems[0].path == "./":
+        raise SkinclfError(f"{found.problems[0].reason}: {directory}")
+    if not found.files and not found.problems:
         kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
         where = "in or below" if recursive else "directly in"
         raise SkinclfError(f"no images {where} {directory} (looked for {kinds}, any case; hidden files skipped)")
     return found
 
 
-def _finished_rows(partial: Path, header: list[str]) -> set[str]:
-    """Paths already written to an interrupted run's CSV; a torn last line is cut off."""
-    with open(partial, "rb+") as fh:
-        data = fh.read()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            fh.truncate(keep)
-            data = data[:keep]
-    lines = csv.reader(io.StringIO(data.decode("utf-8")))
-    first = next(lines, None)
-    if first is None:
-        return set()
-    if first != header:
-        raise SkinclfError(
-            f"cannot resume {partial}: it was written with other options or another model "
-            "(different columns); run without --resume to start over"
-        )
-    return {line[0] for line in lines if line}
+def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, workers: int, tta: int, resume: bool,
+                   overwrite: bool) -> Path | None:
+    """Every option checked before any work; returns the output file (None: stdout)."""
+    if top_k is not None:
+        at_least("--top-k", top_k, 1, example=3)
+    at_least("--batch-size", batch_size, 1, example=PREDICT.batch_size)
+    at_least("--workers", workers, 1, example=PREDICT.workers)
+    one_of("--tta", tta, TTA_CHOICES)
+    if resume and overwrite:
+        raise SkinclfError("--resume continues an interrupted run and --overwrite starts over: choose one")
+    if str(out) == "-":
+        if resume:
+            raise SkinclfError("--resume needs a file for --out, not stdout")
+        return None
+    target = Path(out)
+    for path in (target, partial_path(target), sidecar_path(target)):
+        check_output_file(path, example="results.csv")
+    return target
 
 
-def _sorted_in_place(path: Path) -> None:
-    """Sort a finished CSV's rows by path if resuming left them out of order."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        lines = list(csv.reader(fh))
-    header, rows = lines[0], lines[1:]
-    if all(rows[i][0] <= rows[i + 1][0] for i in range(len(rows) - 1)):
-        return
-    rows.sort(key=lambda r: r[0])
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
+def _top_k(top_k: int | None, classes: list[str]) -> int:
+    if top_k is None:
+        return min(PREDICT.top_k, len(classes))
+    if top_k > len(classes):
+        raise SkinclfError(f"--top-k {top_k}: must be 1..{len(classes)} (the model's classes: {', '.join(classes)})")
+    return top_k
+
+
+def _count(lines: list[list[str]], header: list[str]) -> tuple[int, int]:
+    """Rows with an error, and rows with a warning."""
+    error, warning = header.index("error"), header.index("warning")
+    return sum(1 for r in lines if r[error]), sum(1 for r in lines if r[warning])
 
 
 def predict_directory(
@@ -102,11 +108,12 @@ def predict_directory(
     directory: Path,
     out: Path | str,
     model: Path | None = None,
-    top_k: int = PREDICT.top_k,
+    top_k: int | None = None,
     batch_size: int = PREDICT.batch_size,
     recursive: bool = True,
     all_probs: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     strict: bool = False,
     tta: int = 1,
     workers: int = PREDICT.workers,
@@ -114,15 +121,13 @@ def predict_directory(
 ) -> PredictSummary:
     """Classify every image in `directory` into a CSV at `out` ('-' for stdout).
 
-    Returns a summary; with `strict`, raises SkinclfError after writing if any file failed.
+    `top_k` None: 3, or the model's number of classes if fewer. Returns a summary; with
+    `strict`, raises SkinclfError after writing if any file or folder could not be read.
     """
-    if batch_size < 1:
-        raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
+    target = _check_options(out=out, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta, resume=resume,
+                            overwrite=overwrite)
     directory = Path(directory)
-    to_stdout = str(out) == "-"
-    if to_stdout and resume:
-        raise SkinclfError("--resume needs a file for --out, not stdout")
-    files = list_images(directory, recursive=recursive)
+    found = list_images(directory, recursive=recursive)
 
     from skinclf.inference import inference_model, predict_files, predictor, with_tta
     from skinclf.model import load_bundle
@@ -130,8 +135,7 @@ def predict_directory(
     started = time.perf_counter()
     bundle = load_bundle(model or default_model_path())
     classes = bundle.classes
-    if not 1 <= top_k <= len(classes):
-        raise SkinclfError(f"--top-k {top_k}: must be 1..{len(classes)} (the model's classes: {', '.join(classes)})")
+    top_k = _top_k(top_k, classes)
     # Fold batch norms and compile once, before the clock of the images/s figure starts.
     runnable = inference_model(bundle.model, image_size=bundle.image_size)
     size = bundle.image_size
@@ -139,70 +143,68 @@ def predict_directory(
     startup = time.perf_counter() - started
     header = columns(classes, top_k, all_probs)
 
-    done: set[str] = set()
-    sink: TextIO
-    if to_stdout:
-        sink, partial, target = sys.stdout, None, None
-    else:
-        target = Path(out)
-        partial = target.with_name(target.name + ".partial")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if resume:
-            if not partial.exists() and target.exists():
-                partial.write_bytes(target.read_bytes())  # continue a finished CSV: add new files
-            if partial.exists():
-                done = _finished_rows(partial, header)
-        elif partial.exists():
-            raise SkinclfError(
-                f"{partial} holds the rows of an interrupted run: pass --resume to continue it, or delete it"
-            )
-        sink = open(partial, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed below
-    todo = [f for f in files if f not in done]
-    writer = csv.writer(sink, lineterminator="\n")
-    if not done:
-        writer.writerow(header)
-    errors = 0  # this run's rows; with resumed rows, recounted over the whole file at the end
+    output = open_output(target, header, resume=resume, overwrite=overwrite, keep=set(found.files))
+    problems = {p.path for p in found.problems}
+    todo = [f for f in found.files if f not in output.done]
+    errors = warned = 0  # this run's rows; recounted over the whole file at the end
     t0 = time.perf_counter()
     try:
+        output.write([row(p.path, None, p.reason, classes, top_k, all_probs) for p in found.problems])
         with ui.progress(enabled=show_progress) as progress:
             task = progress.add_task("Classifying", total=len(todo), rate="")
             count = 0
             for batch in predict_files(runnable, [directory / f for f in todo], image_size=size,
                                        batch_size=batch_size, workers=workers, tta=tta, optimize=False):
-                rows = []
-                for path, probs, error in zip(batch.paths, batch.probs, batch.errors):
-                    rows.append(row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs))
-                    errors += error is not None
-                writer.writerows(rows)
-                sink.flush()
+                rows = [row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs, notes)
+                        for path, probs, error, notes in zip(batch.paths, batch.probs, batch.errors, batch.warnings)]
+                output.write(rows)
+                batch_errors, batch_warned = _count(rows, header)
+                errors, warned = errors + batch_errors, warned + batch_warned
                 count += len(rows)
                 progress.update(task, advance=len(rows), rate=ui.rate_text(count, time.perf_counter() - t0))
     except KeyboardInterrupt:
-        if partial is not None:
-            sink.close()
-            ui.stderr.print(f"Interrupted: finished rows are in {partial}; run again with --resume to complete it.")
+        output.abandon()
+        if output.partial is not None and output.partial.exists():
+            ui.stderr.print(f"Interrupted: finished rows are in {output.partial}; run again with --resume to complete it.")
+        raise
+    except BaseException:
+        output.abandon()
         raise
     seconds = time.perf_counter() - t0
-    if partial is not None:
-        os.fsync(sink.fileno())
-        sink.close()
-        _sorted_in_place(partial)
-        if done:  # count errors over the whole file, not only this run's rows
-            with open(partial, newline="", encoding="utf-8") as fh:
-                errors = sum(1 for r in csv.DictReader(fh) if r["error"])
-        os.replace(partial, target)
-        atomic_write_json(sidecar_path(target), {
-            "note": DISCLAIMER,
-            "model": bundle.identity(),
-            "skinclf": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "directory": str(directory.resolve()),
-            "options": {"top_k": top_k, "all_probs": all_probs, "recursive": recursive, "tta": tta},
-            "files": len(files),
-            "errors": errors,
-        })
-    summary = PredictSummary(out=target, files=len(files), classified=len(todo), resumed=len(done), errors=errors,
-                             seconds=seconds, model=bundle.identity(), startup_seconds=startup)
+    lines = output.finish()
+    if lines:
+        errors, warned = _count(lines[1:], header)
+        _write_sidecar(target, bundle=bundle, directory=directory, files=len(found.files), errors=errors,
+                       warnings=warned, options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive,
+                                                 "tta": tta})
+    summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
+                             errors=errors, seconds=seconds, model=bundle.identity(), startup_seconds=startup,
+                             unreadable=len(problems), warnings=warned,
+                             dropped=len([p for p in output.dropped if p not in problems]))
     if strict and errors:
-        raise SkinclfError(f"{errors} of {len(files)} files could not be classified (see the error column of {out})")
+        raise SkinclfError(_strict_message(summary, out))
     return summary
+
+
+def _strict_message(summary: PredictSummary, out: Path | str) -> str:
+    where = f"see the error column of {out}"
+    if not summary.unreadable:
+        return f"{summary.errors} of {summary.files} files could not be classified ({where})"
+    failed = summary.errors - summary.unreadable
+    return (f"{summary.errors} rows are errors: {failed} of {summary.files} files could not be classified and "
+            f"{summary.unreadable} folders or links could not be read, so their images are missing ({where})")
+
+
+def _write_sidecar(target: Path, *, bundle, directory: Path, files: int, errors: int, warnings: int,
+                   options: dict[str, Any]) -> None:
+    atomic_write_json(sidecar_path(target), {
+        "note": DISCLAIMER,
+        "model": bundle.identity(),
+        "skinclf": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "directory": str(directory.resolve()),
+        "options": options,
+        "files": files,
+        "errors": errors,
+        "warnings": warnings,
+    })

@@ -19,8 +19,9 @@ import pandas as pd
 from skinclf import __version__, ui
 from skinclf.config import PREPARE
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_write, atomic_write_json, link_or_copy, sha256_text
-from skinclf.images import iter_image_files
+from skinclf.options import at_least
+from skinclf.files import atomic_write, atomic_write_json, check_output_dir, link_or_copy, sha256_text
+from skinclf.walk import walk_images
 from skinclf.layout import read_metadata
 
 SPLITS = ("train", "val", "test")
@@ -68,7 +69,12 @@ def _extra_class_rows(extra: dict[str, Path], known: set[str]) -> pd.DataFrame:
             raise SkinclfError(
                 f"--extra-class {name!r} is already a class of the dataset ({', '.join(sorted(known))})"
             )
-        files = sorted(iter_image_files(folder))
+        found = walk_images(folder)
+        if found.problems:
+            first = found.problems[0]
+            raise SkinclfError(f"--extra-class {name}={folder}: cannot read {folder / first.path} ({first.reason}); "
+                               "fix its permissions or move it out of the folder")
+        files = [folder / rel for rel in found.files]
         if not files:
             raise SkinclfError(f"--extra-class {name}={folder}: no images found")
         for path in files:
@@ -153,7 +159,9 @@ def prepare_dataset(
     manifest. The same arguments again are a no-op; other arguments over an existing split
     are refused unless `force`, which replaces it."""
     validate_fractions(val=val, test=test)
+    at_least("--seed", seed, 0, example=PREPARE.seed)
     src, out = Path(src), Path(out)
+    check_output_dir(out)
     extra_classes = extra_classes or {}
     args = {
         "src": str(src.resolve()),

@@ -1,16 +1,18 @@
 """The predict CSV: its columns, its rows, and reading it back (no Keras needed).
 
-    path,top1_class,top1_prob,...,topK_class,topK_prob[,prob_<class>...],error
+    path,top1_class,top1_prob,...,topK_class,topK_prob[,prob_<class>...],error,warning
 
 One row per file, `path` relative to the classified folder, probabilities to 4 decimals, an
-empty `error` on success. The rows hold nothing else, so the file opens as-is in pandas or a
+empty `error` on success. A folder below it that could not be read is a row too (its path ends
+in '/'), with an error. `warning` holds short cautions about a classified image (e.g. far too
+small for the model), joined by "; " (see `warning_cell`); warnings never count as errors. The rows hold nothing else, so the file opens as-is in pandas or a
 spreadsheet; the model's identity and the reminder that this is not a diagnosis go in a JSON
 sidecar next to it (`results.csv.json`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,9 @@ DISCLAIMER = (
 )
 
 
+WARNING_SEPARATOR = "; "
+
+
 def columns(classes: Sequence[str], top_k: int, all_probs: bool) -> list[str]:
     """The CSV header for a model's classes."""
     cols = ["path"]
@@ -31,21 +36,37 @@ def columns(classes: Sequence[str], top_k: int, all_probs: bool) -> list[str]:
         cols += [f"top{i}_class", f"top{i}_prob"]
     if all_probs:
         cols += [f"prob_{c}" for c in classes]
-    return [*cols, "error"]
+    return [*cols, "error", "warning"]
+
+
+def warning_cell(messages: Iterable[str]) -> str:
+    """The `warning` cell: each message on one line, without separators of its own, duplicates
+    dropped, joined by "; ". Anything that has a caution about a row (image size, out-of-
+    distribution, ...) adds its message to the list passed to `row`."""
+    cleaned = (" ".join(m.replace(";", ",").split()) for m in messages)
+    return WARNING_SEPARATOR.join(dict.fromkeys(m for m in cleaned if m))
 
 
 def row(rel_path: str, probs: np.ndarray | None, error: str | None, classes: Sequence[str], top_k: int,
-        all_probs: bool) -> list[str]:
-    """One CSV row; `probs` is None (or ignored) when `error` is set."""
+        all_probs: bool, warnings: Iterable[str] = ()) -> list[str]:
+    """One CSV row; `probs` is None (or ignored) when `error` is set, and so are `warnings`."""
     if error:
-        return [rel_path, *([""] * (2 * top_k)), *([""] * (len(classes) if all_probs else 0)), " ".join(error.split())]
+        blanks = [""] * (2 * top_k + (len(classes) if all_probs else 0))
+        return [rel_path, *blanks, " ".join(error.split()), ""]
     order = np.argsort(-probs, kind="stable")[:top_k]  # ties keep class order
     cells = [rel_path]
     for i in order:
         cells += [classes[i], f"{probs[i]:.4f}"]
     if all_probs:
         cells += [f"{p:.4f}" for p in probs]
-    return [*cells, ""]
+    return [*cells, "", warning_cell(warnings)]
+
+
+def header_options(header: Sequence[str]) -> dict[str, object]:
+    """The predict options a CSV header was written with: top_k, all_probs and the classes."""
+    top_k = sum(1 for c in header if c.startswith("top") and c.endswith("_class"))
+    probs = [c.removeprefix("prob_") for c in header if c.startswith("prob_")]
+    return {"top_k": top_k, "all_probs": bool(probs), "classes": probs}
 
 
 def sidecar_path(csv_path: Path) -> Path:

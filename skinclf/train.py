@@ -37,7 +37,8 @@ from skinclf.backend import accelerator, load_keras, versions
 from skinclf.config import TRAIN
 from skinclf.data import FeatureBatches, ImageBatches, in_background
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_path, atomic_write, atomic_write_json, sha256_file, sha256_text
+from skinclf.options import at_least
+from skinclf.files import atomic_path, atomic_write, atomic_write_json, check_output_file, sha256_file, sha256_text
 from skinclf.inference import predict_files
 from skinclf.layout import LabelledImages, list_labelled_images
 from skinclf.metrics import classification_report
@@ -140,13 +141,15 @@ def class_weights(spec: str, counts: dict[str, int], *, option: str = "--class-w
 
 def _validate(*, epochs, batch_size, lr, loss, monitor, cache_views, image_size, alpha, dropout, label_smoothing,
               color_jitter, crop_scale=0.0, weight_decay=0.0, schedule="plateau", warmup_epochs=0, train_size=0,
-              fixres_epochs=0, patience=1, workers=1, prior_correction="none") -> None:
+              fixres_epochs=0, patience=1, workers=1, prior_correction="none", focal_gamma=0.0, seed=0) -> None:
     if epochs < 1:
         raise SkinclfError(f"--epochs {epochs}: must be at least 1")
     if batch_size < 1:
         raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
     if workers < 1:
         raise SkinclfError(f"--workers {workers}: must be at least 1")
+    at_least("--focal-gamma", focal_gamma, 0, example=2.0)
+    at_least("--seed", seed, 0, example=42)
     if patience < 1:
         raise SkinclfError(f"--patience {patience}: must be at least 1")
     if not lr > 0:
@@ -565,13 +568,13 @@ def train_model(
               image_size=image_size, alpha=alpha, dropout=dropout, label_smoothing=label_smoothing,
               color_jitter=color_jitter, crop_scale=crop_scale, weight_decay=weight_decay, schedule=schedule,
               warmup_epochs=warmup_epochs if schedule == "cosine" else 0, train_size=train_size,
-              fixres_epochs=fixres_epochs, patience=patience, workers=workers, prior_correction=prior_correction)
+              fixres_epochs=fixres_epochs, patience=patience, workers=workers, prior_correction=prior_correction,
+              focal_gamma=focal_gamma, seed=seed)
     check_trainable_layers(trainable_layers)
     out = Path(out)
     if out.suffix != ".keras":
         raise SkinclfError(f"--out {out}: the model file must end in .keras")
-    if out.is_dir():
-        raise SkinclfError(f"--out {out} is a folder: give the model file's path, e.g. {out / 'model.keras'}")
+    check_output_file(out, example="model.keras")
     data = Path(data)
     train_set = _labelled(data, "train")
     val_set = _labelled(data, "val", classes=train_set.classes)

@@ -137,7 +137,8 @@ def require(path: Path) -> Path:
     return path
 
 
-def make_tiny_bundle(path: Path, *, image_size: int = 32, fingerprint: str | None = None, seed: int = 0) -> Path:
+def make_tiny_bundle(path: Path, *, image_size: int = 32, fingerprint: str | None = None, seed: int = 0,
+                     classes: tuple[str, ...] = CLASSES, data: dict | None = None) -> Path:
     """A skinclf bundle around a tiny seeded conv net: fast, and its outputs differ per image."""
     from skinclf.backend import load_keras
     from skinclf.model import PREPROCESSING, save_bundle
@@ -148,7 +149,7 @@ def make_tiny_bundle(path: Path, *, image_size: int = 32, fingerprint: str | Non
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
     x = keras.layers.Conv2D(8, 3, activation="relu")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(len(CLASSES), activation="softmax", name="predictions")(x)
+    outputs = keras.layers.Dense(len(classes), activation="softmax", name="predictions")(x)
     model = keras.Model(inputs, outputs)
     history = [
         {"epoch": e, "loss": 2.0 / e, "val_loss": 2.2 / e, "top1_accuracy": 0.3 + 0.1 * e,
@@ -156,8 +157,8 @@ def make_tiny_bundle(path: Path, *, image_size: int = 32, fingerprint: str | Non
          "top3_accuracy": 0.6 + 0.05 * e, "val_top3_accuracy": 0.55 + 0.05 * e}
         for e in (1, 2, 3)
     ]
-    meta = {"classes": list(CLASSES), "input_size": [image_size, image_size], "preprocessing": PREPROCESSING,
-            "data": {"fingerprint": fingerprint}, "history": history}
+    meta = {"classes": list(classes), "input_size": [image_size, image_size], "preprocessing": PREPROCESSING,
+            "data": {"fingerprint": fingerprint, **(data or {})}, "history": history}
     return save_bundle(model, path, meta)
 
 

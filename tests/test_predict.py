@@ -86,7 +86,8 @@ def test_every_file_gets_a_row_and_bad_files_do_not_stop_the_batch(runner, mixed
     frame = read(out)
     assert list(frame["path"]) == sorted(GOOD | set(BAD))  # one row per file, sorted; skipped files absent
     assert list(frame.columns) == ["path", "top1_class", "top1_prob", "top2_class", "top2_prob", "top3_class",
-                                   "top3_prob", *[f"prob_{c}" for c in CLASSES], "error"]
+                                   "top3_prob", *[f"prob_{c}" for c in CLASSES], "error", "warning"]
+    assert (frame["warning"] == "").all()  # every image is big enough for the model
     errors = dict(zip(frame["path"], frame["error"]))
     for name, needle in BAD.items():
         assert needle in errors[name], (name, errors[name])
@@ -155,7 +156,7 @@ def test_stdout_and_no_recursive(runner, mixed, tiny_bundle) -> None:
                                  "--no-recursive"])
     assert result.exit_code == 0, result.output
     rows = list(csv.reader(io.StringIO(result.stdout)))
-    assert rows[0] == ["path", "top1_class", "top1_prob", "error"]
+    assert rows[0] == ["path", "top1_class", "top1_prob", "error", "warning"]
     assert [r[0] for r in rows[1:]] == sorted((GOOD - {"sub/l_nested.jpg"}) | set(BAD))
 
 
@@ -223,8 +224,9 @@ def test_resume_a_finished_csv_adds_only_new_files(mixed, tiny_bundle, tmp_path)
 def test_resume_with_other_options_is_refused(mixed, tiny_bundle, tmp_path) -> None:
     out = tmp_path / "r.csv"
     predict_directory(directory=mixed, out=out, model=tiny_bundle, show_progress=False)
-    with pytest.raises(SkinclfError, match="other options"):
+    with pytest.raises(SkinclfError, match=r"written with --top-k 3 \(no --all-probs\); resume with those options"):
         predict_directory(directory=mixed, out=out, model=tiny_bundle, top_k=2, resume=True, show_progress=False)
+    assert not (tmp_path / "r.csv.partial").exists()
 
 
 def test_decoding_streams_with_bounded_lookahead(monkeypatch, tiny_bundle, tmp_path) -> None:
@@ -232,7 +234,8 @@ def test_decoding_streams_with_bounded_lookahead(monkeypatch, tiny_bundle, tmp_p
     from skinclf.model import load_bundle
 
     calls = []
-    monkeypatch.setattr(inference, "load_image", lambda path, size: calls.append(path) or np.zeros((size, size, 3)))
+    monkeypatch.setattr(inference, "load_image",
+                        lambda path, size, notes=None: calls.append(path) or np.zeros((size, size, 3)))
     paths = [tmp_path / f"{i}.jpg" for i in range(10_000)]
     stream = inference.predict_files(load_bundle(tiny_bundle).model, paths, image_size=32, batch_size=8, workers=2)
     first = next(stream)
