@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from skinclf import __version__
-from skinclf.config import EVALUATE, FETCH, PREDICT, PREPARE, TRAIN
+from skinclf.config import EVALUATE, EXPORT, FETCH, PREDICT, PREPARE, TRAIN
 from skinclf.errors import SkinclfError
 
 app = typer.Typer(
@@ -37,6 +37,26 @@ app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 
 
+# Packages the light install (`pip install skinclf`) leaves out, and the extra that brings each.
+_EXTRAS = {"tensorflow": ("TensorFlow", "train"), "keras": ("Keras", "train"), "sklearn": ("scikit-learn", "train"),
+           "matplotlib": ("matplotlib", "train"), "kaggle": ("the kaggle client", "train"), "onnx": ("onnx", "train"),
+           "torch": ("PyTorch (KERAS_BACKEND=torch)", "train"), "jax": ("JAX (KERAS_BACKEND=jax)", "train"),
+           "fastapi": ("FastAPI", "serve"), "uvicorn": ("uvicorn", "serve")}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """`skinclf <command> needs <package>: pip install "skinclf[<extra>]"`, for a known optional package."""
+    import click
+
+    top = (exc.name or "").split(".")[0]
+    if top not in _EXTRAS:
+        return None
+    what, extra = _EXTRAS[top]
+    ctx = click.get_current_context(silent=True)
+    command = f"skinclf {ctx.info_name}" if ctx is not None and ctx.info_name != "skinclf" else "this command"
+    return f'{command} needs {what}, which this install leaves out: pip install "skinclf[{extra}]"'
+
+
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn SkinclfError (and environmental failures: disk full, out of memory) into one line on
@@ -45,6 +65,12 @@ def _user_errors() -> Iterator[None]:
         yield
     except SkinclfError as exc:
         typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except ModuleNotFoundError as exc:
+        message = _missing_extra(exc)
+        if message is None:
+            raise
+        typer.echo(f"Error: {message}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
@@ -329,6 +355,7 @@ def _render_report(report: dict) -> None:
         "skinclf evaluate --predictions results.csv --truth ISIC2018_Task3_Test_GroundTruth.csv",
         "skinclf evaluate --history --out reports/curves",
         "skinclf evaluate --json > report.json",
+        "skinclf evaluate --model models/skinclf-mobilenet.onnx --data data/prepared/val   # no TensorFlow needed",
     )
 )
 def evaluate(
@@ -347,6 +374,11 @@ def evaluate(
     history: bool = typer.Option(False, "--history", help="Only plot the model's training curves (history.png)."),
     tta: int = typer.Option(1, "--tta", help="Average over 1, 2, 4 or 8 flips/rotations of each image."),
     batch_size: int = typer.Option(EVALUATE.batch_size, "--batch-size", help="Images per model call."),
+    engine: str = typer.Option(
+        EVALUATE.engine, "--engine",
+        help="auto (ONNX Runtime when the model has an up-to-date .onnx beside it or is one, else Keras), onnx or keras.",
+    ),
+    threads: int = typer.Option(EVALUATE.threads, "--threads", help="ONNX Runtime threads (0: one per usable CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (no tables)."),
 ) -> None:
     """Confusion matrix, per-class precision/recall/F1, balanced accuracy, top-k accuracy, ROC-AUC,
@@ -359,7 +391,8 @@ def evaluate(
         from skinclf.evaluate import run_evaluation
 
         result = run_evaluation(model=model, data=data, out=out_dir, predictions=predictions, truth=truth,
-                                history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta)
+                                history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta,
+                                engine=engine, threads=threads)
     if not result.report:  # --history: only the curves
         out.print("Wrote " + ", ".join(str(p) for p in result.files))
         return
@@ -377,6 +410,8 @@ def evaluate(
         "skinclf predict /mnt/clinic/2026-11 --out nov.csv --resume     # finish an interrupted run",
         "skinclf predict ./images --out - --no-recursive | head",
         "skinclf predict ./images --out results.csv --model my-model.keras --strict",
+        "skinclf predict ./images --out results.csv --engine keras          # TensorFlow instead of ONNX Runtime",
+        "skinclf predict ./images --out results.csv --model models/skinclf-mobilenet.int8.onnx",
     )
 )
 def predict(
@@ -392,7 +427,12 @@ def predict(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: skip files already in the CSV."),
     strict: bool = typer.Option(False, "--strict", help="Exit with status 1 if any file could not be classified."),
     tta: int = typer.Option(1, "--tta", help="Average over 1, 2, 4 or 8 flips/rotations (slower)."),
-    workers: int = typer.Option(PREDICT.workers, "--workers", help="Threads decoding images."),
+    workers: int = typer.Option(PREDICT.workers, "--workers", help="Threads decoding images (0: one per usable CPU)."),
+    engine: str = typer.Option(
+        PREDICT.engine, "--engine",
+        help="auto (ONNX Runtime when the model has an up-to-date .onnx beside it or is one, else Keras), onnx or keras.",
+    ),
+    threads: int = typer.Option(PREDICT.threads, "--threads", help="ONNX Runtime threads (0: one per usable CPU)."),
 ) -> None:
     """Classify every image in a folder into a CSV of the top-k classes and their probabilities.
 
@@ -405,16 +445,76 @@ def predict(
 
         summary = predict_directory(
             directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
-            all_probs=all_probs, resume=resume, strict=strict, tta=tta, workers=workers,
+            all_probs=all_probs, resume=resume, strict=strict, tta=tta, workers=workers, engine=engine, threads=threads,
         )
     resumed = f" ({summary.resumed} kept from the interrupted run)" if summary.resumed else ""
     typer.echo(
         f"{summary.files} files: {summary.files - summary.errors} classified, {summary.errors} errors{resumed}; "
-        f"{summary.images_per_second:.1f} img/s after {summary.startup_seconds:.1f} s start-up"
+        f"{summary.images_per_second:.1f} img/s ({summary.model.get('engine', 'keras')} engine) after "
+        f"{summary.startup_seconds:.1f} s start-up"
         + (f"; wrote {summary.out}" if summary.out else "")
         + ". Decision support, not a diagnosis.",
         err=True,
     )
+
+
+@app.command(
+    "export",
+    epilog=_examples(
+        "skinclf export models/skinclf-mobilenet.keras --format onnx --out models/skinclf-mobilenet.onnx",
+        "skinclf export runs/exp02.keras                              # writes runs/exp02.onnx",
+        "skinclf export --format onnx-int8 --calibration data/prepared/train --validation data/prepared/val",
+        "skinclf export --format tflite --out skinclf.tflite",
+    ),
+)
+def export(
+    model: Optional[Path] = typer.Argument(None, help="Model bundle (.keras) [default: the bundled model]."),
+    fmt: str = typer.Option(
+        EXPORT.format, "--format",
+        help="onnx (float32), onnx-int8 (static int8, calibrated), tflite (float32) or tfjs (not available: its "
+        "converter cannot be installed beside TensorFlow 2.21 / Keras 3).",
+    ),
+    out_path: Optional[Path] = typer.Option(
+        None, "--out", help="File to write [default: beside the model: .onnx, .int8.onnx or .tflite]."
+    ),
+    probes: Optional[Path] = typer.Option(
+        None, "--probes", help="Also check the export on the first images of this folder (besides synthetic probes)."
+    ),
+    calibration: Path = typer.Option(
+        EXPORT.calibration, "--calibration", help="onnx-int8: labelled folder of training images to calibrate on."
+    ),
+    calibration_images: int = typer.Option(
+        EXPORT.calibration_images, "--calibration-images", help="onnx-int8: how many calibration images."
+    ),
+    validation: Path = typer.Option(
+        EXPORT.validation, "--validation",
+        help="onnx-int8: labelled folder to compare int8 and float balanced accuracy on (skipped if absent).",
+    ),
+) -> None:
+    """Convert a model bundle to ONNX (float32 or int8) or TensorFlow Lite, checked before it is written.
+
+    The export's probabilities on probe images must match the Keras model's (max abs difference
+    <= 1e-4 for float formats; int8 prints its top-1 agreement and validation figures) or nothing
+    is written. The ONNX file carries the bundle's metadata, so `skinclf predict --model X.onnx`
+    runs it with ONNX Runtime alone. Re-export whenever the .keras model changes: predict uses the
+    .onnx beside a .keras only while its recorded SHA-256 matches.
+    """
+    with _user_errors():
+        from skinclf.export import export_model
+
+        result = export_model(model=model, format=fmt, out=out_path, probes=probes, calibration=calibration,
+                              calibration_images=calibration_images, validation=validation)
+    line = (f"Wrote {result.out} ({result.format}, {result.size_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
+            f"max abs difference of probabilities from Keras {result.max_abs_diff:.2g} on {result.probes} probe images")
+    if result.top1_agreement is not None:
+        line += f"; top-1 agreement {result.top1_agreement:.2%}"
+    out.print(line)
+    if result.validation:
+        v = result.validation
+        f, q = v["float"], v["int8"]
+        out.print(f"Validation ({v['images']} images in {v['folder']}): balanced accuracy float {f['balanced_accuracy']:.4f}"
+                  f" -> int8 {q['balanced_accuracy']:.4f}; melanoma recall {_fmt(f.get('mel_recall'), 4)} -> "
+                  f"{_fmt(q.get('mel_recall'), 4)}")
 
 
 def main() -> None:

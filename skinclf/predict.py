@@ -110,6 +110,8 @@ def predict_directory(
     strict: bool = False,
     tta: int = 1,
     workers: int = PREDICT.workers,
+    engine: str = PREDICT.engine,
+    threads: int = PREDICT.threads,
     show_progress: bool | None = None,
 ) -> PredictSummary:
     """Classify every image in `directory` into a CSV at `out` ('-' for stdout).
@@ -124,18 +126,19 @@ def predict_directory(
         raise SkinclfError("--resume needs a file for --out, not stdout")
     files = list_images(directory, recursive=recursive)
 
-    from skinclf.inference import inference_model, predict_files, predictor, with_tta
-    from skinclf.model import load_bundle
+    from skinclf.engines import load_engine
+    from skinclf.inference import engine_tta, predict_files
+    from skinclf.parallel import usable_cpus
 
     started = time.perf_counter()
-    bundle = load_bundle(model or default_model_path())
-    classes = bundle.classes
+    runner = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size, threads=threads or None)
+    classes = runner.classes
     if not 1 <= top_k <= len(classes):
         raise SkinclfError(f"--top-k {top_k}: must be 1..{len(classes)} (the model's classes: {', '.join(classes)})")
-    # Fold batch norms and compile once, before the clock of the images/s figure starts.
-    runnable = inference_model(bundle.model, image_size=bundle.image_size)
-    size = bundle.image_size
-    with_tta(predictor(runnable, batch_size), tta)(np.zeros((1, size, size, 3), dtype="float32"))
+    # Prepare and run the engine once, before the clock of the images/s figure starts.
+    size = runner.image_size
+    engine_tta(runner, tta)(np.zeros((1, size, size, 3), dtype="float32"))
+    workers = workers or usable_cpus()
     startup = time.perf_counter() - started
     header = columns(classes, top_k, all_probs)
 
@@ -167,8 +170,8 @@ def predict_directory(
         with ui.progress(enabled=show_progress) as progress:
             task = progress.add_task("Classifying", total=len(todo), rate="")
             count = 0
-            for batch in predict_files(runnable, [directory / f for f in todo], image_size=size,
-                                       batch_size=batch_size, workers=workers, tta=tta, optimize=False):
+            for batch in predict_files(runner, [directory / f for f in todo], image_size=size,
+                                       batch_size=batch_size, workers=workers, tta=tta):
                 rows = []
                 for path, probs, error in zip(batch.paths, batch.probs, batch.errors):
                     rows.append(row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs))
@@ -193,7 +196,7 @@ def predict_directory(
         os.replace(partial, target)
         atomic_write_json(sidecar_path(target), {
             "note": DISCLAIMER,
-            "model": bundle.identity(),
+            "model": runner.identity(),
             "skinclf": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "directory": str(directory.resolve()),
@@ -202,7 +205,7 @@ def predict_directory(
             "errors": errors,
         })
     summary = PredictSummary(out=target, files=len(files), classified=len(todo), resumed=len(done), errors=errors,
-                             seconds=seconds, model=bundle.identity(), startup_seconds=startup)
+                             seconds=seconds, model=runner.identity(), startup_seconds=startup)
     if strict and errors:
         raise SkinclfError(f"{errors} of {len(files)} files could not be classified (see the error column of {out})")
     return summary
