@@ -38,22 +38,29 @@ out = Console(highlight=False, soft_wrap=True)
 
 
 # Packages the light install (`pip install skinclf`) leaves out, and the extra that brings each.
-_EXTRAS = {"tensorflow": ("TensorFlow", "train"), "keras": ("Keras", "train"), "sklearn": ("scikit-learn", "train"),
-           "matplotlib": ("matplotlib", "train"), "kaggle": ("the kaggle client", "train"), "onnx": ("onnx", "train"),
+_EXTRAS = {"tensorflow": ("TensorFlow", "train"), "keras": ("Keras", "train"), "matplotlib": ("matplotlib", "train"),
+           "kaggle": ("the kaggle client", "train"), "onnx": ("onnx", "train"),
            "torch": ("PyTorch (KERAS_BACKEND=torch)", "train"), "jax": ("JAX (KERAS_BACKEND=jax)", "train"),
            "fastapi": ("FastAPI", "serve"), "uvicorn": ("uvicorn", "serve")}
 
 
 def _missing_extra(exc: ModuleNotFoundError) -> str | None:
     """`skinclf <command> needs <package>: pip install "skinclf[<extra>]"`, for a known optional package."""
-    import click
+    import importlib
 
     top = (exc.name or "").split(".")[0]
     if top not in _EXTRAS:
         return None
     what, extra = _EXTRAS[top]
-    ctx = click.get_current_context(silent=True)
-    command = f"skinclf {ctx.info_name}" if ctx is not None and ctx.info_name != "skinclf" else "this command"
+    command = "this command"
+    for module in ("typer._click.globals", "click"):  # newer typer releases vendor click
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except (ImportError, AttributeError):
+            continue
+        if ctx is not None and ctx.info_name:
+            command = f"skinclf {ctx.info_name}"
+            break
     return f'{command} needs {what}, which this install leaves out: pip install "skinclf[{extra}]"'
 
 
