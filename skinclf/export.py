@@ -283,8 +283,10 @@ def export_model(
                            "int8": _class_figures(q, labels, bundle.classes)}
             agreement = float(np.mean(np.concatenate(agree)))
             if agreement < min_agreement:
+                cost = (f"; validation balanced accuracy {figures['float']['balanced_accuracy']:.3f} float vs "
+                        f"{figures['int8']['balanced_accuracy']:.3f} int8" if figures else "")
                 raise SkinclfError(f"the int8 export agrees with the Keras model on top-1 for only {agreement:.1%} of "
-                                   f"the check images (< {min_agreement:.0%}); nothing written. Use --format onnx")
+                                   f"the check images (< {min_agreement:.0%}){cost}; nothing written. Use --format onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         Path(tmp).write_bytes(data)
