@@ -164,13 +164,13 @@ def test_missing_extra_names_the_pip_command(monkeypatch, runner, tmp_path) -> N
 def test_usable_cpus_honours_a_cgroup_quota(monkeypatch, tmp_path) -> None:
     from skinclf import parallel
 
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert parallel._cgroup_cpus(tmp_path) is None
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert parallel._cgroup_cpus(tmp_path) == 1.5
     monkeypatch.setattr(parallel, "_cgroup_cpus", lambda: 1.5)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert parallel.usable_cpus() == 2
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert parallel._cgroup_cpus(tmp_path) is None
+    assert parallel.usable_cpus() == 2  # 4 CPUs allowed, quota of 1.5 CPUs: 2 threads
 
 
 def test_predict_and_evaluate_predictions_never_import_tensorflow(pair, images, tmp_path) -> None:
