@@ -38,10 +38,17 @@ out = Console(highlight=False, soft_wrap=True)
 
 
 # Packages the light install (`pip install skinclf`) leaves out, and the extra that brings each.
-_EXTRAS = {"tensorflow": ("TensorFlow", "train"), "keras": ("Keras", "train"), "matplotlib": ("matplotlib", "train"),
-           "kaggle": ("the kaggle client", "train"), "onnx": ("onnx", "train"),
-           "torch": ("PyTorch (KERAS_BACKEND=torch)", "train"), "jax": ("JAX (KERAS_BACKEND=jax)", "train"),
-           "fastapi": ("FastAPI", "serve"), "uvicorn": ("uvicorn", "serve")}
+_EXTRAS = {
+    "tensorflow": ("TensorFlow", "train"),
+    "keras": ("TensorFlow and Keras", "train"),
+    "matplotlib": ("matplotlib", "train"),
+    "kaggle": ("the kaggle client", "train"),
+    "onnx": ("onnx", "train"),
+    "torch": ("PyTorch (KERAS_BACKEND=torch)", "train"),
+    "jax": ("JAX (KERAS_BACKEND=jax)", "train"),
+    "fastapi": ("FastAPI", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+}
 
 
 def _missing_extra(exc: ModuleNotFoundError) -> str | None:
