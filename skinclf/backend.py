@@ -53,6 +53,10 @@ def load_keras() -> ModuleType:
 
                 tf.get_logger().setLevel("ERROR")
                 tf.config.list_physical_devices()  # device discovery logs now, while quiet
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("keras", "tensorflow", "torch", "jax"):
+            raise  # not installed (the light install): the CLI names the extra that brings it
+        raise SkinclfError(f"cannot import Keras and its backend ({exc}); reinstall skinclf") from None
     except ImportError as exc:
         raise SkinclfError(f"cannot import Keras and its backend ({exc}); reinstall skinclf") from None
     _keras = keras

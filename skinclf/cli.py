@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from skinclf import __version__
-from skinclf.config import EVALUATE, FETCH, PREDICT, PREPARE, TRAIN
+from skinclf.config import EVALUATE, EXPORT, FETCH, PREDICT, PREPARE, TRAIN
 from skinclf.errors import SkinclfError
 
 class _Command(typer.core.TyperCommand):
@@ -50,6 +50,40 @@ app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 
 
+# Packages the light install (`pip install skinclf`) leaves out, and the extra that brings each.
+_EXTRAS = {
+    "tensorflow": ("TensorFlow", "train"),
+    "keras": ("TensorFlow and Keras", "train"),
+    "matplotlib": ("matplotlib", "train"),
+    "kaggle": ("the kaggle client", "train"),
+    "onnx": ("onnx", "train"),
+    "torch": ("PyTorch (KERAS_BACKEND=torch)", "train"),
+    "jax": ("JAX (KERAS_BACKEND=jax)", "train"),
+    "fastapi": ("FastAPI", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """`skinclf <command> needs <package>: pip install "skinclf[<extra>]"`, for a known optional package."""
+    import importlib
+
+    top = (exc.name or "").split(".")[0]
+    if top not in _EXTRAS:
+        return None
+    what, extra = _EXTRAS[top]
+    command = "this command"
+    for module in ("typer._click.globals", "click"):  # newer typer releases vendor click
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except (ImportError, AttributeError):
+            continue
+        if ctx is not None and ctx.info_name:
+            command = f"skinclf {ctx.info_name}"
+            break
+    return f'{command} needs {what}, which this install leaves out: pip install "skinclf[{extra}]"'
+
+
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn SkinclfError (and environmental failures: disk full, out of memory) into one line on
@@ -58,6 +92,12 @@ def _user_errors() -> Iterator[None]:
         yield
     except SkinclfError as exc:
         typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except ModuleNotFoundError as exc:
+        message = _missing_extra(exc)
+        if message is None:
+            raise
+        typer.echo(f"Error: {message}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
@@ -363,6 +403,7 @@ def _render_seen(seen: dict | None) -> None:
         "skinclf evaluate --predictions results.csv --truth HAM10000_metadata.csv --split data/prepared/split.csv",
         "skinclf evaluate --history --out reports/curves",
         "skinclf evaluate --json > report.json",
+        "skinclf evaluate --model models/skinclf-mobilenet.onnx --data data/prepared/val   # no TensorFlow needed",
     )
 )
 def evaluate(
@@ -386,6 +427,11 @@ def evaluate(
         help="split.csv (or its folder) of the `skinclf prepare` run the model was trained on, for models that do not "
         "record their training images [default: where the model was trained, if found].",
     ),
+    engine: str = typer.Option(
+        EVALUATE.engine, "--engine", metavar="NAME",
+        help="auto (ONNX Runtime when the model has an up-to-date .onnx beside it or is one, else Keras), onnx or keras.",
+    ),
+    threads: int = typer.Option(EVALUATE.threads, "--threads", metavar="N", help="ONNX Runtime threads (0: one per usable CPU)."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the report as JSON on stdout (no tables)."),
 ) -> None:
     """Confusion matrix, per-class precision/recall/F1, balanced accuracy, top-k accuracy, ROC-AUC,
@@ -399,7 +445,7 @@ def evaluate(
 
         result = run_evaluation(model=model, data=data, out=out_dir, predictions=predictions, truth=truth,
                                 history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta,
-                                split=split)
+                                split=split, engine=engine, threads=threads)
     if not result.report:  # --history: only the curves
         out.print("Wrote " + ", ".join(str(p) for p in result.files))
         return
@@ -418,6 +464,8 @@ def evaluate(
         "skinclf predict /mnt/clinic/2026-11 --out nov.csv --resume     # finish an interrupted run",
         "skinclf predict ./images --out - --no-recursive | head",
         "skinclf predict ./images --out results.csv --model my-model.keras --strict",
+        "skinclf predict ./images --out results.csv --engine keras          # TensorFlow instead of ONNX Runtime",
+        "skinclf predict ./images --out results.csv --model models/skinclf-mobilenet.int8.onnx",
     )
 )
 def predict(
@@ -443,7 +491,13 @@ def predict(
         False, "--strict", metavar="", help="Exit with status 1 if any file or folder could not be read or classified."
     ),
     tta: int = typer.Option(1, "--tta", metavar="N", help="Average over 1, 2, 4 or 8 flips/rotations (slower)."),
-    workers: int = typer.Option(PREDICT.workers, "--workers", metavar="N", help="Threads decoding images."),
+    workers: int = typer.Option(PREDICT.workers, "--workers", metavar="N",
+                                help="Threads decoding images (0: one per usable CPU)."),
+    engine: str = typer.Option(
+        PREDICT.engine, "--engine", metavar="NAME",
+        help="auto (ONNX Runtime when the model has an up-to-date .onnx beside it or is one, else Keras), onnx or keras.",
+    ),
+    threads: int = typer.Option(PREDICT.threads, "--threads", metavar="N", help="ONNX Runtime threads (0: one per usable CPU)."),
 ) -> None:
     """Classify every image in a folder into a CSV of the top-k classes and their probabilities.
 
@@ -458,6 +512,7 @@ def predict(
         summary = predict_directory(
             directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
             all_probs=all_probs, resume=resume, overwrite=overwrite, strict=strict, tta=tta, workers=workers,
+            engine=engine, threads=threads,
         )
     typer.echo(_predict_summary(summary), err=True)
 
@@ -475,8 +530,68 @@ def _predict_summary(summary) -> str:
         parts.append(f"{summary.resumed} rows kept from the earlier run")
     if summary.dropped:
         parts.append(f"{summary.dropped} rows dropped: their files are no longer in the folder")
-    return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s after {summary.startup_seconds:.1f} s start-up"
+    return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s ({summary.model.get('engine', 'keras')} "
+            f"engine) after {summary.startup_seconds:.1f} s start-up"
             + (f"; wrote {summary.out}" if summary.out else "") + ". Decision support, not a diagnosis.")
+
+
+@app.command(
+    "export",
+    epilog=_examples(
+        "skinclf export models/skinclf-mobilenet.keras --format onnx --out models/skinclf-mobilenet.onnx",
+        "skinclf export runs/exp02.keras                              # writes runs/exp02.onnx",
+        "skinclf export --format onnx-int8 --calibration data/prepared/train --validation data/prepared/val",
+        "skinclf export --format tflite --out skinclf.tflite",
+    ),
+)
+def export(
+    model: Optional[Path] = typer.Argument(None, help="Model bundle (.keras) [default: the bundled model]."),
+    fmt: str = typer.Option(
+        EXPORT.format, "--format",
+        help="onnx (float32), onnx-int8 (static int8, calibrated), tflite (float32) or tfjs (not available: its "
+        "converter cannot be installed beside TensorFlow 2.21 / Keras 3).",
+    ),
+    out_path: Optional[Path] = typer.Option(
+        None, "--out", help="File to write [default: beside the model: .onnx, .int8.onnx or .tflite]."
+    ),
+    probes: Optional[Path] = typer.Option(
+        None, "--probes", help="Also check the export on the first images of this folder (besides synthetic probes)."
+    ),
+    calibration: Path = typer.Option(
+        EXPORT.calibration, "--calibration", help="onnx-int8: labelled folder of training images to calibrate on."
+    ),
+    calibration_images: int = typer.Option(
+        EXPORT.calibration_images, "--calibration-images", help="onnx-int8: how many calibration images."
+    ),
+    validation: Path = typer.Option(
+        EXPORT.validation, "--validation",
+        help="onnx-int8: labelled folder to compare int8 and float balanced accuracy on (skipped if absent).",
+    ),
+) -> None:
+    """Convert a model bundle to ONNX (float32 or int8) or TensorFlow Lite, checked before it is written.
+
+    The export's probabilities on probe images must match the Keras model's (max abs difference
+    <= 1e-4 for float formats; int8 prints its top-1 agreement and validation figures) or nothing
+    is written. The ONNX file carries the bundle's metadata, so `skinclf predict --model X.onnx`
+    runs it with ONNX Runtime alone. Re-export whenever the .keras model changes: predict uses the
+    .onnx beside a .keras only while its recorded SHA-256 matches.
+    """
+    with _user_errors():
+        from skinclf.export import export_model
+
+        result = export_model(model=model, format=fmt, out=out_path, probes=probes, calibration=calibration,
+                              calibration_images=calibration_images, validation=validation)
+    line = (f"Wrote {result.out} ({result.format}, {result.size_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
+            f"max abs difference of probabilities from Keras {result.max_abs_diff:.2g} on {result.probes} probe images")
+    if result.top1_agreement is not None:
+        line += f"; top-1 agreement {result.top1_agreement:.2%}"
+    out.print(line)
+    if result.validation:
+        v = result.validation
+        f, q = v["float"], v["int8"]
+        out.print(f"Validation ({v['images']} images in {v['folder']}): balanced accuracy float {f['balanced_accuracy']:.4f}"
+                  f" -> int8 {q['balanced_accuracy']:.4f}; melanoma recall {_fmt(f.get('mel_recall'), 4)} -> "
+                  f"{_fmt(q.get('mel_recall'), 4)}")
 
 
 def main() -> None:

@@ -80,6 +80,9 @@ class EvaluateDefaults:
     out: Path = Path("reports/eval")
     mel_sensitivity: float = 0.9
     batch_size: int = 16
+    engine: str = "auto"
+    threads: int = 0
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,28 @@ class PredictDefaults:
     top_k: int = 3
     # Fastest on the 2-core CPU measured by bench/predict_throughput.py (batch 16 beat 8 and 32).
     batch_size: int = 16
-    workers: int = 2
+    # Decode threads; 0: one per CPU this process may use (affinity mask and cgroup quota).
+    workers: int = 0
+    # auto: ONNX Runtime when the model has an up-to-date .onnx form beside it, else Keras.
+    engine: str = "auto"
+    # ONNX Runtime intra-op threads; 0: one per usable CPU.
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class ExportDefaults:
+    format: str = "onnx"
+    # Probe images every export is checked on (half seeded noise, half colour-cast blobs).
+    probes: int = 16
+    # Max abs difference of probabilities allowed between a float export and Keras.
+    tolerance: float = 1e-4
+    # int8: calibration images, drawn evenly from this labelled folder.
+    calibration: Path = Path("data/prepared/train")
+    calibration_images: int = 200
+    # int8: validation folder for the balanced accuracy / melanoma recall printed after export.
+    validation: Path = Path("data/prepared/val")
+    # int8 is refused below this top-1 agreement with Keras on the check images.
+    min_agreement: float = 0.9
 
 
 # Test-time augmentation: how many flips/rotations may be averaged (see `skinclf.inference`).
@@ -99,3 +123,4 @@ PREPARE = PrepareDefaults()
 TRAIN = TrainDefaults()
 EVALUATE = EvaluateDefaults()
 PREDICT = PredictDefaults()
+EXPORT = ExportDefaults()

@@ -8,11 +8,8 @@ from the feature cache.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
@@ -20,9 +17,9 @@ from skinclf.augment import RECIPE, AugmentSpec, random_affine
 from skinclf.backend import load_keras
 from skinclf.errors import SkinclfError
 from skinclf.images import ImageError, load_image
+from skinclf.parallel import in_background  # noqa: F401 - re-exported: train and bench import it from here
 
 keras = load_keras()
-T = TypeVar("T")
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -33,28 +30,6 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """The order in which an epoch visits `n` items: a seeded permutation, or 0..n-1."""
     return np.random.default_rng([seed, epoch, 1]).permutation(n) if shuffle else np.arange(n)
-
-
-def in_background(tasks: Sequence[Callable[[], T]], *, workers: int, lookahead: int | None = None) -> Iterator[T]:
-    """Run `tasks` in a thread pool, yielding results in order, at most `lookahead` ahead.
-
-    Decoding and resizing release the GIL in Pillow, so threads overlap them with the model,
-    which releases it too. Bounded lookahead keeps memory flat however many tasks there are.
-    """
-    lookahead = lookahead or 2 * workers
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="skinclf-load") as pool:
-        pending: deque = deque()
-        it = iter(tasks)
-        for task in it:
-            pending.append(pool.submit(task))
-            if len(pending) >= lookahead:
-                break
-        while pending:
-            result = pending.popleft().result()
-            for task in it:
-                pending.append(pool.submit(task))
-                break
-            yield result
 
 
 class _LabelledBatches(keras.utils.PyDataset):

@@ -27,7 +27,6 @@ from skinclf.files import atomic_write_json, check_output_dir, sha256_file, sha2
 from skinclf.layout import default_model_path, list_labelled_images
 from skinclf.metrics import classification_report
 from skinclf.options import at_least, one_of
-from skinclf.plots import confusion_matrix_png, history_png, roc_png
 from skinclf.results import probabilities, read_predictions, sidecar_path
 from skinclf.seen import SeenImages, seen_images, seen_report
 
@@ -99,6 +98,12 @@ def provenance(model_meta: dict[str, Any], data: Path) -> dict[str, Any]:
 def _write(report: dict[str, Any], out: Path, y_true: np.ndarray, probs: np.ndarray,
            history: list[dict] | None = None) -> list[Path]:
     classes = report["classes"]
+    try:
+        from skinclf.plots import confusion_matrix_png, history_png, roc_png
+    except ModuleNotFoundError:  # the light install has no matplotlib: the report, without PNGs
+        report["plots"] = 'not drawn: matplotlib is not installed (pip install "skinclf[train]")'
+        atomic_write_json(out / "report.json", report)
+        return [out / "report.json"]
     files = [confusion_matrix_png(report["confusion_matrix"], classes, out / "confusion_matrix.png")]
     mel = report.get("melanoma", {})
     points = {}
@@ -119,21 +124,24 @@ def evaluate_model(
     out: Path = EVALUATE.out,
     mel_sensitivity: float = EVALUATE.mel_sensitivity,
     batch_size: int = EVALUATE.batch_size,
-    workers: int = 2,
+    workers: int = EVALUATE.workers,
     tta: int = 1,
     split: Path | None = None,
+    engine: str = EVALUATE.engine,
+    threads: int = EVALUATE.threads,
 ) -> Evaluation:
-    """Run a model bundle over a labelled folder and write the full report into `out`."""
+    """Run a model over a labelled folder (with `engine`: auto, keras or onnx) and write the report into `out`."""
+    from skinclf.engines import load_engine
     from skinclf.inference import predict_files
-    from skinclf.model import load_bundle
+    from skinclf.parallel import usable_cpus
 
     _check_sensitivity(mel_sensitivity)
-    bundle = load_bundle(model or default_model_path())
+    bundle = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size, threads=threads or None)
     data = Path(data)
     images = list_labelled_images(data, classes=tuple(bundle.classes))
     probs_parts, unreadable = [], []
-    for batch in predict_files(bundle.model, images.paths, image_size=bundle.image_size, batch_size=batch_size,
-                               workers=workers, tta=tta):
+    for batch in predict_files(bundle, images.paths, image_size=bundle.image_size, batch_size=batch_size,
+                               workers=workers or usable_cpus(), tta=tta):
         probs_parts.append(batch.probs)
         unreadable += [{"path": str(p), "error": e} for p, e in zip(batch.paths, batch.errors) if e]
     probs = np.concatenate(probs_parts)
@@ -227,23 +235,25 @@ def evaluate_predictions(
 def _seen_for_predictions(model: Path | None, model_info: dict | None, split: Path | None) -> SeenImages | None:
     """The training images of the model behind a predictions CSV: `--model`, else the model its
     sidecar names if that file is still the same model."""
-    from skinclf.model import read_bundle_meta
+    from skinclf.bundle import read_model_meta
 
     if model is None and model_info and Path(model_info["path"]).is_file():
         if sha256_file(Path(model_info["path"])) == model_info.get("sha256"):
             model = Path(model_info["path"])
-    meta = read_bundle_meta(model) if model is not None else {}
+    meta = read_model_meta(model) if model is not None else {}
     return seen_images(meta, split=split)
 
 
 def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path:
     """Write the training curves stored in a model bundle as `history.png`."""
-    from skinclf.model import read_bundle_meta
+    from skinclf.bundle import read_bundle_meta
 
     path = model or default_model_path()
     history = read_bundle_meta(path).get("history")
     if not history:
         raise SkinclfError(f"{path} carries no training history")
+    from skinclf.plots import history_png
+
     return history_png(history, Path(out) / "history.png")
 
 
@@ -259,6 +269,8 @@ def run_evaluation(
     batch_size: int = EVALUATE.batch_size,
     tta: int = 1,
     split: Path | None = None,
+    engine: str = EVALUATE.engine,
+    threads: int = EVALUATE.threads,
 ) -> Evaluation:
     """The `evaluate` command: training curves only (`history`), a predictions CSV against
     `truth`, or the model over the labelled folder `data`."""
@@ -273,7 +285,7 @@ def run_evaluation(
         return evaluate_predictions(predictions=predictions, truth=truth, out=out, mel_sensitivity=mel_sensitivity,
                                     model=model, split=split)
     return evaluate_model(model=model, data=data, out=out, mel_sensitivity=mel_sensitivity, batch_size=batch_size,
-                          tta=tta, split=split)
+                          tta=tta, split=split, engine=engine, threads=threads)
 
 
 def _check_sensitivity(value: float) -> None:

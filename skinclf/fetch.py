@@ -201,7 +201,8 @@ def kaggle_api() -> Any:
             api = KaggleApi()
             api.authenticate()
     except ImportError:
-        raise SkinclfError("the `kaggle` package is not installed: pip install kaggle") from None
+        raise SkinclfError('skinclf fetch needs the kaggle client to download (not installed): '
+                           'pip install "skinclf[train]", or import a copy with --from') from None
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - kaggle exits or raises on bad creds
         raise explain_kaggle_error(exc, FETCH.dataset) from None
     return api

@@ -1,7 +1,8 @@
-"""Running a model over image files: decode in threads while the model runs the previous batch.
+"""Running an engine over image files: decode in threads while the engine runs the previous batch.
 
 Shared by `predict` (CSV rows), `evaluate` (labelled folders) and `train` (final validation).
 Memory stays flat: only `lookahead` decoded batches exist at any time, however many files.
+The model is an `engines.Engine` (Keras or ONNX Runtime); this module imports neither.
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ from pathlib import Path
 import numpy as np
 
 from skinclf.config import TTA_CHOICES
-from skinclf.data import in_background
 from skinclf.errors import SkinclfError
 from skinclf.images import ImageError, load_image
+from skinclf.parallel import in_background
 
 
 @dataclass
 class BatchResult:
-    """One batch of files: probabilities (NaN rows where decoding failed), per-file errors, and
-    per-file warnings (the file was classified, but the result deserves caution)."""
+    """One batch of files: probabilities and logits (NaN rows where decoding failed), per-file
+    errors, and per-file warnings (the file was classified, but the result deserves caution).
+
+    With test-time augmentation, `probs` is the mean of the views' probabilities and `logits`
+    the mean of their logits."""
 
     paths: list[Path]
     probs: np.ndarray
     errors: list[str | None]
     warnings: list[list[str]] = field(default_factory=list)
+    logits: np.ndarray | None = None
 
 
 def inference_model(model, *, image_size: int | None = None):
@@ -101,25 +106,53 @@ def _decode(paths: list[Path], image_size: int) -> tuple[list[Path], np.ndarray,
     return paths, x, errors, notes
 
 
+def engine_tta(engine, tta: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A function from a batch to (probabilities, logits), averaged over `tta` views."""
+    from skinclf.engines import softmax
+
+    if tta not in TTA_CHOICES:
+        raise SkinclfError(f"--tta {tta}: choose one of {', '.join(map(str, TTA_CHOICES))}")
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = [np.asarray(engine.logits(np.ascontiguousarray(view(x))), dtype="float32") for view in _VIEWS[:tta]]
+        if tta == 1:
+            return softmax(logits[0]), logits[0]
+        return np.mean([softmax(z) for z in logits], axis=0), np.mean(logits, axis=0)
+
+    return run
+
+
+def as_engine(model, *, batch_size: int, image_size: int | None = None):
+    """`model` if it is an Engine, else a Keras engine around an in-memory Keras model."""
+    from skinclf.engines import Engine, KerasEngine
+
+    if isinstance(model, Engine):
+        return model
+    return KerasEngine.from_model(model, batch_size=batch_size, image_size=image_size)
+
+
 def predict_files(
-    model, paths: Sequence[Path], *, image_size: int, batch_size: int, workers: int, tta: int = 1,
-    optimize: bool = True,
+    engine, paths: Sequence[Path], *, image_size: int | None = None, batch_size: int | None = None, workers: int,
+    tta: int = 1, optimize: bool = True,
 ) -> Iterator[BatchResult]:
     """Yield a BatchResult per `batch_size` files, in order; bad files never stop the stream.
 
-    With `optimize`, the model runs with its batch norms folded (`inference_model`; pass a
-    model already prepared and `optimize=False` to do that once up front). Decoding runs in
-    `workers` threads a few batches ahead.
+    `engine` is an `engines.Engine` (a Keras model is wrapped in a KerasEngine, batch norms
+    folded). Decoding runs in `workers` threads a few batches ahead. `optimize` is kept for
+    callers of the Keras-model form; engines are always prepared.
     """
-    if optimize:
-        model = inference_model(model, image_size=image_size)
-    run = with_tta(predictor(model, batch_size), tta)
+    batch_size = batch_size or getattr(engine, "batch_size", 16)
+    engine = as_engine(engine, batch_size=batch_size, image_size=image_size)
+    image_size = image_size or engine.image_size
+    run = engine_tta(engine, tta)
+    n_classes = len(engine.classes)
     tasks = [partial(_decode, list(paths[i : i + batch_size]), image_size) for i in range(0, len(paths), batch_size)]
-    for batch_paths, x, errors, notes in in_background(tasks, workers=workers):
+    for batch_paths, x, errors, notes in in_background(tasks, workers=max(1, workers)):
         ok = [j for j, e in enumerate(errors) if e is None]
-        probs = np.full((len(batch_paths), int(model.outputs[0].shape[-1])), np.nan, dtype="float32")
+        probs = np.full((len(batch_paths), n_classes), np.nan, dtype="float32")
+        logits = np.full((len(batch_paths), n_classes), np.nan, dtype="float32")
         if len(ok) == len(errors):
-            probs[:] = run(x)
+            probs[:], logits[:] = run(x)
         elif ok:
-            probs[ok] = run(x[ok])
-        yield BatchResult(paths=batch_paths, probs=probs, errors=errors, warnings=notes)
+            probs[ok], logits[ok] = run(x[ok])
+        yield BatchResult(paths=batch_paths, probs=probs, errors=errors, logits=logits, warnings=notes)

@@ -28,13 +28,12 @@ from typing import Any
 import numpy as np
 
 from skinclf.backend import load_keras
+from skinclf.bundle import BUNDLE_FORMAT, META_MEMBER, read_bundle_meta  # noqa: F401 - re-exported
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path, sha256_file
 
 keras = load_keras()
 
-BUNDLE_FORMAT = "skinclf-bundle/1"
-META_MEMBER = "skinclf.json"
 BASE_FIRST, BASE_LAST = "conv1", "conv_pw_13_relu"
 MIN_TRAINABLE = 3  # conv_pw_13 + its batch norm + relu: the offline weights leave it untrained
 BASE_LAYERS = 85  # layers of keras.applications.MobileNet without top, input excluded
@@ -321,28 +320,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
-
-
-def read_bundle_meta(path: Path) -> dict[str, Any]:
-    """The metadata of a bundle, read without loading Keras weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise SkinclfError(f"model file not found: {path}")
-    with open(path, "rb") as fh:
-        legacy = fh.read(8) == b"\x89HDF\r\n\x1a\n"
-    if legacy:
-        raise SkinclfError(f"{path} is a legacy Keras 2 .h5 file; skinclf needs a .keras bundle from `skinclf train` "
-                           "(which carries the class names and preprocessing)")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            meta = json.loads(zf.read(META_MEMBER))
-    except KeyError:
-        raise SkinclfError(f"{path} is a Keras model but not a skinclf bundle (no {META_MEMBER})") from None
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise SkinclfError(f"{path} is not a valid model file (corrupt or truncated: {exc})") from None
-    if meta.get("format") != BUNDLE_FORMAT or "classes" not in meta or "input_size" not in meta:
-        raise SkinclfError(f"{path} has metadata of an unknown format ({meta.get('format')!r}, expected {BUNDLE_FORMAT})")
-    return meta
 
 
 def load_bundle(path: Path) -> Bundle:

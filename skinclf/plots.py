@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn.metrics import roc_curve
 
 from skinclf.files import atomic_path
+from skinclf.metrics import roc_curve
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -70,12 +70,13 @@ def list_images(directory: Path, *, recursive: bool) -> Walk:
 
 
 def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, workers: int, tta: int, resume: bool,
-                   overwrite: bool) -> Path | None:
+                   overwrite: bool, threads: int = 0) -> Path | None:
     """Every option checked before any work; returns the output file (None: stdout)."""
     if top_k is not None:
         at_least("--top-k", top_k, 1, example=3)
     at_least("--batch-size", batch_size, 1, example=PREDICT.batch_size)
-    at_least("--workers", workers, 1, example=PREDICT.workers)
+    at_least("--threads", threads, 0, example=2)  # 0: one per usable CPU
+    at_least("--workers", workers, 0, example=2)  # 0: one per usable CPU
     one_of("--tta", tta, TTA_CHOICES)
     if resume and overwrite:
         raise SkinclfError("--resume continues an interrupted run and --overwrite starts over: choose one")
@@ -117,6 +118,8 @@ def predict_directory(
     strict: bool = False,
     tta: int = 1,
     workers: int = PREDICT.workers,
+    engine: str = PREDICT.engine,
+    threads: int = PREDICT.threads,
     show_progress: bool | None = None,
 ) -> PredictSummary:
     """Classify every image in `directory` into a CSV at `out` ('-' for stdout).
@@ -125,21 +128,22 @@ def predict_directory(
     `strict`, raises SkinclfError after writing if any file or folder could not be read.
     """
     target = _check_options(out=out, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta, resume=resume,
-                            overwrite=overwrite)
+                            overwrite=overwrite, threads=threads)
     directory = Path(directory)
     found = list_images(directory, recursive=recursive)
 
-    from skinclf.inference import inference_model, predict_files, predictor, with_tta
-    from skinclf.model import load_bundle
+    from skinclf.engines import load_engine
+    from skinclf.inference import engine_tta, predict_files
+    from skinclf.parallel import usable_cpus
 
     started = time.perf_counter()
-    bundle = load_bundle(model or default_model_path())
-    classes = bundle.classes
+    runner = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size, threads=threads or None)
+    classes = runner.classes
     top_k = _top_k(top_k, classes)
-    # Fold batch norms and compile once, before the clock of the images/s figure starts.
-    runnable = inference_model(bundle.model, image_size=bundle.image_size)
-    size = bundle.image_size
-    with_tta(predictor(runnable, batch_size), tta)(np.zeros((1, size, size, 3), dtype="float32"))
+    # Prepare and run the engine once, before the clock of the images/s figure starts.
+    size = runner.image_size
+    engine_tta(runner, tta)(np.zeros((1, size, size, 3), dtype="float32"))
+    workers = workers or usable_cpus()
     startup = time.perf_counter() - started
     header = columns(classes, top_k, all_probs)
 
@@ -153,8 +157,8 @@ def predict_directory(
         with ui.progress(enabled=show_progress) as progress:
             task = progress.add_task("Classifying", total=len(todo), rate="")
             count = 0
-            for batch in predict_files(runnable, [directory / f for f in todo], image_size=size,
-                                       batch_size=batch_size, workers=workers, tta=tta, optimize=False):
+            for batch in predict_files(runner, [directory / f for f in todo], image_size=size,
+                                       batch_size=batch_size, workers=workers, tta=tta):
                 rows = [row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs, notes)
                         for path, probs, error, notes in zip(batch.paths, batch.probs, batch.errors, batch.warnings)]
                 output.write(rows)
@@ -174,11 +178,11 @@ def predict_directory(
     lines = output.finish()
     if lines:
         errors, warned = _count(lines[1:], header)
-        _write_sidecar(target, bundle=bundle, directory=directory, files=len(found.files), errors=errors,
+        _write_sidecar(target, bundle=runner, directory=directory, files=len(found.files), errors=errors,
                        warnings=warned, options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive,
                                                  "tta": tta})
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
-                             errors=errors, seconds=seconds, model=bundle.identity(), startup_seconds=startup,
+                             errors=errors, seconds=seconds, model=runner.identity(), startup_seconds=startup,
                              unreadable=len(problems), warnings=warned,
                              dropped=len([p for p in output.dropped if p not in problems]))
     if strict and errors:

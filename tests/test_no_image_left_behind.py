@@ -272,7 +272,7 @@ def test_output_under_a_file_or_in_a_read_only_folder(runner, monkeypatch, small
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["predict", "{small}", "--workers", "0"], "--workers 0: must be at least 1"),
+        (["predict", "{small}", "--workers", "-1"], "--workers -1: must be at least 0"),
         (["predict", "{small}", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
         (["predict", "{small}", "--top-k", "0"], "--top-k 0: must be at least 1"),
         (["predict", "{small}", "--tta", "3"], "--tta 3: choose one of 1, 2, 4, 8"),
