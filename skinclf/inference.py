@@ -104,17 +104,24 @@ def predict_files(
 ) -> Iterator[BatchResult]:
     """Yield a BatchResult per `batch_size` files, in order; bad files never stop the stream.
 
+    `model` is a Keras model or an `Engine` (`skinclf.engines`), which is used as it is.
+
     With `optimize`, the model runs with its batch norms folded (`inference_model`; pass a
     model already prepared and `optimize=False` to do that once up front). Decoding runs in
     `workers` threads a few batches ahead.
     """
-    if optimize:
-        model = inference_model(model, image_size=image_size)
-    run = with_tta(predictor(model, batch_size), tta)
+    from skinclf.engines import Engine
+
+    if isinstance(model, Engine):  # already prepared; runs in its own batches of batch_size
+        run, n_classes = with_tta(model, tta), len(model.classes)
+    else:
+        if optimize:
+            model = inference_model(model, image_size=image_size)
+        run, n_classes = with_tta(predictor(model, batch_size), tta), int(model.outputs[0].shape[-1])
     tasks = [partial(_decode, list(paths[i : i + batch_size]), image_size) for i in range(0, len(paths), batch_size)]
     for batch_paths, x, errors in in_background(tasks, workers=workers):
         ok = [j for j, e in enumerate(errors) if e is None]
-        probs = np.full((len(batch_paths), int(model.outputs[0].shape[-1])), np.nan, dtype="float32")
+        probs = np.full((len(batch_paths), n_classes), np.nan, dtype="float32")
         if len(ok) == len(errors):
             probs[:] = run(x)
         elif ok:

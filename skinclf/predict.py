@@ -110,10 +110,12 @@ def predict_directory(
     strict: bool = False,
     tta: int = 1,
     workers: int = PREDICT.workers,
+    engine: str = "auto",
     show_progress: bool | None = None,
 ) -> PredictSummary:
     """Classify every image in `directory` into a CSV at `out` ('-' for stdout).
 
+    `engine` picks the runtime (`skinclf.engines.load_engine`); `skinclf serve` runs the same one.
     Returns a summary; with `strict`, raises SkinclfError after writing if any file failed.
     """
     if batch_size < 1:
@@ -124,18 +126,17 @@ def predict_directory(
         raise SkinclfError("--resume needs a file for --out, not stdout")
     files = list_images(directory, recursive=recursive)
 
-    from skinclf.inference import inference_model, predict_files, predictor, with_tta
-    from skinclf.model import load_bundle
+    from skinclf.engines import load_engine
+    from skinclf.inference import predict_files, with_tta
 
     started = time.perf_counter()
-    bundle = load_bundle(model or default_model_path())
-    classes = bundle.classes
+    runnable = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size)
+    classes = runnable.classes
     if not 1 <= top_k <= len(classes):
         raise SkinclfError(f"--top-k {top_k}: must be 1..{len(classes)} (the model's classes: {', '.join(classes)})")
-    # Fold batch norms and compile once, before the clock of the images/s figure starts.
-    runnable = inference_model(bundle.model, image_size=bundle.image_size)
-    size = bundle.image_size
-    with_tta(predictor(runnable, batch_size), tta)(np.zeros((1, size, size, 3), dtype="float32"))
+    # The engine folds batch norms; one call compiles it, before the clock of the images/s figure starts.
+    size = runnable.image_size
+    with_tta(runnable, tta)(np.zeros((1, size, size, 3), dtype="float32"))
     startup = time.perf_counter() - started
     header = columns(classes, top_k, all_probs)
 
@@ -193,7 +194,7 @@ def predict_directory(
         os.replace(partial, target)
         atomic_write_json(sidecar_path(target), {
             "note": DISCLAIMER,
-            "model": bundle.identity(),
+            "model": runnable.identity(),
             "skinclf": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "directory": str(directory.resolve()),
@@ -202,7 +203,7 @@ def predict_directory(
             "errors": errors,
         })
     summary = PredictSummary(out=target, files=len(files), classified=len(todo), resumed=len(done), errors=errors,
-                             seconds=seconds, model=bundle.identity(), startup_seconds=startup)
+                             seconds=seconds, model=runnable.identity(), startup_seconds=startup)
     if strict and errors:
         raise SkinclfError(f"{errors} of {len(files)} files could not be classified (see the error column of {out})")
     return summary
