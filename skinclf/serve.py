@@ -18,6 +18,7 @@ only when the app is built, so a missing extra is one clear `SkinclfError`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations at run time.
+import contextlib
 import csv
 import html
 import io
@@ -26,7 +27,7 @@ import json
 import queue
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -427,6 +428,26 @@ def _listen(host: str, port: int) -> socket.socket:
         raise SkinclfError(f"cannot listen on {host}:{port}: {reason} (pick another --port or --host)") from None
     sock.set_inheritable(True)
     return sock
+
+
+@contextlib.contextmanager
+def background_server(app, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve `app` on a free port of `host` in a thread (for tests, benches and screenshots);
+    yields the base URL. The socket listens before the URL is handed out, so requests made
+    right away wait in its backlog instead of failing."""
+    import uvicorn
+
+    sock = _listen(host, 0)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False, date_header=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="skinclf-serve", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
 
 
 def _run_server(app, sock: socket.socket) -> None:

@@ -445,3 +445,81 @@ def test_cli_serve_failures_are_one_line(runner, tiny_model: Path, tmp_path: Pat
     assert bad_engine.exit_code == 1 and "--engine 'tpu'" in bad_engine.output
     bad_limit = runner.invoke(cli_app, ["serve", "--model", str(tiny_model), "--max-files", "0"])
     assert bad_limit.exit_code == 1 and "max-files 0: must be positive" in bad_limit.output
+
+
+# --- the page in a real browser ------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def headless_chromium(downloads: Path):
+    """A headless Chromium driven by Selenium, downloading into `downloads`; skips without one."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip(f"no browser: {CHROMIUM} and {CHROMEDRIVER} are needed "
+                    "(Debian: apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1200,1000", "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    return driver
+
+
+@pytest.mark.integration
+def test_page_in_headless_chromium_classifies_uploads_and_downloads_the_predict_csv(
+        engine, tiny_model: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from skinclf.serve import background_server
+
+    folder = tmp_path / "visit"
+    folder.mkdir()
+    samples = sorted(SHARED_FULLRES.glob("*.jpg"))[:2] if SHARED_FULLRES.is_dir() else []
+    for i, path in enumerate(samples):
+        shutil.copy(path, folder / path.name)
+    for i in range(2 - len(samples)):
+        (folder / f"lesion_{i}.jpg").write_bytes(jpeg(i, CLASS_COLOURS["nv"], (600, 450)))
+    (folder / "scan_0001.jpg").write_bytes(jpeg(3)[:400])  # corrupt: cut off mid-file
+    expected = predict_csv(folder, tiny_model, tmp_path / "results.csv")
+    expected_rows = {r["path"]: r for r in csv.DictReader(io.StringIO(expected))}
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver = headless_chromium(downloads)
+    try:
+        with background_server(create_app(engine)) as url:
+            driver.get(url + "/")
+            wait = WebDriverWait(driver, 120)
+            wait.until(lambda d: d.find_element(By.ID, "model-name").text.startswith("tiny-mobilenet"))
+            assert "not a diagnosis" in driver.find_element(By.CLASS_NAME, "disclaimer").text
+            driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in sorted(folder.iterdir())))
+            finished = "li.result[data-state='done'], li.result[data-state='error']"
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, finished)) == 3)
+            rows = {li.get_attribute("data-path"): li for li in driver.find_elements(By.CSS_SELECTOR, "li.result")}
+            assert set(rows) == set(expected_rows)
+            for path, li in rows.items():
+                want = expected_rows[path]
+                if want["error"]:
+                    assert li.get_attribute("data-state") == "error"
+                    assert want["error"] in li.find_element(By.CLASS_NAME, "error").text
+                else:
+                    assert li.get_attribute("data-state") == "done"
+                    assert li.get_attribute("data-top1") == want["top1_class"]
+                    assert want["top1_prob"] in li.find_element(By.CLASS_NAME, "bars").text
+            Select(driver.find_element(By.ID, "sort")).select_by_value("mel")
+            order = [li.get_attribute("data-path") for li in driver.find_elements(By.CSS_SELECTOR, "li.result")]
+            assert order[-1] == "scan_0001.jpg"  # errors last; the rest by melanoma probability
+            driver.find_element(By.ID, "download").click()
+            target = downloads / "results.csv"
+            wait.until(lambda d: target.exists() and not list(downloads.glob("*.crdownload")))
+            assert target.read_text(encoding="utf-8") == expected
+    finally:
+        driver.quit()
