@@ -27,6 +27,7 @@ import json
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
@@ -89,6 +90,7 @@ class Classifier:
         self.engine = engine
         self.max_images = max_images or 4 * getattr(engine, "batch_size", 16)
         self.calls = 0  # engine calls made (tests check that requests were run together)
+        self.busy_seconds = 0.0  # time spent in the engine (the load bench reports it)
         self._jobs: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="skinclf-model", daemon=True)
         self._worker.start()
@@ -123,7 +125,9 @@ class Classifier:
                 jobs.append(job)
                 count += len(job[0])
             try:
+                started = time.perf_counter()
                 probs = self.engine(np.concatenate([x for x, _ in jobs]))
+                self.busy_seconds += time.perf_counter() - started
                 self.calls += 1
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
                 for _, done in jobs:
