@@ -8,9 +8,9 @@ HAM10000 JPEGs each, `--concurrency` at a time, then stops by itself (after all 
 after `--max-seconds`, whichever comes first: no new request is sent past it). Nothing but
 127.0.0.1 is contacted.
 
-Prints images/s through the API (wall time of the whole load, HTTP, multipart and JSON
-included) against `skinclf predict` (predict_directory, the same files, same model, same batch
-size), timed before and after the load so a drifting machine hits both alike; the ratio
+Prints images/s through the API (wall time of the load, HTTP, multipart and JSON included)
+against `skinclf predict` (predict_directory, the same files, same model, same batch size, after
+its start-up), in alternating rounds so a drifting, shared machine hits both alike; the ratio
 (floor 0.7x), p50/p95 request latency, and how many requests or files failed (must be 0).
 """
 
@@ -41,8 +41,9 @@ from skinclf.serve import background_server, create_app  # noqa: E402
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000-fullres"
 
 
-def predict_rate(files: list[Path], model: Path, batch_size: int) -> float:
-    """`skinclf predict` images/s (after start-up) on exactly these files (hard links in a temp folder)."""
+def predict_time(files: list[Path], model: Path, batch_size: int) -> tuple[int, float]:
+    """`skinclf predict` on exactly these files (hard links in a temp folder): images classified
+    and seconds taken after start-up."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
@@ -54,7 +55,7 @@ def predict_rate(files: list[Path], model: Path, batch_size: int) -> float:
                 target.symlink_to(path.resolve())
         summary = predict_directory(directory=folder, out=Path(tmp) / "r.csv", model=model, batch_size=batch_size,
                                     show_progress=False)
-    return summary.images_per_second
+    return summary.classified, summary.seconds
 
 
 def run_load(url: str, requests: list[list[tuple[str, str]]], concurrency: int, max_seconds: float):
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-seconds", type=float, default=600.0, help="stop sending new requests after this")
     parser.add_argument("--batch-size", type=int, default=SERVE.batch_size)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating predict/API rounds")
     args = parser.parse_args()
     if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 64 or not 1 <= args.per_request <= 64:
         sys.exit("bounded load only: --requests 1..10000, --concurrency 1..64, --per-request 1..64")
@@ -135,26 +137,40 @@ def main() -> None:
     print(f"load: {args.requests} requests x {args.per_request} images ({n} images), {args.concurrency} at a time, "
           f"127.0.0.1 only; model {model.name}, batch {args.batch_size}")
 
-    before = predict_rate(files, model, args.batch_size)
-    print(f"skinclf predict (before): {before:.1f} img/s")
-
     engine = load_engine(model, batch_size=args.batch_size)
     size = engine.image_size
     engine(np.zeros((1, size, size, 3), dtype="float32"))  # compile, as `skinclf serve` does before serving
     app = create_app(engine)
+    # Rounds alternate predict and API on the same files, so a drifting, shared machine (other
+    # jobs come and go) slows both alike; totals over all rounds give the rates.
+    per_round = -(-args.requests // args.rounds)
+    predict_images = predict_seconds = api_seconds = 0.0
+    images, latencies, failures, sent = 0, [], [], 0
+    deadline = time.perf_counter() + args.max_seconds
     with background_server(app) as url, ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        images, seconds, latencies, failures = pool.submit(
-            run_load, url, requests, args.concurrency, args.max_seconds).result()
+        for r in range(args.rounds):
+            chunk = requests[r * per_round:(r + 1) * per_round]
+            left = deadline - time.perf_counter()
+            if not chunk or left <= 0:
+                break
+            done, seconds = predict_time([Path(f) for req in chunk for _, f in req], model, args.batch_size)
+            predict_images += done
+            predict_seconds += seconds
+            got, seconds, lat, fails = pool.submit(run_load, url, chunk, args.concurrency, left).result()
+            images, api_seconds, sent = images + got, api_seconds + seconds, sent + len(chunk)
+            latencies += lat
+            failures += fails
+            print(f"round {r + 1}/{args.rounds}: predict {predict_images / predict_seconds:.1f} img/s, "
+                  f"API {images / api_seconds:.1f} img/s so far", flush=True)
     app.state.classifier.close()
-    after = predict_rate(files, model, args.batch_size)
-    print(f"skinclf predict (after):  {after:.1f} img/s")
 
-    predict = (before + after) / 2
-    api = images / seconds if seconds > 0 else 0.0
+    predict = predict_images / predict_seconds if predict_seconds else 0.0
+    api = images / api_seconds if api_seconds else 0.0
     lat = np.array(latencies) if latencies else np.zeros(1)
-    print(f"API: {images} images in {len(latencies)} requests, {seconds:.1f} s: {api:.1f} img/s "
+    print(f"skinclf predict: {predict_images:.0f} images in {predict_seconds:.1f} s: {predict:.1f} img/s")
+    print(f"API: {images} images in {len(latencies)} requests, {api_seconds:.1f} s: {api:.1f} img/s "
           f"(model calls: {app.state.classifier.calls}, {images / max(app.state.classifier.calls, 1):.1f} images per call, "
-          f"model busy {app.state.classifier.busy_seconds / seconds:.0%} of the time)")
+          f"model busy {app.state.classifier.busy_seconds / max(api_seconds, 1e-9):.0%} of the time)")
     print(f"latency per request: p50 {np.percentile(lat, 50) * 1000:.0f} ms, p95 {np.percentile(lat, 95) * 1000:.0f} ms, "
           f"max {lat.max() * 1000:.0f} ms")
     print(f"failed requests: {len(failures)}" + ("" if not failures else "\n  " + "\n  ".join(failures[:10])))
@@ -163,7 +179,6 @@ def main() -> None:
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if failures or len(latencies) < args.requests:
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()
