@@ -28,6 +28,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
@@ -78,17 +79,28 @@ class ServeInfo:
     warnings: list[str] = field(default_factory=list)
 
 
+class _Job:
+    """One caller's images, filled in as the model gets to them (possibly over several calls)."""
+
+    def __init__(self, images: np.ndarray, n_classes: int) -> None:
+        self.images = images
+        self.probs = np.zeros((len(images), n_classes), dtype="float32")
+        self.taken = 0  # images handed to the model so far
+        self.done: Future = Future()
+
+
 class Classifier:
     """One engine, run by one worker thread; callers from any thread get probabilities back.
 
-    Requests that arrive while the model is busy wait in a queue and are run together in the
-    next call (up to `max_images`), so concurrent uploads fill the engine's batches instead of
-    each padding its own. Only the worker thread ever touches the engine.
+    Callers' images wait in a queue; the worker runs them in full batches of the engine's
+    `batch_size`, filled from as many requests as are waiting (a request may span two calls),
+    so concurrent uploads share batches instead of each padding its own. It never waits for
+    more work: a lone request runs at once. Only the worker thread ever touches the engine.
     """
 
-    def __init__(self, engine, *, max_images: int | None = None) -> None:
+    def __init__(self, engine) -> None:
         self.engine = engine
-        self.max_images = max_images or 4 * getattr(engine, "batch_size", 16)
+        self.batch_size = int(getattr(engine, "batch_size", 16))
         self.calls = 0  # engine calls made (tests check that requests were run together)
         self.busy_seconds = 0.0  # time spent in the engine (the load bench reports it)
         self._jobs: queue.Queue = queue.Queue()
@@ -99,44 +111,59 @@ class Classifier:
         """Probabilities (n, classes) for `images` (n, size, size, 3); blocks until done."""
         if len(images) == 0:
             return np.zeros((0, len(self.engine.classes)), dtype="float32")
-        done: Future = Future()
-        self._jobs.put((np.asarray(images, dtype="float32"), done))
-        return done.result()
+        job = _Job(np.asarray(images, dtype="float32"), len(self.engine.classes))
+        self._jobs.put(job)
+        return job.done.result()
 
     def close(self) -> None:
+        """Finish what is queued, then stop the worker."""
         self._jobs.put(None)
         self._worker.join()
 
     def _work(self) -> None:
-        stop = False
-        while not stop:
-            job = self._jobs.get()
-            if job is None:
-                return
-            jobs, count = [job], len(job[0])
-            while count < self.max_images:  # take whatever else is already waiting, never wait for more
+        pending: deque[_Job] = deque()
+        stopping = False
+        while pending or not stopping:
+            if not pending:
+                job = self._jobs.get()  # idle: wait for work
+                if job is None:
+                    return
+                pending.append(job)
+            while not stopping:  # take whatever else is already waiting, never wait for more
                 try:
                     job = self._jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
-                    stop = True
+                    stopping = True
+                else:
+                    pending.append(job)
+            # The next batch: images in arrival order, up to batch_size, across requests.
+            parts, count = [], 0
+            for job in pending:
+                k = min(self.batch_size - count, len(job.images) - job.taken)
+                parts.append((job, job.taken, job.taken + k))
+                count += k
+                if count == self.batch_size:
                     break
-                jobs.append(job)
-                count += len(job[0])
             try:
                 started = time.perf_counter()
-                probs = self.engine(np.concatenate([x for x, _ in jobs]))
+                probs = self.engine(np.concatenate([job.images[a:b] for job, a, b in parts]))
                 self.busy_seconds += time.perf_counter() - started
                 self.calls += 1
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
-                for _, done in jobs:
-                    done.set_exception(exc)
+            except BaseException as exc:  # noqa: BLE001 - handed to the requests in this batch
+                for job, _, _ in parts:
+                    pending.remove(job)
+                    job.done.set_exception(exc)
                 continue
-            start = 0
-            for x, done in jobs:
-                done.set_result(probs[start : start + len(x)])
-                start += len(x)
+            offset = 0
+            for job, a, b in parts:
+                job.probs[a:b] = probs[offset : offset + b - a]
+                offset += b - a
+                job.taken = b
+                if b == len(job.images):
+                    pending.remove(job)
+                    job.done.set_result(job.probs)
 
 
 @dataclass

@@ -305,9 +305,9 @@ class GatedEngine:
     """An engine whose first call waits for a gate, so later requests queue up behind it."""
 
     classes = TINY_CLASSES
-    batch_size = 16
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: int = 16) -> None:
+        self.batch_size = batch_size
         self.gate, self.entered = threading.Event(), threading.Event()
         self.batches: list[int] = []
 
@@ -320,8 +320,12 @@ class GatedEngine:
         return out
 
 
-def test_classifier_runs_queued_requests_together_in_one_model_call() -> None:
-    engine = GatedEngine()
+@pytest.mark.parametrize(("batch_size", "expected"), [
+    (16, [2, 2 + 3 + 4]),  # everything that queued meanwhile in one call
+    (4, [2, 4, 4, 1]),  # full batches across requests: 2+2 of request 3, 1 of it + 3 of request 4, ...
+])
+def test_classifier_runs_queued_requests_together_in_full_batches(batch_size: int, expected: list[int]) -> None:
+    engine = GatedEngine(batch_size)
     classifier = Classifier(engine)
     results: dict[int, np.ndarray] = {}
 
@@ -331,19 +335,20 @@ def test_classifier_runs_queued_requests_together_in_one_model_call() -> None:
     first = threading.Thread(target=ask, args=(1, 2))
     first.start()
     assert engine.entered.wait(timeout=60)  # the worker is inside the first call
-    later = [threading.Thread(target=ask, args=(k, k)) for k in (2, 3, 4)]
-    for t in later:
-        t.start()
-    for _ in range(60_000):  # wait for a condition (all three requests queued), not for a duration
-        if classifier._jobs.qsize() == 3:
-            break
-        time.sleep(0.001)
-    assert classifier._jobs.qsize() == 3
+    later = []
+    for k in (2, 3, 4):  # queued one after another, so their order in the queue is known
+        later.append(threading.Thread(target=ask, args=(k, k)))
+        later[-1].start()
+        for _ in range(60_000):  # wait for a condition (this request queued), not for a duration
+            if classifier._jobs.qsize() == len(later):
+                break
+            time.sleep(0.001)
+        assert classifier._jobs.qsize() == len(later)
     engine.gate.set()
     for t in (first, *later):
         t.join()
     classifier.close()
-    assert engine.batches == [2, 2 + 3 + 4]  # one call for everything that queued meanwhile
+    assert engine.batches == expected
     for k, n in ((1, 2), (2, 2), (3, 3), (4, 4)):
         assert results[k].shape == (n, 7) and (results[k][:, 0] == k).all()
 
