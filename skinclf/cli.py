@@ -419,11 +419,11 @@ def predict(
 
 @app.command(
     epilog=_examples(
-        "skinclf serve                                   # then open http://127.0.0.1:8000/",
+        "skinclf serve                      # then open http://127.0.0.1:8000/",
         "skinclf serve --port 8080 --model my-model.keras",
         "skinclf serve --max-files 16 --max-file-mb 10",
-        "skinclf serve --host 0.0.0.0                    # other machines too: no authentication, trusted network only",
-        "curl -F files=@lesion.jpg 'http://127.0.0.1:8000/api/predict?format=csv'",
+        "skinclf serve --host 0.0.0.0       # no authentication: trusted networks only",
+        "curl -F files=@a.jpg 'http://127.0.0.1:8000/api/predict?format=csv'",
     )
 )
 def serve(
