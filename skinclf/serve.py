@@ -511,6 +511,10 @@ def serve(
         raise SkinclfError(MISSING_EXTRA) from None
     if not 0 <= port <= 65535:
         raise SkinclfError(f"--port {port}: must be 0..65535")
+    for option, value in (("--max-file-mb", max_file_mb), ("--max-files", max_files),
+                          ("--max-request-mb", max_request_mb)):
+        if not value > 0:
+            raise SkinclfError(f"{option} {value}: must be positive")
     limits = Limits(max_file_bytes=int(max_file_mb * MB), max_files=max_files,
                     max_request_bytes=int(max_request_mb * MB))
     from skinclf.engines import load_engine

@@ -449,7 +449,9 @@ def test_cli_serve_failures_are_one_line(runner, tiny_model: Path, tmp_path: Pat
     bad_engine = runner.invoke(cli_app, ["serve", "--model", str(tiny_model), "--engine", "tpu"])
     assert bad_engine.exit_code == 1 and "--engine 'tpu'" in bad_engine.output
     bad_limit = runner.invoke(cli_app, ["serve", "--model", str(tiny_model), "--max-files", "0"])
-    assert bad_limit.exit_code == 1 and "max-files 0: must be positive" in bad_limit.output
+    assert bad_limit.exit_code == 1 and "Error: --max-files 0: must be positive" in bad_limit.output
+    bad_size = runner.invoke(cli_app, ["serve", "--model", str(tiny_model), "--max-file-mb", "0"])
+    assert bad_size.exit_code == 1 and "Error: --max-file-mb 0.0: must be positive" in bad_size.output
 
 
 # --- the page in a real browser ------------------------------------------------------------
