@@ -484,6 +484,7 @@ def headless_chromium(downloads: Path):
 def test_page_in_headless_chromium_classifies_uploads_and_downloads_the_predict_csv(
         engine, tiny_model: Path, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from skinclf.serve import background_server
@@ -507,6 +508,8 @@ def test_page_in_headless_chromium_classifies_uploads_and_downloads_the_predict_
             wait = WebDriverWait(driver, 120)
             wait.until(lambda d: d.find_element(By.ID, "model-name").text.startswith("tiny-mobilenet"))
             assert "not a diagnosis" in driver.find_element(By.CLASS_NAME, "disclaimer").text
+            driver.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)  # keyboard: the first stop picks images
+            assert driver.switch_to.active_element.get_attribute("id") == "pick-files"
             driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in sorted(folder.iterdir())))
             finished = "li.result[data-state='done'], li.result[data-state='error']"
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, finished)) == 3)
