@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from skinclf import __version__
-from skinclf.config import EVALUATE, EXPORT, FETCH, PREDICT, PREPARE, TRAIN
+from skinclf.config import EVALUATE, EXPORT, FETCH, PREDICT, PREPARE, SERVE, TRAIN
 from skinclf.errors import SkinclfError
 
 class _Command(typer.core.TyperCommand):
@@ -592,6 +592,52 @@ def export(
         out.print(f"Validation ({v['images']} images in {v['folder']}): balanced accuracy float {f['balanced_accuracy']:.4f}"
                   f" -> int8 {q['balanced_accuracy']:.4f}; melanoma recall {_fmt(f.get('mel_recall'), 4)} -> "
                   f"{_fmt(q.get('mel_recall'), 4)}")
+
+
+@app.command(
+    epilog=_examples(
+        "skinclf serve                      # then open http://127.0.0.1:8000/",
+        "skinclf serve --port 8080 --model my-model.keras",
+        "skinclf serve --max-files 16 --max-file-mb 10",
+        "skinclf serve --host 0.0.0.0       # no authentication: trusted networks only",
+        "curl -F files=@a.jpg 'http://127.0.0.1:8000/api/predict?format=csv'",
+    )
+)
+def serve(
+    host: str = typer.Option(SERVE.host, "--host", help="Address to listen on; anything but loopback is reachable by others."),
+    port: int = typer.Option(SERVE.port, "--port", help="Port to listen on (0: any free port)."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Model bundle [default: $SKINCLF_MODEL, else the bundled model]."
+    ),
+    engine: str = typer.Option(SERVE.engine, "--engine", help="Runtime: auto, keras or onnx."),
+    batch_size: int = typer.Option(SERVE.batch_size, "--batch-size", help="Images per model call."),
+    top_k: int = typer.Option(SERVE.top_k, "--top-k", help="Default number of most-probable classes per image."),
+    max_file_mb: float = typer.Option(SERVE.max_file_mb, "--max-file-mb", help="Largest accepted file, in MB (413 above)."),
+    max_files: int = typer.Option(SERVE.max_files, "--max-files", help="Most files in one request (413 above)."),
+    max_request_mb: float = typer.Option(
+        SERVE.max_request_mb, "--max-request-mb", help="Largest accepted request, in MB (413 above)."
+    ),
+) -> None:
+    """Serve a local web page and JSON API that classify images with the same model as predict.
+
+    For the clinic desk: drop one image or a whole folder on the page, see the most probable
+    classes per image, sort by melanoma probability, download the CSV `skinclf predict` would
+    write. Images are decoded in memory, never stored or logged, and never leave this machine.
+    API: POST /api/predict, GET /api/model, GET /healthz; documented at /docs. Needs the extra
+    `pip install "skinclf[serve]"`.
+    """
+
+    def ready(info) -> None:
+        for warning in info.warnings:
+            typer.echo(f"Warning: {warning}", err=True)
+        typer.echo(f"Model {info.model['name']} ({info.model['sha256'][:12]}, {info.model['engine']} engine) loaded.")
+        typer.echo(f"Open {info.url} in a browser (Ctrl-C to stop). Decision support, not a diagnosis.")
+
+    with _user_errors():
+        from skinclf.serve import serve as run_server
+
+        run_server(host=host, port=port, model=model, engine=engine, batch_size=batch_size, top_k=top_k,
+                   max_file_mb=max_file_mb, max_files=max_files, max_request_mb=max_request_mb, on_ready=ready)
 
 
 def main() -> None:

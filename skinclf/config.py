@@ -118,9 +118,24 @@ class ExportDefaults:
 # Test-time augmentation: how many flips/rotations may be averaged (see `skinclf.inference`).
 TTA_CHOICES = (1, 2, 4, 8)
 
+class ServeDefaults:
+    # Loopback only: the page has no authentication, so other machines must be let in on purpose.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: str = "auto"
+    batch_size: int = PredictDefaults.batch_size
+    top_k: int = PredictDefaults.top_k
+    # Limits of one POST /api/predict (answered 413 when exceeded). A full-size dermoscopic JPEG
+    # is 0.2-5 MB; the page splits a folder into requests that stay within these.
+    max_file_mb: float = 25.0
+    max_files: int = 64
+    max_request_mb: float = 256.0
+
+
 FETCH = FetchDefaults()
 PREPARE = PrepareDefaults()
 TRAIN = TrainDefaults()
 EVALUATE = EvaluateDefaults()
 PREDICT = PredictDefaults()
 EXPORT = ExportDefaults()
+SERVE = ServeDefaults()

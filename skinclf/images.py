@@ -8,7 +8,9 @@ clear message (train), never a traceback.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -101,9 +103,26 @@ def load_image(path: Path | str, size: int, *, notes: list[str] | None = None) -
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageError("empty file (0 bytes)")
-        with Image.open(path) as im:  # reads the header only
+        empty = path.stat().st_size == 0
+    except Exception as exc:  # noqa: BLE001 - reported like any other unreadable file
+        raise _image_error(exc) from None
+    if empty:
+        raise ImageError("empty file (0 bytes)")
+    return _open_and_decode(path, size, notes)
+
+
+def decode_image(data: bytes, size: int, *, notes: list[str] | None = None) -> np.ndarray:
+    """`load_image` for a file held in memory (an upload): the same checks, decoding and
+    resizing, byte for byte, without the bytes ever touching the disk."""
+    if len(data) == 0:
+        raise ImageError("empty file (0 bytes)")
+    return _open_and_decode(io.BytesIO(data), size, notes)
+
+
+def _open_and_decode(source: Path | BinaryIO, size: int, notes: list[str] | None) -> np.ndarray:
+    """The one path behind `load_image` and `decode_image`: header checks, then `_decode`."""
+    try:
+        with Image.open(source) as im:  # reads the header only
             width, height = im.size
             if width * height > MAX_PIXELS:
                 raise ImageError(f"image too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})")
@@ -112,14 +131,21 @@ def load_image(path: Path | str, size: int, *, notes: list[str] | None = None) -
             return _decode(im, size)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory") from None
-    except UnidentifiedImageError:
-        raise ImageError("not a recognised image file") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-file error
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ImageError(f"cannot decode image: {reason}") from None
+        raise _image_error(exc) from None
+
+
+def _image_error(exc: BaseException) -> ImageError:
+    """A one-line ImageError for whatever opening or decoding a file raised."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageError("file not found")
+    if isinstance(exc, PermissionError):
+        return ImageError("permission denied")
+    if isinstance(exc, IsADirectoryError):
+        return ImageError("is a directory")
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageError("not a recognised image file")
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageError(f"image too large ({exc})")
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return ImageError(f"cannot decode image: {reason}")
