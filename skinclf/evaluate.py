@@ -26,7 +26,7 @@ from skinclf.errors import SkinclfError
 from skinclf.files import atomic_write_json, sha256_text
 from skinclf.layout import default_model_path, list_labelled_images
 from skinclf.metrics import classification_report
-from skinclf.plots import confusion_matrix_png, history_png, roc_png
+from skinclf.plots import confusion_matrix_png, history_png, reliability_png, roc_png
 from skinclf.results import probabilities, read_predictions, sidecar_path
 
 ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
@@ -106,6 +106,10 @@ def _write(report: dict[str, Any], out: Path, y_true: np.ndarray, probs: np.ndar
     files.append(roc_png(y_true, probs, classes, out / "roc.png", operating_points=points))
     if history:
         files.append(history_png(history, out / "history.png"))
+    if report.get("calibration"):
+        files.append(reliability_png({"model": report["calibration"]["reliability"]}, out / "reliability.png",
+                                     title="Reliability diagram" + ("" if report["calibration"]["exact"] else
+                                                                    " (approximate: top-k columns only)")))
     atomic_write_json(out / "report.json", report)
     return [out / "report.json", *files]
 
@@ -151,6 +155,7 @@ def evaluate_model(
         },
         "provenance": provenance(bundle.meta, data),
         "tta": tta,
+        "calibration": calibration_section(probs[ok], y_true, exact=True),
     }
     out = Path(out)
     return Evaluation(report, out, _write(report, out, y_true, probs[ok], bundle.meta.get("history")))
@@ -207,6 +212,7 @@ def evaluate_predictions(
         "probabilities": "exact (prob_<class> columns)" if exact else
                          "approximate: rebuilt from the top-k columns (run predict with --all-probs for exact AUC)",
         "sources": {"predictions": str(predictions), "truth": str(truth)},
+        "calibration": calibration_section(probs, y_true, exact=exact),
     }
     out = Path(out)
     return Evaluation(report, out, _write(report, out, y_true, probs))
@@ -245,6 +251,20 @@ def run_evaluation(
         return evaluate_predictions(predictions=predictions, truth=truth, out=out, mel_sensitivity=mel_sensitivity)
     return evaluate_model(model=model, data=data, out=out, mel_sensitivity=mel_sensitivity, batch_size=batch_size,
                           tta=tta)
+
+
+def calibration_section(probs: np.ndarray, y_true: np.ndarray, *, exact: bool) -> dict[str, Any]:
+    """ECE (15 bins), Brier score, NLL and the reliability table; `exact` False when the
+    probabilities were rebuilt from top-k columns (Brier and NLL then approximate; ECE, which
+    only uses the top-1 probability, is exact)."""
+    from skinclf.calibration import calibration_report
+
+    section = {**calibration_report(probs, y_true), "exact": exact}
+    if not exact:
+        section["note"] = ("approximate: probabilities rebuilt from the top-k columns (the rest spread evenly), so "
+                           "Brier and NLL are approximate; ECE uses only the top-1 probability and is exact to 4 "
+                           "decimals. Run predict with --all-probs for exact figures")
+    return section
 
 
 def _check_sensitivity(value: float) -> None:

@@ -42,6 +42,7 @@ class PredictSummary:
     seconds: float  # classifying the files, after start-up
     model: dict[str, Any]
     startup_seconds: float = 0.0  # loading, folding and compiling the model
+    unlike_training: int = 0  # images flagged by the model's out-of-distribution threshold (warnings)
 
     @property
     def images_per_second(self) -> float:
@@ -97,6 +98,17 @@ def _sorted_in_place(path: Path) -> None:
         writer.writerows(rows)
 
 
+def _ood_note(ood: dict[str, Any] | None, flagged: int) -> dict[str, Any]:
+    """What the ood_score column means for this model, for the sidecar."""
+    if not ood:
+        return {"score": "energy", "threshold": None, "flagged": 0,
+                "note": "this model has no fitted out-of-distribution threshold: nothing is flagged "
+                        "(run `skinclf calibrate` to fit one)"}
+    return {"score": ood["score"], "threshold": ood["threshold"], "pass_rate": ood.get("pass_rate"),
+            "fitted_on": ood.get("fitted_on"), "flagged": flagged,
+            "note": "ood_score above the threshold: the image is unlike the training images (warning column)"}
+
+
 def predict_directory(
     *,
     directory: Path,
@@ -124,16 +136,20 @@ def predict_directory(
         raise SkinclfError("--resume needs a file for --out, not stdout")
     files = list_images(directory, recursive=recursive)
 
-    from skinclf.inference import inference_model, predict_files, predictor, with_tta
+    from skinclf.inference import predict_files, predictor, with_tta
     from skinclf.model import load_bundle
+    from skinclf.ood import WARNING as UNLIKE_TRAINING
+    from skinclf.ood import flag, with_logits_output
 
     started = time.perf_counter()
     bundle = load_bundle(model or default_model_path())
     classes = bundle.classes
     if not 1 <= top_k <= len(classes):
         raise SkinclfError(f"--top-k {top_k}: must be 1..{len(classes)} (the model's classes: {', '.join(classes)})")
-    # Fold batch norms and compile once, before the clock of the images/s figure starts.
-    runnable = inference_model(bundle.model, image_size=bundle.image_size)
+    # Fold batch norms and compile once, before the clock of the images/s figure starts. The
+    # model gives probabilities and logits side by side: logits feed the OOD score.
+    runnable = with_logits_output(bundle.model)
+    ood = bundle.meta.get("ood")
     size = bundle.image_size
     with_tta(predictor(runnable, batch_size), tta)(np.zeros((1, size, size, 3), dtype="float32"))
     startup = time.perf_counter() - started
@@ -162,6 +178,7 @@ def predict_directory(
     if not done:
         writer.writerow(header)
     errors = 0  # this run's rows; with resumed rows, recounted over the whole file at the end
+    unlike = 0
     t0 = time.perf_counter()
     try:
         with ui.progress(enabled=show_progress) as progress:
@@ -170,9 +187,14 @@ def predict_directory(
             for batch in predict_files(runnable, [directory / f for f in todo], image_size=size,
                                        batch_size=batch_size, workers=workers, tta=tta, optimize=False):
                 rows = []
-                for path, probs, error in zip(batch.paths, batch.probs, batch.errors):
-                    rows.append(row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs))
+                scores, flagged = flag(batch.probs[:, len(classes):], ood)
+                for path, probs, error, score, odd in zip(batch.paths, batch.probs[:, : len(classes)], batch.errors,
+                                                          scores, flagged):
+                    warning = UNLIKE_TRAINING if odd and error is None else ""
+                    rows.append(row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs,
+                                    ood_score=score, warning=warning))
                     errors += error is not None
+                    unlike += bool(warning)
                 writer.writerows(rows)
                 sink.flush()
                 count += len(rows)
@@ -189,7 +211,9 @@ def predict_directory(
         _sorted_in_place(partial)
         if done:  # count errors over the whole file, not only this run's rows
             with open(partial, newline="", encoding="utf-8") as fh:
-                errors = sum(1 for r in csv.DictReader(fh) if r["error"])
+                finished = list(csv.DictReader(fh))
+            errors = sum(1 for r in finished if r["error"])
+            unlike = sum(1 for r in finished if UNLIKE_TRAINING in r["warning"])
         os.replace(partial, target)
         atomic_write_json(sidecar_path(target), {
             "note": DISCLAIMER,
@@ -200,9 +224,10 @@ def predict_directory(
             "options": {"top_k": top_k, "all_probs": all_probs, "recursive": recursive, "tta": tta},
             "files": len(files),
             "errors": errors,
+            "ood": _ood_note(ood, unlike),
         })
     summary = PredictSummary(out=target, files=len(files), classified=len(todo), resumed=len(done), errors=errors,
-                             seconds=seconds, model=bundle.identity(), startup_seconds=startup)
+                             seconds=seconds, model=bundle.identity(), startup_seconds=startup, unlike_training=unlike)
     if strict and errors:
         raise SkinclfError(f"{errors} of {len(files)} files could not be classified (see the error column of {out})")
     return summary

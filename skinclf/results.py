@@ -1,9 +1,10 @@
 """The predict CSV: its columns, its rows, and reading it back (no Keras needed).
 
-    path,top1_class,top1_prob,...,topK_class,topK_prob[,prob_<class>...],error
+    path,top1_class,top1_prob,...,topK_class,topK_prob[,prob_<class>...],ood_score,warning,error
 
-One row per file, `path` relative to the classified folder, probabilities to 4 decimals, an
-empty `error` on success. The rows hold nothing else, so the file opens as-is in pandas or a
+One row per file, `path` relative to the classified folder, probabilities to 4 decimals,
+`ood_score` (higher: less like the training images; see `skinclf.ood`), `warning` (messages
+joined by "; ", empty when none) and an empty `error` on success. The rows hold nothing else, so the file opens as-is in pandas or a
 spreadsheet; the model's identity and the reminder that this is not a diagnosis go in a JSON
 sidecar next to it (`results.csv.json`).
 """
@@ -31,21 +32,28 @@ def columns(classes: Sequence[str], top_k: int, all_probs: bool) -> list[str]:
         cols += [f"top{i}_class", f"top{i}_prob"]
     if all_probs:
         cols += [f"prob_{c}" for c in classes]
-    return [*cols, "error"]
+    return [*cols, "ood_score", "warning", "error"]
+
+
+def add_warning(warning: str, message: str) -> str:
+    """`warning` with `message` appended ("; " between messages)."""
+    return "; ".join(part for part in (warning, message) if part)
 
 
 def row(rel_path: str, probs: np.ndarray | None, error: str | None, classes: Sequence[str], top_k: int,
-        all_probs: bool) -> list[str]:
+        all_probs: bool, *, ood_score: float | None = None, warning: str = "") -> list[str]:
     """One CSV row; `probs` is None (or ignored) when `error` is set."""
     if error:
-        return [rel_path, *([""] * (2 * top_k)), *([""] * (len(classes) if all_probs else 0)), " ".join(error.split())]
+        return [rel_path, *([""] * (2 * top_k)), *([""] * (len(classes) if all_probs else 0)), "", "",
+                " ".join(error.split())]
     order = np.argsort(-probs, kind="stable")[:top_k]  # ties keep class order
     cells = [rel_path]
     for i in order:
         cells += [classes[i], f"{probs[i]:.4f}"]
     if all_probs:
         cells += [f"{p:.4f}" for p in probs]
-    return [*cells, ""]
+    score = "" if ood_score is None or not np.isfinite(ood_score) else f"{ood_score:.4f}"
+    return [*cells, score, warning, ""]
 
 
 def sidecar_path(csv_path: Path) -> Path:

@@ -86,7 +86,7 @@ def test_every_file_gets_a_row_and_bad_files_do_not_stop_the_batch(runner, mixed
     frame = read(out)
     assert list(frame["path"]) == sorted(GOOD | set(BAD))  # one row per file, sorted; skipped files absent
     assert list(frame.columns) == ["path", "top1_class", "top1_prob", "top2_class", "top2_prob", "top3_class",
-                                   "top3_prob", *[f"prob_{c}" for c in CLASSES], "error"]
+                                   "top3_prob", *[f"prob_{c}" for c in CLASSES], "ood_score", "warning", "error"]
     errors = dict(zip(frame["path"], frame["error"]))
     for name, needle in BAD.items():
         assert needle in errors[name], (name, errors[name])
@@ -155,7 +155,7 @@ def test_stdout_and_no_recursive(runner, mixed, tiny_bundle) -> None:
                                  "--no-recursive"])
     assert result.exit_code == 0, result.output
     rows = list(csv.reader(io.StringIO(result.stdout)))
-    assert rows[0] == ["path", "top1_class", "top1_prob", "error"]
+    assert rows[0] == ["path", "top1_class", "top1_prob", "ood_score", "warning", "error"]
     assert [r[0] for r in rows[1:]] == sorted((GOOD - {"sub/l_nested.jpg"}) | set(BAD))
 
 
