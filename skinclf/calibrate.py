@@ -171,11 +171,12 @@ def calibrate_model(
         from skinclf.plots import reliability_png
 
         report = Path(report)
+        tables = {"before": reliability(softmax(z), labels), "after": reliability(softmax(z / factor), labels)}
         atomic_write_json(report / "calibration.json", {"model": str(target), "calibration": calibration,
-                                                        "ood": ood, "unreadable": unreadable})
+                                                        "reliability": tables, "ood": ood, "unreadable": unreadable})
         files += [report / "calibration.json",
-                  reliability_png({f"before (T = {old_t:.3g})": reliability(softmax(z), labels),
-                                   f"after (T = {old_t * factor:.3g})": reliability(softmax(z / factor), labels)},
+                  reliability_png({f"before (T = {old_t:.3g})": tables["before"],
+                                   f"after (T = {old_t * factor:.3g})": tables["after"]},
                                   report / "reliability.png", title=f"Reliability on {fitted_on}")]
     return CalibrationResult(model=target, calibration=calibration, ood=ood, unreadable=unreadable, files=files,
                              logits=z / factor, labels=labels)
