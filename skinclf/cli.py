@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from skinclf import __version__
-from skinclf.config import EVALUATE, EXPORT, FETCH, PREDICT, PREPARE, SERVE, TRAIN
+from skinclf.config import CALIBRATE, EVALUATE, EXPLAIN, EXPORT, FETCH, PREDICT, PREPARE, SERVE, TRAIN
 from skinclf.errors import SkinclfError
 
 class _Command(typer.core.TyperCommand):
@@ -367,6 +367,10 @@ def _render_report(report: dict) -> None:
         out.print(f"Melanoma: sensitivity {_fmt(d['sensitivity'])}, specificity {_fmt(d['specificity'])} at the "
                   f"model's decision; sensitivity {_fmt(t['sensitivity'])} with specificity {_fmt(t['specificity'])} "
                   f"when flagging p(mel) >= {_fmt(t['threshold'], 4)}")
+    cal = report.get("calibration")
+    if cal:
+        out.print(f"Calibration: ECE {_fmt(cal['ece'])} (15 bins), Brier {_fmt(cal['brier'])}, NLL {_fmt(cal['nll'])}"
+                  + ("" if cal["exact"] else " (approximate: top-k columns only; predict --all-probs for exact)"))
     if "provenance" in report:
         out.print(f"Data: {report['provenance']['note']}")
     _render_seen(report.get("seen"))
@@ -526,6 +530,8 @@ def _predict_summary(summary) -> str:
                      "are missing)")
     if summary.warnings:
         parts.append(f"{summary.warnings} with warnings (see the warning column)")
+    if summary.unlike_training:
+        parts.append(f"{summary.unlike_training} unlike the training images (check they are dermoscopic images)")
     if summary.resumed:
         parts.append(f"{summary.resumed} rows kept from the earlier run")
     if summary.dropped:
@@ -638,6 +644,107 @@ def serve(
 
         run_server(host=host, port=port, model=model, engine=engine, batch_size=batch_size, top_k=top_k,
                    max_file_mb=max_file_mb, max_files=max_files, max_request_mb=max_request_mb, on_ready=ready)
+
+
+@app.command(
+    epilog=_examples(
+        "skinclf calibrate runs/exp03.keras --data data/prepared/val",
+        "skinclf calibrate models/skinclf-mobilenet.keras --data data/prepared/val --out models/calibrated.keras",
+        "skinclf calibrate my.keras --data clinic-labelled/ --report reports/calibration --pass-rate 0.9",
+    )
+)
+def calibrate(
+    model: Path = typer.Argument(..., help="Model bundle (.keras) to calibrate."),
+    data: Path = typer.Option(CALIBRATE.data, "--data", help="Labelled folder (one sub-folder per class): the "
+                              "validation split, never the test split."),
+    out_model: Optional[Path] = typer.Option(None, "--out", help="Where to write the calibrated bundle "
+                                             "[default: replace MODEL]."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write calibration.json and reliability.png "
+                                          "(before and after) into this folder."),
+    pass_rate: float = typer.Option(CALIBRATE.pass_rate, "--pass-rate", help="Share of the folder's images that "
+                                    "must pass the 'unlike the training images' flag."),
+    ood_score: Optional[str] = typer.Option(None, "--ood-score", help="Force the OOD score: energy, max_logit or "
+                                            "max_prob [default: the one separating best]."),
+    batch_size: int = typer.Option(CALIBRATE.batch_size, "--batch-size", help="Images per model call."),
+    workers: int = typer.Option(CALIBRATE.workers, "--workers", help="Threads decoding images."),
+) -> None:
+    """Refit a bundle's temperature (confidence) and its 'unlike the training images' threshold on a
+    labelled folder, so probabilities mean what they say and odd inputs are flagged.
+
+    The temperature is folded into the final layer (composed with any earlier one; decisions do
+    not change); the out-of-distribution score that best separates the folder from reference
+    non-dermoscopic images (photographs, text, screenshots, flat colours, noise...) gets a
+    threshold passing --pass-rate of the folder. ECE, NLL and Brier before and after, and the
+    flag rate on every set, are stored in the bundle.
+    """
+    with _user_errors():
+        from skinclf.calibrate import calibrate_model
+
+        result = calibrate_model(model=model, data=data, out=out_model, report=report, pass_rate=pass_rate,
+                                 ood_score=ood_score, batch_size=batch_size, workers=workers)
+    cal, ood = result.calibration, result.ood
+    table = Table(title=f"Calibration on {cal['fitted_on']} ({cal['images']} images)")
+    for column in ("", "ECE (15 bins)", "NLL", "Brier"):
+        table.add_column(column, justify="left" if not column else "right")
+    for label, key in (("before", "validation_before"), ("after", "validation_after"),
+                       ("after, cross-fitted", "validation_after_cross_fitted")):
+        row = cal[key]
+        table.add_row(label, _fmt(row["ece"], 4), _fmt(row["nll"], 4), _fmt(row["brier"], 4))
+    out.print(table)
+    out.print(f"Temperature {cal['temperature']:.4g} (x{cal['refit']['factor']:.4g} on the previous "
+              f"{cal['refit']['previous_temperature']:.4g}).")
+    flags = Table(title=f"Unlike the training images: {ood['score']} > {ood['threshold']:.4g} "
+                        f"({ood['pass_rate']:.0%} of {ood['fitted_on']} pass)")
+    for column in ("images", "n", "flagged", "ROC-AUC"):
+        flags.add_column(column, justify="left" if column == "images" else "right")
+    aucs = ood["separation"][ood["score"]]["auroc"]
+    for name, rate in ood["flag_rates"].items():
+        flags.add_row(name, str(ood["counts"][name]), f"{rate:.1%}", _fmt(aucs.get(name)))
+    out.print(flags)
+    if result.unreadable:
+        out.print(f"[yellow]{len(result.unreadable)} unreadable image(s) skipped[/yellow]")
+    out.print("Wrote " + ", ".join(str(p) for p in result.files))
+
+
+@app.command(
+    epilog=_examples(
+        "skinclf explain lesion.jpg --out reports/explain",
+        "skinclf explain ./images --out reports/explain --top-k 2",
+        "skinclf explain ./images --out maps --patch 48 --stride 24 --fill grey --model my.keras",
+        "skinclf explain ./images --out maps --strict     # exit 1 if any file could not be read",
+    )
+)
+def explain(
+    source: Path = typer.Argument(..., help="An image file, or a folder of images (searched recursively)."),
+    out_dir: Path = typer.Option(EXPLAIN.out, "--out", help="Folder for one PNG per image and explain.json."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Model bundle [default: $SKINCLF_MODEL, else the bundled model]."
+    ),
+    top_k: int = typer.Option(EXPLAIN.top_k, "--top-k", help="How many most-probable classes to show."),
+    patch: int = typer.Option(EXPLAIN.patch, "--patch", help="Side of the occluding patch, in model-input pixels."),
+    stride: int = typer.Option(EXPLAIN.stride, "--stride", help="Step of the sliding patch (smaller: finer, slower)."),
+    fill: str = typer.Option(EXPLAIN.fill, "--fill", help="What covers the patch: blur, grey or mean (colour)."),
+    max_side: int = typer.Option(EXPLAIN.max_side, "--max-side", help="Longest side of the picture's panels."),
+    batch_size: int = typer.Option(EXPLAIN.batch_size, "--batch-size", help="Images per model call."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with status 1 if any file could not be read."),
+) -> None:
+    """Heat maps of what drove each image's top class (occlusion sensitivity), beside the top-k bars.
+
+    A patch slides over the image and the drop of the top class's probability is mapped; it
+    needs forward passes only, so it works with any engine. Bad files get one line each and
+    the batch goes on. A map shows where the model looked, not why; it is not a diagnosis.
+    """
+    with _user_errors():
+        from skinclf.explain import explain_images
+
+        summary = explain_images(source=source, out=out_dir, model=model, top_k=top_k, patch=patch, stride=stride,
+                                 fill=fill, max_side=max_side, batch_size=batch_size, strict=strict)
+    for item in summary.explained:
+        top = ", ".join(f"{c} {p:.2f}" for c, p in item.top)
+        odd = "  [unlike the training images]" if item.unlike_training else ""
+        out.print(f"{item.png}  ({item.path}: {top}){odd}", markup=False)
+    typer.echo(f"{len(summary.explained)} explained, {len(summary.errors)} could not be read; wrote "
+               f"{summary.out / 'explain.json'}", err=True)
 
 
 def main() -> None:

@@ -132,6 +132,28 @@ class ServeDefaults:
     max_request_mb: float = 256.0
 
 
+@dataclass(frozen=True)
+class CalibrateDefaults:
+    data: Path = Path("data/prepared/val")
+    batch_size: int = 16
+    workers: int = 2
+    # Share of the held-out dermoscopic images that pass the out-of-distribution flag.
+    pass_rate: float = 0.95
+
+
+@dataclass(frozen=True)
+class ExplainDefaults:
+    out: Path = Path("reports/explain")
+    top_k: int = 3
+    # Occlusion sensitivity: a patch of `patch` pixels (at the model's input size) slid by `stride`.
+    patch: int = 32
+    stride: int = 16
+    fill: str = "blur"
+    batch_size: int = 16
+    # Longest side of each panel of the written picture (the input's size when smaller).
+    max_side: int = 512
+
+
 FETCH = FetchDefaults()
 PREPARE = PrepareDefaults()
 TRAIN = TrainDefaults()
@@ -139,3 +161,5 @@ EVALUATE = EvaluateDefaults()
 PREDICT = PredictDefaults()
 EXPORT = ExportDefaults()
 SERVE = ServeDefaults()
+CALIBRATE = CalibrateDefaults()
+EXPLAIN = ExplainDefaults()

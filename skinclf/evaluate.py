@@ -99,7 +99,7 @@ def _write(report: dict[str, Any], out: Path, y_true: np.ndarray, probs: np.ndar
            history: list[dict] | None = None) -> list[Path]:
     classes = report["classes"]
     try:
-        from skinclf.plots import confusion_matrix_png, history_png, roc_png
+        from skinclf.plots import confusion_matrix_png, history_png, reliability_png, roc_png
     except ModuleNotFoundError:  # the light install has no matplotlib: the report, without PNGs
         report["plots"] = 'not drawn: matplotlib is not installed (pip install "skinclf[train]")'
         atomic_write_json(out / "report.json", report)
@@ -113,6 +113,10 @@ def _write(report: dict[str, Any], out: Path, y_true: np.ndarray, probs: np.ndar
     files.append(roc_png(y_true, probs, classes, out / "roc.png", operating_points=points))
     if history:
         files.append(history_png(history, out / "history.png"))
+    if report.get("calibration"):
+        files.append(reliability_png({"model": report["calibration"]["reliability"]}, out / "reliability.png",
+                                     title="Reliability diagram" + ("" if report["calibration"]["exact"] else
+                                                                    " (approximate: top-k columns only)")))
     atomic_write_json(out / "report.json", report)
     return [out / "report.json", *files]
 
@@ -164,6 +168,7 @@ def evaluate_model(
         "seen": seen_report([p.stem for p, good in zip(images.paths, ok) if good], y_true, probs[ok], bundle.classes,
                             seen_images(bundle.meta, split=split, near=data.parent), mel_sensitivity=mel_sensitivity),
         "tta": tta,
+        "calibration": calibration_section(probs[ok], y_true, exact=True),
     }
     out = Path(out)
     return Evaluation(report, out, _write(report, out, y_true, probs[ok], bundle.meta.get("history")))
@@ -227,6 +232,7 @@ def evaluate_predictions(
         "probabilities": "exact (prob_<class> columns)" if exact else
                          "approximate: rebuilt from the top-k columns (run predict with --all-probs for exact AUC)",
         "sources": {"predictions": str(predictions), "truth": str(truth)},
+        "calibration": calibration_section(probs, y_true, exact=exact),
     }
     out = Path(out)
     return Evaluation(report, out, _write(report, out, y_true, probs))
@@ -286,6 +292,20 @@ def run_evaluation(
                                     model=model, split=split)
     return evaluate_model(model=model, data=data, out=out, mel_sensitivity=mel_sensitivity, batch_size=batch_size,
                           tta=tta, split=split, engine=engine, threads=threads)
+
+
+def calibration_section(probs: np.ndarray, y_true: np.ndarray, *, exact: bool) -> dict[str, Any]:
+    """ECE (15 bins), Brier score, NLL and the reliability table; `exact` False when the
+    probabilities were rebuilt from top-k columns (Brier and NLL then approximate; ECE, which
+    only uses the top-1 probability, is exact)."""
+    from skinclf.calibration import calibration_report
+
+    section = {**calibration_report(probs, y_true), "exact": exact}
+    if not exact:
+        section["note"] = ("approximate: probabilities rebuilt from the top-k columns (the rest spread evenly), so "
+                           "Brier and NLL are approximate; ECE uses only the top-1 probability and is exact to 4 "
+                           "decimals. Run predict with --all-probs for exact figures")
+    return section
 
 
 def _check_sensitivity(value: float) -> None:

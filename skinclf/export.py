@@ -64,10 +64,11 @@ def probe_images(size: int, *, count: int = EXPORT.probes, folder: Path | None =
         blobs.append(np.clip(base * cast + rng.normal(0, 6, (size, size, 3)), 0, 255))
     images = [noise, np.stack(blobs)]
     if folder is not None:
-        from skinclf.images import ImageError, iter_image_files, load_image
+        from skinclf.images import ImageError, load_image
+        from skinclf.walk import walk_images
 
         real = []
-        for path in sorted(iter_image_files(Path(folder)))[:count]:
+        for path in [Path(folder) / rel for rel in walk_images(Path(folder), recursive=True).files[:count]]:
             try:
                 real.append(load_image(path, size))
             except ImageError:

@@ -89,3 +89,33 @@ def history_png(history: Sequence[dict], path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def reliability_png(curves: dict[str, Sequence[dict]], path: Path, *, title: str = "Reliability diagram") -> Path:
+    """Reliability diagram: accuracy against mean top-1 confidence per bin, one line per curve
+    (rows from `skinclf.calibration.reliability`), with the diagonal of perfect calibration and
+    the share of images per bin below."""
+    fig = Figure(figsize=(6, 6.8))
+    ax = fig.add_axes((0.12, 0.34, 0.83, 0.58))
+    hist = fig.add_axes((0.12, 0.08, 0.83, 0.18), sharex=ax)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8, label="perfect calibration")
+    width = None
+    for i, (label, rows) in enumerate(curves.items()):
+        used = [r for r in rows if r["count"]]
+        total = sum(r["count"] for r in rows) or 1
+        ece = sum(r["count"] / total * abs(r["confidence"] - r["accuracy"]) for r in used)
+        ax.plot([r["confidence"] for r in used], [r["accuracy"] for r in used], marker="o", ms=4,
+                label=f"{label}: ECE {ece:.3f}")
+        width = (rows[0]["high"] - rows[0]["low"]) if rows else 0.1
+        offset = (i - (len(curves) - 1) / 2) * width / max(len(curves), 1)
+        hist.bar([(r["low"] + r["high"]) / 2 + offset for r in rows], [r["count"] / total for r in rows],
+                 width=width / max(len(curves), 1), alpha=0.7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_ylabel("accuracy of the top class")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    hist.set_xlabel("confidence (top-1 probability)")
+    hist.set_ylabel("share")
+    return _save(fig, path)

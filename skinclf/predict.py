@@ -45,6 +45,7 @@ class PredictSummary:
     unreadable: int = 0  # folders, links and other entries that could not be read (rows with an error)
     warnings: int = 0  # classified rows with a warning
     dropped: int = 0  # rows of a resumed CSV whose files are no longer in the folder
+    unlike_training: int = 0  # images flagged by the model's out-of-distribution threshold (warnings)
 
     @property
     def images_per_second(self) -> float:
@@ -104,6 +105,17 @@ def _count(lines: list[list[str]], header: list[str]) -> tuple[int, int]:
     return sum(1 for r in lines if r[error]), sum(1 for r in lines if r[warning])
 
 
+def _ood_note(ood: dict[str, Any] | None, flagged: int) -> dict[str, Any]:
+    """What the ood_score column means for this model, for the sidecar."""
+    if not ood:
+        return {"score": "energy", "threshold": None, "flagged": 0,
+                "note": "this model has no fitted out-of-distribution threshold: nothing is flagged "
+                        "(run `skinclf calibrate` to fit one)"}
+    return {"score": ood["score"], "threshold": ood["threshold"], "pass_rate": ood.get("pass_rate"),
+            "fitted_on": ood.get("fitted_on"), "flagged": flagged,
+            "note": "ood_score above the threshold: the image is unlike the training images (warning column)"}
+
+
 def predict_directory(
     *,
     directory: Path,
@@ -134,12 +146,15 @@ def predict_directory(
 
     from skinclf.engines import load_engine
     from skinclf.inference import engine_tta, predict_files
+    from skinclf.ood import WARNING as UNLIKE_TRAINING
+    from skinclf.ood import flag
     from skinclf.parallel import usable_cpus
 
     started = time.perf_counter()
     runner = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size, threads=threads or None)
     classes = runner.classes
     top_k = _top_k(top_k, classes)
+    ood = runner.meta.get("ood")
     # Prepare and run the engine once, before the clock of the images/s figure starts.
     size = runner.image_size
     engine_tta(runner, tta)(np.zeros((1, size, size, 3), dtype="float32"))
@@ -150,7 +165,7 @@ def predict_directory(
     output = open_output(target, header, resume=resume, overwrite=overwrite, keep=set(found.files))
     problems = {p.path for p in found.problems}
     todo = [f for f in found.files if f not in output.done]
-    errors = warned = 0  # this run's rows; recounted over the whole file at the end
+    errors = warned = unlike = 0  # this run's rows; recounted over the whole file at the end
     t0 = time.perf_counter()
     try:
         output.write([row(p.path, None, p.reason, classes, top_k, all_probs) for p in found.problems])
@@ -159,8 +174,13 @@ def predict_directory(
             count = 0
             for batch in predict_files(runner, [directory / f for f in todo], image_size=size,
                                        batch_size=batch_size, workers=workers, tta=tta):
-                rows = [row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs, notes)
-                        for path, probs, error, notes in zip(batch.paths, batch.probs, batch.errors, batch.warnings)]
+                scores, flagged = flag(batch.logits, ood)
+                rows = []
+                for path, probs, error, notes, score, odd in zip(batch.paths, batch.probs, batch.errors,
+                                                                 batch.warnings, scores, flagged):
+                    notes = [*notes, UNLIKE_TRAINING] if odd and error is None else notes
+                    rows.append(row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs,
+                                    notes, ood_score=score))
                 output.write(rows)
                 batch_errors, batch_warned = _count(rows, header)
                 errors, warned = errors + batch_errors, warned + batch_warned
@@ -178,13 +198,15 @@ def predict_directory(
     lines = output.finish()
     if lines:
         errors, warned = _count(lines[1:], header)
+        warning = header.index("warning")
+        unlike = sum(1 for r in lines[1:] if UNLIKE_TRAINING in r[warning])
         _write_sidecar(target, bundle=runner, directory=directory, files=len(found.files), errors=errors,
                        warnings=warned, options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive,
-                                                 "tta": tta})
+                                                 "tta": tta, "engine": runner.name}, ood=_ood_note(ood, unlike))
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
                              errors=errors, seconds=seconds, model=runner.identity(), startup_seconds=startup,
                              unreadable=len(problems), warnings=warned,
-                             dropped=len([p for p in output.dropped if p not in problems]))
+                             dropped=len([p for p in output.dropped if p not in problems]), unlike_training=unlike)
     if strict and errors:
         raise SkinclfError(_strict_message(summary, out))
     return summary
@@ -200,7 +222,7 @@ def _strict_message(summary: PredictSummary, out: Path | str) -> str:
 
 
 def _write_sidecar(target: Path, *, bundle, directory: Path, files: int, errors: int, warnings: int,
-                   options: dict[str, Any]) -> None:
+                   options: dict[str, Any], ood: dict[str, Any]) -> None:
     atomic_write_json(sidecar_path(target), {
         "note": DISCLAIMER,
         "model": bundle.identity(),
@@ -211,4 +233,5 @@ def _write_sidecar(target: Path, *, bundle, directory: Path, files: int, errors:
         "files": files,
         "errors": errors,
         "warnings": warnings,
+        "ood": ood,
     })

@@ -1,11 +1,13 @@
 """The predict CSV: its columns, its rows, and reading it back (no Keras needed).
 
-    path,top1_class,top1_prob,...,topK_class,topK_prob[,prob_<class>...],error,warning
+    path,top1_class,top1_prob,...,topK_class,topK_prob[,prob_<class>...],ood_score,error,warning
 
 One row per file, `path` relative to the classified folder, probabilities to 4 decimals, an
 empty `error` on success. A folder below it that could not be read is a row too (its path ends
-in '/'), with an error. `warning` holds short cautions about a classified image (e.g. far too
-small for the model), joined by "; " (see `warning_cell`); warnings never count as errors. The rows hold nothing else, so the file opens as-is in pandas or a
+in '/'), with an error. `ood_score` is higher the less an image is like the training images
+(see `skinclf.ood`). `warning` holds short cautions about a classified image (far too small for
+the model, unlike the training images), joined by "; " (see `warning_cell`); warnings never count
+as errors. The rows hold nothing else, so the file opens as-is in pandas or a
 spreadsheet; the model's identity and the reminder that this is not a diagnosis go in a JSON
 sidecar next to it (`results.csv.json`).
 """
@@ -36,7 +38,7 @@ def columns(classes: Sequence[str], top_k: int, all_probs: bool) -> list[str]:
         cols += [f"top{i}_class", f"top{i}_prob"]
     if all_probs:
         cols += [f"prob_{c}" for c in classes]
-    return [*cols, "error", "warning"]
+    return [*cols, "ood_score", "error", "warning"]
 
 
 def warning_cell(messages: Iterable[str]) -> str:
@@ -48,18 +50,20 @@ def warning_cell(messages: Iterable[str]) -> str:
 
 
 def row(rel_path: str, probs: np.ndarray | None, error: str | None, classes: Sequence[str], top_k: int,
-        all_probs: bool, warnings: Iterable[str] = ()) -> list[str]:
-    """One CSV row; `probs` is None (or ignored) when `error` is set, and so are `warnings`."""
+        all_probs: bool, warnings: Iterable[str] = (), *, ood_score: float | None = None) -> list[str]:
+    """One CSV row; `probs` is None (or ignored) when `error` is set, and so are `warnings` and
+    `ood_score`."""
     if error:
         blanks = [""] * (2 * top_k + (len(classes) if all_probs else 0))
-        return [rel_path, *blanks, " ".join(error.split()), ""]
+        return [rel_path, *blanks, "", " ".join(error.split()), ""]
     order = np.argsort(-probs, kind="stable")[:top_k]  # ties keep class order
     cells = [rel_path]
     for i in order:
         cells += [classes[i], f"{probs[i]:.4f}"]
     if all_probs:
         cells += [f"{p:.4f}" for p in probs]
-    return [*cells, "", warning_cell(warnings)]
+    score = "" if ood_score is None or not np.isfinite(ood_score) else f"{ood_score:.4f}"
+    return [*cells, score, "", warning_cell(warnings)]
 
 
 def header_options(header: Sequence[str]) -> dict[str, object]:

@@ -40,8 +40,11 @@ import numpy as np
 
 from skinclf import __version__
 from skinclf.config import SERVE
+from skinclf.engines import softmax
 from skinclf.errors import SkinclfError
 from skinclf.images import ImageError, decode_image
+from skinclf.ood import WARNING as UNLIKE_TRAINING
+from skinclf.ood import flag
 from skinclf.results import DISCLAIMER, columns, row
 
 MB = 1024 * 1024
@@ -90,7 +93,8 @@ class _Job:
 
 
 class Classifier:
-    """One engine, run by one worker thread; callers from any thread get probabilities back.
+    """One engine, run by one worker thread; callers from any thread get its logits back
+    (`engine.logits`; a bare callable engine's output as it is).
 
     Callers' images wait in a queue; the worker runs them in full batches of the engine's
     `batch_size`, filled from as many requests as are waiting (a request may span two calls),
@@ -100,6 +104,7 @@ class Classifier:
 
     def __init__(self, engine) -> None:
         self.engine = engine
+        self._run = getattr(engine, "logits", engine)
         self.batch_size = int(getattr(engine, "batch_size", 16))
         self.calls = 0  # engine calls made (tests check that requests were run together)
         self.busy_seconds = 0.0  # time spent in the engine (the load bench reports it)
@@ -108,7 +113,7 @@ class Classifier:
         self._worker.start()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities (n, classes) for `images` (n, size, size, 3); blocks until done."""
+        """Logits (n, classes) for `images` (n, size, size, 3); blocks until done."""
         if len(images) == 0:
             return np.zeros((0, len(self.engine.classes)), dtype="float32")
         job = _Job(np.asarray(images, dtype="float32"), len(self.engine.classes))
@@ -148,7 +153,7 @@ class Classifier:
                     break
             try:
                 started = time.perf_counter()
-                probs = self.engine(np.concatenate([job.images[a:b] for job, a, b in parts]))
+                probs = self._run(np.concatenate([job.images[a:b] for job, a, b in parts]))
                 self.busy_seconds += time.perf_counter() - started
                 self.calls += 1
             except BaseException as exc:  # noqa: BLE001 - handed to the requests in this batch
@@ -217,10 +222,17 @@ def classify_uploads(classifier: Classifier, uploads: Sequence[Upload], *, class
             errors[j] = str(exc)
         upload.data = bytearray()  # the bytes are not needed past decoding
     ok = [j for j, e in enumerate(errors) if e is None]
-    probs = np.full((len(uploads), len(classes)), np.nan, dtype="float32")
+    logits = np.full((len(uploads), len(classes)), np.nan, dtype="float32")
     if ok:
-        probs[ok] = classifier(x[ok])
-    return [row(u.name, p, e, classes, top_k, all_probs, n) for u, p, e, n in zip(uploads, probs, errors, notes)]
+        logits[ok] = classifier(x[ok])
+    # The same arithmetic as predict's, so every cell matches its CSV to the last digit.
+    probs = softmax(logits)
+    scores, flagged = flag(logits, getattr(classifier.engine, "meta", {}).get("ood"))
+    for j in np.nonzero(flagged)[0]:
+        if errors[j] is None:
+            notes[j].append(UNLIKE_TRAINING)
+    return [row(u.name, p, e, classes, top_k, all_probs, n, ood_score=s)
+            for u, p, e, n, s in zip(uploads, probs, errors, notes, scores)]
 
 
 def csv_text(header: list[str], rows: list[list[str]]) -> str:

@@ -145,6 +145,10 @@ def test_topk_only_predictions_give_approximate_probabilities(tmp_path: Path) ->
     evaluation = evaluate_predictions(predictions=preds, truth=tmp_path / "truth.csv", out=tmp_path / "rep")
     assert evaluation.report["probabilities"].startswith("approximate")
     assert evaluation.report["balanced_accuracy"] == 1.0
+    calibration = evaluation.report["calibration"]
+    assert not calibration["exact"] and calibration["note"].startswith("approximate")
+    assert calibration["ece"] == pytest.approx(0.3)  # confidence 0.7, both right
+    assert (tmp_path / "rep" / "reliability.png").is_file()
 
 
 def test_no_matching_ids_is_an_error(tmp_path: Path) -> None:
@@ -176,7 +180,8 @@ def test_evaluate_model_on_a_labelled_folder(runner, labelled, tmp_path: Path) -
     assert report["n"] == n_test == sum(map(sum, report["confusion_matrix"]))
     assert report["provenance"]["held_out"] is True
     assert report["model"]["sha256"] and report["data"]["fingerprint"]
-    for name in ("confusion_matrix.png", "roc.png", "history.png"):
+    assert report["calibration"]["exact"] and 0 <= report["calibration"]["ece"] <= 1 and "Calibration: ECE" in result.output
+    for name in ("confusion_matrix.png", "roc.png", "history.png", "reliability.png"):
         png = out / name
         with Image.open(png) as im:
             im.verify()

@@ -1,0 +1,182 @@
+"""`skinclf calibrate`: make an existing bundle's probabilities and "unlike the training images"
+flags trustworthy, fitted on a labelled folder (the validation split).
+
+1. Temperature scaling (Guo et al., 2017): the bundle's logits z' (already z / T_old when
+   training fitted a temperature) are divided by the T that minimises their negative
+   log-likelihood on the folder; T is folded into the final layer, so the bundle's total
+   temperature becomes T_old * T. Decisions do not change, only confidence.
+2. The out-of-distribution score and threshold (`skinclf.ood.fit_ood`) on the recalibrated
+   logits: the folder's images are the inliers, `reference_outliers()` the outliers.
+
+ECE (15 bins), NLL and Brier score before and after go into `meta["calibration"]`, the OOD
+record into `meta["ood"]`; both are fitted and measured on the same folder, so "after" figures
+are in-sample: a two-fold cross-fitted ECE is recorded beside them as the honest estimate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skinclf import __version__, ui
+from skinclf.calibration import calibration_report, fit_temperature, softmax
+from skinclf.config import CALIBRATE
+from skinclf.errors import SkinclfError
+from skinclf.files import atomic_write_json
+from skinclf.layout import default_model_path, list_labelled_images
+from skinclf.ood import PASS_RATE, describe_sets, fit_ood, outlier_logits, reference_outliers
+
+SUMMARY_KEYS = ("ece", "brier", "nll")
+
+
+@dataclass
+class CalibrationResult:
+    """What `calibrate_model` did: where the bundle went and what it fitted."""
+
+    model: Path
+    calibration: dict[str, Any]
+    ood: dict[str, Any]
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    logits: np.ndarray | None = None  # recalibrated logits of the readable images (for reports)
+    labels: np.ndarray | None = None
+
+
+def folder_logits(engine, paths: list[Path], *, workers: int = 2, show_progress: bool | None = None,
+                  description: str = "Scoring") -> tuple[np.ndarray, list[str | None]]:
+    """Logits of image files through any engine (NaN rows and an error where a file is bad)."""
+    from skinclf.data import in_background
+    from skinclf.inference import _decode
+
+    size, step = engine.image_size, engine.batch_size
+    tasks = [partial(_decode, list(paths[i : i + step]), size) for i in range(0, len(paths), step)]
+    parts, errors = [], []
+    with ui.progress(enabled=show_progress) as progress:
+        task = progress.add_task(description, total=len(paths), rate="")
+        for batch_paths, x, batch_errors, _notes in in_background(tasks, workers=workers):
+            ok = [j for j, e in enumerate(batch_errors) if e is None]
+            z = np.full((len(batch_paths), len(engine.classes)), np.nan, dtype="float32")
+            if ok:
+                z[ok] = engine.logits(x[ok])
+            parts.append(z)
+            errors += batch_errors
+            progress.update(task, advance=len(batch_paths))
+    return (np.concatenate(parts) if parts else np.zeros((0, len(engine.classes)), "float32")), errors
+
+
+def cross_fitted(logits: np.ndarray, labels: np.ndarray, *, folds: int = 2, seed: int = 0) -> dict[str, float]:
+    """ECE, Brier and NLL with each image's temperature fitted on the other folds only."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    probs = np.zeros(logits.shape)
+    for k in range(folds):
+        held = order[k::folds]
+        rest = np.setdiff1d(order, held)
+        t = fit_temperature(softmax(logits[rest]), labels[rest])
+        probs[held] = softmax(logits[held] / t)
+    report = calibration_report(probs, labels)
+    return {k: report[k] for k in SUMMARY_KEYS}
+
+
+def _fitted_on(meta: dict[str, Any], data: Path) -> str:
+    from skinclf.evaluate import provenance
+
+    where = provenance(meta, data)
+    if where["held_out"]:
+        raise SkinclfError(
+            f"{data} is the held-out test split of this model: fitting on it would make every test figure "
+            "optimistic; calibrate on the validation split (e.g. data/prepared/val)"
+        )
+    if where["split"] == "val" and where["data_fingerprint"] and where["data_fingerprint"] == where["model_data_fingerprint"]:
+        return "validation split"
+    return str(data)
+
+
+def calibrate_model(
+    *,
+    model: Path | None = None,
+    data: Path = CALIBRATE.data,
+    out: Path | None = None,
+    report: Path | None = None,
+    pass_rate: float = PASS_RATE,
+    ood_score: str | None = None,
+    batch_size: int = CALIBRATE.batch_size,
+    workers: int = CALIBRATE.workers,
+    seed: int = 0,
+    show_progress: bool | None = None,
+) -> CalibrationResult:
+    """Refit the temperature and the OOD flag of the bundle `model` on the labelled folder `data`.
+
+    Writes the bundle to `out` (default: replaces `model`, atomically) and, with `report`, a
+    `calibration.json` and `reliability.png` into that folder. `ood_score` forces one of the
+    scores instead of choosing the best separating one.
+    """
+    from skinclf.calibration import reliability
+    from skinclf.engines import KerasEngine
+    from skinclf.model import fold_logit_transform, load_bundle, save_bundle
+
+    if not 0.5 <= pass_rate < 1:
+        raise SkinclfError(f"--pass-rate {pass_rate}: must be in [0.5, 1), e.g. 0.95")
+    if batch_size < 1:
+        raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
+    source = Path(model or default_model_path())
+    target = Path(out or source)
+    if target.suffix != ".keras":
+        raise SkinclfError(f"--out {target}: the model file must end in .keras")
+    bundle = load_bundle(source)
+    data = Path(data)
+    fitted_on = _fitted_on(bundle.meta, data)
+    images = list_labelled_images(data, classes=tuple(bundle.classes))
+    engine = KerasEngine(bundle, batch_size=batch_size)
+    logits, errors = folder_logits(engine, images.paths, workers=workers, show_progress=show_progress,
+                                   description="Calibrating")
+    ok = np.array([e is None for e in errors], dtype=bool)
+    if ok.sum() < 20:
+        raise SkinclfError(f"only {int(ok.sum())} readable images in {data}: need at least 20 to calibrate")
+    z, labels = logits[ok].astype("float64"), np.asarray(images.labels)[ok]
+
+    factor = fit_temperature(softmax(z), labels)
+    before, after = calibration_report(softmax(z), labels), calibration_report(softmax(z / factor), labels)
+    previous = bundle.meta.get("calibration") or {}
+    old_t = float(previous.get("temperature", 1.0))
+    calibration = {
+        "temperature": old_t * factor,
+        "fitted_on": fitted_on,
+        "data": str(data),
+        "images": int(ok.sum()),
+        "validation_before": {k: before[k] for k in SUMMARY_KEYS},
+        "validation_after": {k: after[k] for k in SUMMARY_KEYS},
+        "validation_after_cross_fitted": cross_fitted(z, labels, seed=seed),
+        "bins": before["bins"],
+        "refit": {"by": f"skinclf calibrate {__version__}", "previous_temperature": old_t, "factor": factor,
+                  "at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        **({"previous": previous} if previous else {}),
+    }
+
+    sets = reference_outliers(size=engine.image_size, seed=seed)
+    outliers = {name: v / factor for name, v in outlier_logits(engine.logits, sets).items()}
+    ood = fit_ood(z / factor, outliers, pass_rate=pass_rate, score=ood_score, fitted_on=fitted_on)
+    ood["outlier_sets"] = {"images": describe_sets(sets), "source": "skinclf.ood.reference_outliers(seed="
+                           f"{seed}, size={engine.image_size})"}
+
+    fold_logit_transform(bundle.model, temperature=factor)
+    save_bundle(bundle.model, target, {**bundle.meta, "calibration": calibration, "ood": ood})
+    unreadable = [{"path": str(p), "error": e} for p, e in zip(images.paths, errors) if e]
+    files: list[Path] = [target]
+    if report is not None:
+        from skinclf.plots import reliability_png
+
+        report = Path(report)
+        tables = {"before": reliability(softmax(z), labels), "after": reliability(softmax(z / factor), labels)}
+        atomic_write_json(report / "calibration.json", {"model": str(target), "calibration": calibration,
+                                                        "reliability": tables, "ood": ood, "unreadable": unreadable})
+        files += [report / "calibration.json",
+                  reliability_png({f"before (T = {old_t:.3g})": tables["before"],
+                                   f"after (T = {old_t * factor:.3g})": tables["after"]},
+                                  report / "reliability.png", title=f"Reliability on {fitted_on}")]
+    return CalibrationResult(model=target, calibration=calibration, ood=ood, unreadable=unreadable, files=files,
+                             logits=z / factor, labels=labels)

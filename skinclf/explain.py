@@ -1,0 +1,282 @@
+"""`skinclf explain`: a heat map of what drove each image's top class, beside its top-k bars.
+
+Occlusion sensitivity (Zeiler & Fergus, 2014): a patch of the model-sized image is covered
+(by a blurred copy of itself by default, or mid grey or the image's mean colour), the patch
+slides over the image, and the drop in the top class's probability is averaged over the
+patches covering each pixel. Forward passes only, batched through `engine(images)`, so it
+works with every engine (Keras, ONNX) and any callable that maps an image batch to
+probabilities. A map is a guide to where the model looked, not a proof of why.
+
+Each picture is written as `<out>/<name>.png`: the image, the map over the image (both at the
+image's own size, up to `max_side`), and the top-k probabilities; `explain.json` lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+from skinclf import ui
+from skinclf.config import EXPLAIN
+from skinclf.errors import SkinclfError
+from skinclf.files import atomic_path, atomic_write_json
+from skinclf.images import ImageError, load_image
+from skinclf.walk import walk_images
+
+FILLS = ("blur", "grey", "mean")
+GAP = 6  # pixels between panels
+BAR_PANEL = 260
+
+
+@dataclass
+class Explained:
+    """One explained image."""
+
+    path: str
+    png: Path
+    top: list[tuple[str, float]]
+    peak: tuple[float, float]  # where the map is highest, (row, column) as shares of height and width
+    max_drop: float  # the largest mean drop of the top class's probability
+    panel_size: tuple[int, int]  # (width, height) of the image and map panels
+    unlike_training: bool | None = None  # None: the model has no fitted OOD flag
+
+
+@dataclass
+class ExplainSummary:
+    """What an explain run did."""
+
+    out: Path
+    explained: list[Explained] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _positions(size: int, patch: int, stride: int) -> list[int]:
+    starts = list(range(0, size - patch + 1, stride))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)  # cover the last rows and columns too
+    return starts
+
+
+def _filled(image: np.ndarray, fill: str, patch: int) -> np.ndarray:
+    if fill == "grey":
+        return np.full_like(image, 128.0)
+    if fill == "mean":
+        return np.broadcast_to(image.mean(axis=(0, 1)), image.shape).astype(image.dtype)
+    pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    return np.asarray(pil.filter(ImageFilter.GaussianBlur(radius=patch / 2)), dtype=image.dtype)
+
+
+def occlusion_map(
+    engine: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    *,
+    target: int | None = None,
+    patch: int = EXPLAIN.patch,
+    stride: int = EXPLAIN.stride,
+    fill: str = EXPLAIN.fill,
+    chunk: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Occlusion sensitivity of one (size, size, 3) image: the map (size, size) of the mean drop
+    of class `target`'s probability (default: the top class) when a patch covers each pixel, and
+    the image's own probabilities."""
+    if fill not in FILLS:
+        raise SkinclfError(f"--fill {fill!r}: choose one of {', '.join(FILLS)}")
+    image = np.asarray(image, dtype="float32")
+    size = image.shape[0]
+    if image.shape != (size, size, 3):
+        raise SkinclfError(f"occlusion needs a square RGB image, got shape {image.shape}")
+    if not 1 <= stride <= patch <= size:
+        raise SkinclfError(f"--patch {patch} / --stride {stride}: need 1 <= stride <= patch <= {size} (the input size)")
+    probs = np.asarray(engine(image[None]))[0]
+    target = int(np.argmax(probs)) if target is None else target
+    cover = _filled(image, fill, patch)
+    boxes = [(y, x) for y in _positions(size, patch, stride) for x in _positions(size, patch, stride)]
+    drops = np.empty(len(boxes))
+    for start in range(0, len(boxes), chunk):
+        batch = np.repeat(image[None], len(boxes[start : start + chunk]), axis=0)
+        for j, (y, x) in enumerate(boxes[start : start + chunk]):
+            batch[j, y : y + patch, x : x + patch] = cover[y : y + patch, x : x + patch]
+        drops[start : start + len(batch)] = probs[target] - np.asarray(engine(batch))[:, target]
+    total = np.zeros((size, size))
+    count = np.zeros((size, size))
+    for (y, x), drop in zip(boxes, drops):
+        total[y : y + patch, x : x + patch] += drop
+        count[y : y + patch, x : x + patch] += 1
+    return total / np.maximum(count, 1), probs
+
+
+def _display_image(path: Path, max_side: int) -> Image.Image:
+    """The file as a person sees it (EXIF orientation, RGB), shrunk to `max_side` if larger."""
+    from skinclf.images import _to_rgb
+
+    with Image.open(path) as im:
+        im.draft("RGB", (max_side, max_side))
+        shown = _to_rgb(ImageOps.exif_transpose(im))
+        if max(shown.size) > max_side:
+            shown.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        return shown.copy()
+
+
+def _colour(heat: np.ndarray) -> np.ndarray:
+    from matplotlib import colormaps
+
+    return colormaps["inferno"](heat)[..., :3] * 255
+
+
+def render(shown: Image.Image, heat: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, top_k: int,
+           max_drop: float, note: str = "") -> Image.Image:
+    """The picture: [image | map over the image | top-k bars]; `heat` in 0..1 at any size."""
+    w, h = shown.size
+    m = np.asarray(Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8)).resize(
+        (w, h), Image.Resampling.BILINEAR), dtype="float64") / 255
+    base = np.asarray(shown, dtype="float64")
+    alpha = (0.15 + 0.7 * m)[..., None]
+    overlay = Image.fromarray((base * (1 - alpha) + _colour(m) * alpha).clip(0, 255).astype(np.uint8))
+    height = max(h, 150)
+    canvas = Image.new("RGB", (2 * w + 2 * GAP + BAR_PANEL, height), (255, 255, 255))
+    canvas.paste(shown, (0, 0))
+    canvas.paste(overlay, (w + GAP, 0))
+    draw = ImageDraw.Draw(canvas)
+    x0 = 2 * w + 2 * GAP + 6
+    order = np.argsort(-probs, kind="stable")[:top_k]
+    draw.text((x0, 4), f"map: drop in p({classes[order[0]]})", fill=(0, 0, 0))
+    draw.text((x0, 18), f"when covered (max {max_drop:.2f})", fill=(0, 0, 0))
+    y = 40
+    for i in order:
+        draw.text((x0, y), f"{classes[i]} {probs[i]:.2f}", fill=(0, 0, 0))
+        draw.rectangle((x0 + 80, y + 2, x0 + 80 + int(160 * float(probs[i])), y + 11), fill=(70, 110, 180))
+        y += 18
+    if note:
+        draw.text((x0, y + 6), note, fill=(190, 30, 30))
+        y += 20
+    draw.text((x0, min(height - 14, y + 10)), "not a diagnosis", fill=(120, 120, 120))
+    return canvas
+
+
+def _output_names(rel_paths: Sequence[str]) -> list[str]:
+    stems = [Path(r).with_suffix("").as_posix().replace("/", "__") for r in rel_paths]
+    taken = {s: stems.count(s) for s in stems}
+    return [(s if taken[s] == 1 else f"{s}_{Path(r).suffix.lstrip('.').lower()}") + ".png"
+            for s, r in zip(stems, rel_paths)]
+
+
+def explain_files(
+    engine: Any,
+    files: Sequence[tuple[str, Path]],
+    out: Path,
+    *,
+    top_k: int = EXPLAIN.top_k,
+    patch: int = EXPLAIN.patch,
+    stride: int = EXPLAIN.stride,
+    fill: str = EXPLAIN.fill,
+    max_side: int = EXPLAIN.max_side,
+    show_progress: bool | None = None,
+) -> ExplainSummary:
+    """Explain `(name, path)` files with `engine` (a callable on image batches with `classes` and
+    `image_size`; with `logits` and a fitted `meta["ood"]` the picture also says when an image is
+    unlike the training images). Bad files are collected, not raised."""
+    from skinclf.ood import flag
+
+    classes = list(engine.classes)
+    if not 1 <= top_k <= len(classes):
+        raise SkinclfError(f"--top-k {top_k}: must be 1..{len(classes)} (the model's classes: {', '.join(classes)})")
+    if max_side < 16:
+        raise SkinclfError(f"--max-side {max_side}: must be at least 16 pixels")
+    ood = (getattr(engine, "meta", None) or {}).get("ood")
+    out = Path(out)
+    summary = ExplainSummary(out=out)
+    names = _output_names([rel for rel, _ in files])
+    with ui.progress(enabled=show_progress) as progress:
+        task = progress.add_task("Explaining", total=len(files), rate="")
+        for (rel, path), name in zip(files, names):
+            try:
+                x = load_image(path, engine.image_size).astype("float32")
+                shown = _display_image(path, max_side)
+            except Exception as exc:  # noqa: BLE001 - ImageError, or a file load_image took but display cannot
+                reason = str(exc) if isinstance(exc, ImageError) else f"cannot decode image: {' '.join(str(exc).split())}"
+                summary.errors.append((rel, reason))
+                progress.console.print(f"{rel}: {reason}", markup=False, highlight=False, soft_wrap=True)
+                progress.update(task, advance=1)
+                continue
+            heat, probs = occlusion_map(engine, x, patch=patch, stride=stride, fill=fill)
+            max_drop = float(heat.max())
+            scaled = np.clip(heat, 0, None) / max_drop if max_drop > 0 else np.zeros_like(heat)
+            unlike = None
+            if ood and hasattr(engine, "logits"):
+                unlike = bool(flag(engine.logits(x[None]), ood)[1][0])
+            picture = render(shown, scaled, probs, classes, top_k=top_k, max_drop=max_drop,
+                             note="unlike the training images!" if unlike else "")
+            target = out / name
+            with atomic_path(target) as tmp:
+                picture.save(tmp, format="PNG", optimize=True)
+            peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            order = np.argsort(-probs, kind="stable")[:top_k]
+            summary.explained.append(Explained(
+                path=rel, png=target, top=[(classes[i], round(float(probs[i]), 4)) for i in order],
+                peak=(round((peak[0] + 0.5) / heat.shape[0], 4), round((peak[1] + 0.5) / heat.shape[1], 4)),
+                max_drop=round(max_drop, 4), panel_size=shown.size, unlike_training=unlike))
+            progress.update(task, advance=1)
+    return summary
+
+
+def list_inputs(source: Path) -> list[tuple[str, Path]]:
+    """`(name, path)` of one image file, or of every image in a folder (recursive, sorted)."""
+    source = Path(source)
+    if source.is_file():
+        return [(source.name, source)]
+    if not source.exists():
+        raise SkinclfError(f"not found: {source} (give an image file or a folder of images)")
+    walk = walk_images(source, recursive=True)
+    # Folders that could not be read are entries too: they fail to load and are reported as bad.
+    found = sorted((rel, source / rel) for rel in [*walk.files, *(p.path for p in walk.problems)])
+    if not found:
+        raise SkinclfError(f"no images in or below {source} (JPEG, PNG, BMP or TIFF; hidden files skipped)")
+    return found
+
+
+def explain_images(
+    *,
+    source: Path,
+    out: Path = EXPLAIN.out,
+    model: Path | None = None,
+    engine: str = "auto",
+    top_k: int = EXPLAIN.top_k,
+    patch: int = EXPLAIN.patch,
+    stride: int = EXPLAIN.stride,
+    fill: str = EXPLAIN.fill,
+    max_side: int = EXPLAIN.max_side,
+    batch_size: int = EXPLAIN.batch_size,
+    strict: bool = False,
+    show_progress: bool | None = None,
+) -> ExplainSummary:
+    """The `explain` command: a heat-map picture per image of `source` (a file or a folder) in
+    `out`, and `explain.json`. With `strict`, raises after writing if any file was bad."""
+    from skinclf.engines import load_engine
+    from skinclf.layout import default_model_path
+
+    if fill not in FILLS:
+        raise SkinclfError(f"--fill {fill!r}: choose one of {', '.join(FILLS)}")
+    files = list_inputs(source)
+    loaded = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size)
+    if not 1 <= stride <= patch <= loaded.image_size:
+        raise SkinclfError(f"--patch {patch} / --stride {stride}: need 1 <= stride <= patch <= {loaded.image_size} "
+                           "(the model's input size)")
+    summary = explain_files(loaded, files, out, top_k=top_k, patch=patch, stride=stride, fill=fill,
+                            max_side=max_side, show_progress=show_progress)
+    atomic_write_json(Path(out) / "explain.json", {
+        "model": loaded.identity(),
+        "method": {"name": "occlusion sensitivity", "patch": patch, "stride": stride, "fill": fill,
+                   "input_size": loaded.image_size,
+                   "map": "mean drop of the top class's probability when a patch covering the pixel is occluded"},
+        "images": [{**asdict(e), "png": e.png.name} for e in summary.explained],
+        "errors": [{"path": p, "error": e} for p, e in summary.errors],
+    })
+    if strict and summary.errors:
+        raise SkinclfError(f"{len(summary.errors)} of {len(files)} files could not be explained (listed above and in "
+                           f"{Path(out) / 'explain.json'})")
+    return summary
