@@ -42,6 +42,7 @@ from skinclf.files import atomic_path, atomic_write, atomic_write_json, check_ou
 from skinclf.inference import predict_files
 from skinclf.layout import LabelledImages, list_labelled_images
 from skinclf.metrics import classification_report
+from skinclf.seen import split_image_ids
 from skinclf.model import (
     PREPROCESSING,
     build_model,
@@ -691,7 +692,7 @@ def train_model(
         "calibration": {"temperature": post_hoc["temperature"], "fitted_on": "validation split",
                         "validation_before": post_hoc["validation_before"], "validation_after": post_hoc["validation_after"]},
         "data": {"path": str(data), "fingerprint": settings["fingerprint"], "train_counts": train_set.counts(),
-                 "val_counts": val_set.counts()},
+                 "val_counts": val_set.counts(), **split_image_ids(train_set.paths, val_set.paths)},
         "metrics": {"validation": val_report},
         "history": history,
         "versions": versions(),

@@ -15,11 +15,10 @@ from skinclf.cli import app
 
 pytestmark = pytest.mark.integration
 
-# The bundled model's probabilities for one fixed image (ISIC_0024358.jpg, full size), recorded
-# when the model was committed: any accidental change of the model or the preprocessing shows.
-FIXED_IMAGE = "ISIC_0024358.jpg"
-EXPECTED = {"akiec": 0.000618, "bcc": 0.000090, "bkl": 0.885424, "df": 0.000123, "mel": 0.105200, "nv": 0.008541,
-            "vasc": 0.000005}
+# The bundled model's probabilities for fixed full-size images, recorded by tools/fixed_image.py
+# (run by tools/refresh_bundle.sh) when the model was committed: any accidental change of the
+# model or the preprocessing shows.
+EXPECTED = json.loads((Path(__file__).with_name("fixed_image_expected.json")).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +39,14 @@ def test_bundle_is_small_and_carries_its_metadata(bundle) -> None:
     assert meta["metrics"]["validation"]["balanced_accuracy"] > 0.7
 
 
-def test_fixed_image_matches_the_recorded_output(bundle) -> None:
+def test_fixed_images_match_the_recorded_output(bundle) -> None:
     from skinclf.images import load_image
 
-    x = load_image(require(SHARED_FULLRES) / FIXED_IMAGE, bundle.image_size)[None].astype("float32")
-    probs = np.asarray(bundle.model.predict_on_batch(x))[0]
-    assert probs == pytest.approx([EXPECTED[c] for c in bundle.classes], abs=2e-4)
+    assert bundle.sha256 == EXPECTED["model_sha256"], "the model changed: run bash tools/refresh_bundle.sh"
+    for name, expected in EXPECTED["images"].items():
+        x = load_image(require(SHARED_FULLRES) / name, bundle.image_size)[None].astype("float32")
+        probs = np.asarray(bundle.model.predict_on_batch(x))[0]
+        assert probs == pytest.approx([expected[c] for c in bundle.classes], abs=2e-4), name
 
 
 def test_same_image_as_jpeg_and_png_gets_the_same_top1(tmp_path: Path, bundle) -> None:
