@@ -648,6 +648,30 @@ def serve(
 
 @app.command(
     epilog=_examples(
+        "skinclf ensemble runs/seed1.keras runs/seed2.keras runs/seed3.keras --out models/ensemble.keras",
+        "skinclf evaluate --model models/ensemble.keras --data data/prepared/val   # is it worth it?",
+    )
+)
+def ensemble(
+    members: list[Path] = typer.Argument(..., help="Two or more model bundles (.keras) with the same classes."),
+    out_model: Path = typer.Option(..., "--out", help="The ensemble bundle to write (.keras)."),
+) -> None:
+    """Average trained bundles (other seeds, other crops) into one bundle whose output is the mean of
+    their probabilities.
+
+    Every member adds a forward pass to predict: bundle an ensemble only if it beats the best
+    single network on validation by a clear margin. Recalibrate it afterwards (`skinclf calibrate`).
+    """
+    with _user_errors():
+        from skinclf.ensemble import ensemble_bundles
+
+        meta = ensemble_bundles(members=members, out=out_model)
+    out.print(f"Wrote {out_model}: the mean of {len(meta['members'])} models over {', '.join(meta['classes'])}. "
+              f"Next: skinclf calibrate {out_model} --data data/prepared/val")
+
+
+@app.command(
+    epilog=_examples(
         "skinclf calibrate runs/exp03.keras --data data/prepared/val",
         "skinclf calibrate models/skinclf-mobilenet.keras --data data/prepared/val --out models/calibrated.keras",
         "skinclf calibrate my.keras --data clinic-labelled/ --report reports/calibration --pass-rate 0.9",

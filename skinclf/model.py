@@ -195,11 +195,19 @@ def with_input_size(model, image_size: int):
     return fixed
 
 
+def _log(x):
+    return keras.ops.log(keras.ops.maximum(x, 1e-12))
+
+
 def logits_model(model):
     """A copy of a chain model that outputs the classifier's logits (softmax left off).
 
     Shares nothing with `model`; engines apply the softmax themselves, so they can give
     logits (for out-of-distribution scores) and probabilities from one forward pass."""
+    if "predictions" not in {layer.name for layer in model.layers}:
+        # Not a chain with a classifier (an ensemble, whose output is a mean of probabilities):
+        # log p serves as logits, since softmax(log p) == p.
+        return keras.Model(model.inputs, keras.layers.Activation(_log, name="log_probabilities")(model.outputs[0]))
     inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name=model.inputs[0].name)
     x = inputs
     for layer in model.layers[1:]:

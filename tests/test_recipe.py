@@ -167,3 +167,48 @@ def test_bad_recipe_options(prepared, tmp_path, monkeypatch, args, needle) -> No
     assert result.exit_code == 1 and needle in result.output, result.output
     assert not (tmp_path / "runs").exists()
     assert json  # noqa: B018 - imported for symmetry with test_train
+
+
+def _tiny_bundle(path, seed: int):
+    from skinclf.model import save_bundle
+
+    model = build_model(num_classes=3, image_size=32, alpha=0.25, weights=None, seed=seed)
+    rng = np.random.default_rng(seed)
+    layer = model.get_layer("predictions")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([rng.normal(0, 0.5, kernel.shape), rng.normal(0, 1, bias.shape)])
+    return save_bundle(model, path, {"name": path.stem, "classes": ["a", "b", "c"], "input_size": [32, 32],
+                                     "metrics": {"validation": {"balanced_accuracy": 0.5}}})
+
+
+def test_ensemble_bundle_loads_and_equals_the_mean_of_its_members(tmp_path) -> None:
+    from skinclf.cli import app
+    from skinclf.engines import load_engine
+    from skinclf.model import load_bundle
+    from typer.testing import CliRunner
+
+    members = [_tiny_bundle(tmp_path / f"m{i}.keras", i) for i in range(3)]
+    result = CliRunner().invoke(app, ["ensemble", *map(str, members), "--out", str(tmp_path / "e.keras")])
+    assert result.exit_code == 0, result.output
+    x = np.random.default_rng(5).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    each = [np.asarray(load_bundle(m).model.predict_on_batch(x)) for m in members]
+    ensemble = load_bundle(tmp_path / "e.keras")
+    assert np.asarray(ensemble.model.predict_on_batch(x)) == pytest.approx(np.mean(each, axis=0), abs=1e-6)
+    assert ensemble.meta["architecture"]["ensemble"] == 3 and len(ensemble.meta["members"]) == 3
+    # Engines run it like any bundle: softmax(logits) is the mean of the members.
+    assert load_engine(tmp_path / "e.keras", engine="keras")(x) == pytest.approx(np.mean(each, axis=0), abs=1e-5)
+
+
+def test_ensemble_refuses_a_single_or_mismatched_member(tmp_path) -> None:
+    from skinclf.cli import app
+    from skinclf.model import save_bundle
+    from typer.testing import CliRunner
+
+    one = _tiny_bundle(tmp_path / "one.keras", 0)
+    runner = CliRunner()
+    result = runner.invoke(app, ["ensemble", str(one), "--out", str(tmp_path / "e.keras")])
+    assert result.exit_code == 1 and "at least 2" in result.output
+    other = build_model(num_classes=3, image_size=32, alpha=0.25, weights=None, seed=1)
+    save_bundle(other, tmp_path / "other.keras", {"classes": ["x", "y", "z"], "input_size": [32, 32]})
+    result = runner.invoke(app, ["ensemble", str(one), str(tmp_path / "other.keras"), "--out", str(tmp_path / "e.keras")])
+    assert result.exit_code == 1 and "other classes" in result.output and not (tmp_path / "e.keras").exists()
