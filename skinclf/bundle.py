@@ -14,6 +14,27 @@ BUNDLE_FORMAT = "skinclf-bundle/1"
 META_MEMBER = "skinclf.json"
 
 
+class ModelInfo:
+    """What a loaded model says about itself, from its metadata (`meta`, `path`, `sha256`)."""
+
+    meta: dict[str, Any]
+    path: Path
+    sha256: str
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["input_size"][0])
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this model in reports, CSV sidecars and the web page."""
+        return {"path": str(self.path), "sha256": self.sha256, "name": self.meta.get("name", Path(self.path).stem),
+                "created": self.meta.get("created"), "classes": self.classes, "input_size": self.meta["input_size"]}
+
+
 def read_model_meta(path: Path) -> dict[str, Any]:
     """The metadata of a `.keras` bundle or of its `.onnx` export."""
     path = Path(path)

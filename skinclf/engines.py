@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from skinclf.bundle import ModelInfo
 from skinclf.errors import SkinclfError
 
 ENGINES = ("auto", "keras", "onnx")
@@ -31,7 +32,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class Engine:
+class Engine(ModelInfo):
     """A loaded model and what it needs to be used; subclasses implement `_logits`."""
 
     name = "engine"
@@ -42,19 +43,8 @@ class Engine:
         self.sha256 = sha256
         self.batch_size = batch_size
 
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.meta["input_size"][0])
-
     def identity(self) -> dict[str, Any]:
-        """What identifies this model in reports, CSV sidecars and the web page."""
-        return {"path": str(self.path), "sha256": self.sha256, "name": self.meta.get("name", self.path.stem),
-                "created": self.meta.get("created"), "classes": self.classes, "input_size": self.meta["input_size"],
-                "engine": self.name}
+        return {**super().identity(), "engine": self.name}
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits for any number of images, run in batches of `batch_size` (padded to one shape)."""

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from skinclf.backend import load_keras
-from skinclf.bundle import BUNDLE_FORMAT, META_MEMBER, read_bundle_meta  # noqa: F401 - re-exported
+from skinclf.bundle import BUNDLE_FORMAT, META_MEMBER, ModelInfo, read_bundle_meta  # noqa: F401 - re-exported
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path, sha256_file
 
@@ -277,32 +277,13 @@ def fold_batch_norm(model):
 
 
 @dataclass
-class Bundle:
+class Bundle(ModelInfo):
     """A loaded model and its metadata."""
 
     model: Any
     meta: dict[str, Any]
     path: Path
     sha256: str = field(default="")
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.meta["input_size"][0])
-
-    def identity(self) -> dict[str, Any]:
-        """What identifies this model in reports and CSV sidecars."""
-        return {
-            "path": str(self.path),
-            "sha256": self.sha256,
-            "name": self.meta.get("name", self.path.stem),
-            "created": self.meta.get("created"),
-            "classes": self.classes,
-            "input_size": self.meta["input_size"],
-        }
 
 
 def save_bundle(model, path: Path, meta: dict[str, Any]) -> Path:
