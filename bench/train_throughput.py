@@ -5,6 +5,8 @@ Measures, in one run and through the same Keras `fit` path `skinclf train` uses:
   full       every layer trained, images decoded and augmented each step (the baseline)
   top        only the top `--trainable-layers` layers trained, images decoded each step
   cached     the same top layers trained from the feature cache (frozen outputs precomputed)
+  recipe     the bundled model's recipe (top 63 layers, colour constancy, random resized crops and
+             colour jitter) at 160 px (its first epochs) and at 224 px (its last, FixRes)
 
 and prints each as images/s and as a ratio to the full fine-tune measured in the same run
 (these machines are noisy: only same-run ratios compare). Runs on whatever the Keras backend
@@ -25,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from skinclf.backend import accelerator, load_keras  # noqa: E402
+from skinclf.augment import WINNERS  # noqa: E402
 from skinclf.data import FeatureBatches, ImageBatches, in_background  # noqa: E402
 from skinclf.model import build_model, set_trainable, split_model  # noqa: E402
 
@@ -81,6 +84,13 @@ def main() -> None:
     )
     cached = images_per_second(suffix, FeatureBatches([features], labels, num_classes=7, batch_size=batch), len(paths))
 
+    recipe = {}
+    for size in (160, 224):
+        model = build_model(num_classes=7, weights=None, image_size=None, colour_constancy=True)
+        set_trainable(model, 63)
+        data = ImageBatches(paths, labels, **{**images, "image_size": size, "augment": WINNERS})
+        recipe[size] = images_per_second(model, data, len(paths))
+
     device = accelerator() or "CPU"
     print(f"MobileNet 1.0/224, batch {batch}, {len(paths)} images/epoch, backend {keras.backend.backend()}, {device}")
     print(f"{'mode':<44}{'img/s':>8}{'x full':>8}")
@@ -88,6 +98,8 @@ def main() -> None:
         ("full fine-tune (all 85 layers), from images", full),
         (f"top {args.trainable_layers} layers, from images", top),
         (f"top {args.trainable_layers} layers, from the feature cache", cached),
+        ("bundled recipe (top 63, augmented) at 160 px", recipe[160]),
+        ("bundled recipe (top 63, augmented) at 224 px", recipe[224]),
     ):
         print(f"{name:<44}{value:8.1f}{value / full:8.2f}")
 
