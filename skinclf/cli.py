@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from skinclf import __version__
-from skinclf.config import CALIBRATE, EVALUATE, EXPLAIN, EXPORT, FETCH, PREDICT, PREPARE, SERVE, TRAIN
+from skinclf.config import CALIBRATE, ENSEMBLE, EVALUATE, EXPLAIN, EXPORT, FETCH, PREDICT, PREPARE, SERVE, TRAIN
 from skinclf.errors import SkinclfError
 
 class _Command(typer.core.TyperCommand):
@@ -649,24 +649,39 @@ def serve(
 @app.command(
     epilog=_examples(
         "skinclf ensemble runs/seed1.keras runs/seed2.keras runs/seed3.keras --out models/ensemble.keras",
+        "skinclf ensemble a.keras b.keras --out ab.keras --val data/prepared/val --prior-correction fit --calibrate",
         "skinclf evaluate --model models/ensemble.keras --data data/prepared/val   # is it worth it?",
     )
 )
 def ensemble(
     members: list[Path] = typer.Argument(..., help="Two or more model bundles (.keras) with the same classes."),
     out_model: Path = typer.Option(..., "--out", help="The ensemble bundle to write (.keras)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Labelled folder (the validation split) on which the "
+                                       "options below are fitted."),
+    prior_correction: str = typer.Option(ENSEMBLE.prior_correction, "--prior-correction",
+                                         help="none, fit (tau chosen on --val balanced accuracy) or a number."),
+    decision_weight: str = typer.Option(ENSEMBLE.decision_weight, "--decision-weight",
+                                        help="Post-hoc probability multipliers, e.g. mel=1.75."),
+    calibrate: bool = typer.Option(ENSEMBLE.calibrate, "--calibrate/--no-calibrate",
+                                   help="Fit a temperature on --val (changes no decision)."),
+    workers: int = typer.Option(ENSEMBLE.workers, "--workers", help="Image-decoding threads for --val."),
 ) -> None:
-    """Average trained bundles (other seeds, other crops) into one bundle whose output is the mean of
-    their probabilities.
+    """Average trained bundles (other seeds, crops or recipes) into one bundle: the softmax of the
+    mean of their logits (a geometric mean of their probabilities).
 
     Every member adds a forward pass to predict: bundle an ensemble only if it beats the best
-    single network on validation by a clear margin. Recalibrate it afterwards (`skinclf calibrate`).
+    single network on validation by a clear margin. With --val, the ensemble's own prior
+    correction, decision weights and temperature are fitted there, as skinclf train does.
     """
     with _user_errors():
         from skinclf.ensemble import ensemble_bundles
 
-        meta = ensemble_bundles(members=members, out=out_model)
-    out.print(f"Wrote {out_model}: the mean of {len(meta['members'])} models over {', '.join(meta['classes'])}. "
+        meta = ensemble_bundles(members=members, out=out_model, val=val, prior_correction=prior_correction,
+                                decision_weight=decision_weight, calibrate=calibrate, workers=workers)
+    fitted = meta.get("metrics", {}).get("validation")
+    summary = f"; validation balanced accuracy {fitted['balanced_accuracy']:.3f}" if fitted else ""
+    out.print(f"Wrote {out_model}: the mean of {len(meta['members'])} models over {', '.join(meta['classes'])}"
+              f"{summary}. "
               f"Next: skinclf calibrate {out_model} --data data/prepared/val")
 
 

@@ -154,6 +154,14 @@ class ExplainDefaults:
     max_side: int = 512
 
 
+@dataclass(frozen=True)
+class EnsembleDefaults:
+    prior_correction: str = "none"
+    decision_weight: str = "none"
+    calibrate: bool = False
+    workers: int = 2
+
+
 FETCH = FetchDefaults()
 PREPARE = PrepareDefaults()
 TRAIN = TrainDefaults()
@@ -163,3 +171,4 @@ EXPORT = ExportDefaults()
 SERVE = ServeDefaults()
 CALIBRATE = CalibrateDefaults()
 EXPLAIN = ExplainDefaults()
+ENSEMBLE = EnsembleDefaults()

@@ -76,11 +76,7 @@ class KerasEngine(Engine):
         from skinclf.inference import inference_model
         from skinclf.model import logits_model
 
-        names = {layer.name for layer in bundle.model.layers}
-        if "predictions" in names:
-            self.model, self._log = inference_model(logits_model(bundle.model), image_size=bundle.image_size), False
-        else:  # not a skinclf head: its outputs are probabilities, and log(p) are logits of them
-            self.model, self._log = inference_model(bundle.model, image_size=bundle.image_size), True
+        self.model = inference_model(logits_model(bundle.model), image_size=bundle.image_size)
 
     @classmethod
     def from_model(cls, model, *, batch_size: int, image_size: int | None = None,
@@ -94,8 +90,7 @@ class KerasEngine(Engine):
         return cls(Bundle(model=model, meta=meta, path=Path(f"{model.name}.keras")), batch_size=batch_size)
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        out = np.asarray(self.model.predict_on_batch(x), dtype="float32")
-        return np.log(np.maximum(out, 1e-30)) if self._log else out
+        return np.asarray(self.model.predict_on_batch(x), dtype="float32")
 
 
 def keras_available() -> bool:

@@ -195,19 +195,41 @@ def with_input_size(model, image_size: int):
     return fixed
 
 
-def _log(x):
-    return keras.ops.log(keras.ops.maximum(x, 1e-12))
+def members(model) -> list:
+    """The nested member models of an ensemble (`skinclf ensemble`); empty for a chain."""
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+
+
+def ensemble_of(chains: list, head, *, name: str, activation: str | None = None):
+    """Input -> each chain (logits) -> mean of the logits -> a copy of `head` (the classifier).
+
+    The head is a Dense layer named "predictions", so prior correction, decision weights and
+    temperature fold into it exactly as into a single network's classifier; `activation`
+    overrides its activation (linear: a logits model)."""
+    inputs = keras.Input(tuple(chains[0].inputs[0].shape[1:]), name="image")
+    outputs = []
+    for i, chain_model in enumerate(chains):
+        chain_model.name = f"member_{i}"  # nested models keep their layer names; theirs must be unique
+        outputs.append(chain_model(inputs))
+    mean = keras.layers.Average(name="mean_logits")(outputs)
+    config = head.get_config()
+    clone = head.__class__.from_config({**config, "activation": activation or config["activation"]})
+    x = clone(mean)
+    clone.set_weights(head.get_weights())
+    return keras.Model(inputs, x, name=name)
 
 
 def logits_model(model):
-    """A copy of a chain model that outputs the classifier's logits (softmax left off).
+    """A copy of a chain model (or an ensemble) that outputs the classifier's logits (softmax left off).
 
     Shares nothing with `model`; engines apply the softmax themselves, so they can give
     logits (for out-of-distribution scores) and probabilities from one forward pass."""
+    nested = members(model)
+    if nested:
+        return ensemble_of([logits_model(m) for m in nested], model.get_layer("predictions"),
+                           name=f"{model.name}_logits", activation="linear")
     if "predictions" not in {layer.name for layer in model.layers}:
-        # Not a chain with a classifier (an ensemble, whose output is a mean of probabilities):
-        # log p serves as logits, since softmax(log p) == p.
-        return keras.Model(model.inputs, keras.layers.Activation(_log, name="log_probabilities")(model.outputs[0]))
+        raise SkinclfError(f"model {model.name} has no classifier layer named 'predictions'")
     inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name=model.inputs[0].name)
     x = inputs
     for layer in model.layers[1:]:
@@ -245,6 +267,10 @@ def fold_batch_norm(model):
     The same function up to float rounding, with 27 fewer layers for MobileNet: about 1.4x
     faster on a CPU. Only for inference: the folded copy cannot be fine-tuned as before.
     """
+    nested = members(model)
+    if nested:
+        return ensemble_of([fold_batch_norm(m) for m in nested], model.get_layer("predictions"),
+                           name=f"{model.name}_inference")
     conv_types = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
     inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name=model.inputs[0].name)
     x = inputs

@@ -1,4 +1,4 @@
-"""A small Keras -> ONNX converter for skinclf's chain models, built with `onnx.helper`.
+"""A small Keras -> ONNX converter for skinclf's chain models (and ensembles of them), built with `onnx.helper`.
 
 skinclf models are plain chains (MobileNet and its head), so converting them is a walk over
 the layers, each mapped to one or a few ONNX nodes:
@@ -126,27 +126,14 @@ def _shades_of_gray(g: _Graph, x: str, layer) -> str:
     return g.op("Clip", [g.op("Mul", [x, gain], base), g.const(base, 0.0), g.const(base, 255.0)], base)
 
 
-def keras_to_onnx(model, *, doc: str = "", metadata: dict[str, str] | None = None):
-    """An `onnx.ModelProto` computing `model` (a skinclf chain) with outputs logits and probabilities.
-
-    Pass the model with its batch norms folded (`model.fold_batch_norm`) for the fastest graph;
-    unfolded batch norms become Mul/Add.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    shape = tuple(model.inputs[0].shape[1:])
-    if len(shape) != 3 or shape[2] != 3 or shape[0] is None or shape[1] is None:
-        raise SkinclfError(f"the model's input shape {shape} is not a fixed-size RGB image (height, width, 3)")
+def _chain(g: _Graph, model, x: str, hw: tuple[int, int], *, output: str | None) -> str:
+    """Convert one chain model's layers from NCHW input `x`; returns its logits' name."""
     layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
     denses = [i for i, layer in enumerate(layers) if type(layer).__name__ == "Dense"]
     if not denses:
         raise SkinclfError("the model has no Dense classifier layer to export")
-    g = _Graph()
-    hw, channels = (int(shape[0]), int(shape[1])), 3
-    x = g.op("Transpose", ["image"], "to_nchw", perm=[0, 3, 1, 2])
     flat = False
-    logits = None
+    logits = ""
     for i, layer in enumerate(layers):
         kind = type(layer).__name__
         cfg = layer.get_config()
@@ -163,7 +150,7 @@ def keras_to_onnx(model, *, doc: str = "", metadata: dict[str, str] | None = Non
                      mode="constant")
             hw = (hw[0] + top + bottom, hw[1] + left + right)
         elif kind in ("Conv2D", "DepthwiseConv2D"):
-            x, hw, channels = _conv(g, x, layer, hw, depthwise=kind == "DepthwiseConv2D")
+            x, hw, _ = _conv(g, x, layer, hw, depthwise=kind == "DepthwiseConv2D")
         elif kind == "BatchNormalization":
             gamma, beta, mean, var = (np.asarray(w, dtype="float64") for w in layer.get_weights())
             scale = gamma / np.sqrt(var + layer.epsilon)
@@ -172,17 +159,7 @@ def keras_to_onnx(model, *, doc: str = "", metadata: dict[str, str] | None = Non
             x = g.op("Mul", [x, g.const(f"{layer.name}.scale", scale.reshape(shape_c))], layer.name)
             x = g.op("Add", [x, g.const(f"{layer.name}.shift", shift.reshape(shape_c))], layer.name)
         elif kind == "ReLU":
-            slope, threshold, max_value = cfg.get("negative_slope", 0.0), cfg.get("threshold", 0.0), cfg.get("max_value")
-            if threshold:
-                raise SkinclfError(f"layer {layer.name}: ReLU with a threshold has no ONNX form here")
-            if slope:
-                x = g.op("LeakyRelu", [x], layer.name, alpha=float(slope))
-                if max_value is not None:
-                    x = g.op("Min", [x, g.const(layer.name, float(max_value))], layer.name)
-            elif max_value is not None:
-                x = g.op("Clip", [x, g.const(layer.name, 0.0), g.const(layer.name, float(max_value))], layer.name)
-            else:
-                x = g.op("Relu", [x], layer.name)
+            x = _relu(g, x, layer, cfg)
         elif kind == "Activation":
             x = _activation(g, x, cfg["activation"], layer.name)
         elif kind == "GlobalAveragePooling2D":
@@ -195,24 +172,67 @@ def keras_to_onnx(model, *, doc: str = "", metadata: dict[str, str] | None = Non
         elif kind == "Dense":
             if not flat:
                 raise SkinclfError(f"layer {layer.name}: a Dense layer before global pooling is not supported")
-            kernel, *bias = (np.asarray(w, dtype="float32") for w in layer.get_weights())
-            bias_name = g.const(f"{layer.name}.bias", bias[0] if bias else np.zeros(kernel.shape[1], "float32"))
             last = i == denses[-1]
-            y = g.op("Gemm", [x, g.const(f"{layer.name}.weight", kernel), bias_name], layer.name,
-                     output="logits" if last and cfg["activation"] in ("softmax", "linear") else None)
+            x = _dense(g, x, layer, cfg, last=last, output=output)
             if last:
-                if cfg["activation"] not in ("softmax", "linear"):
-                    raise SkinclfError(f"layer {layer.name}: the classifier's activation {cfg['activation']!r} "
-                                       "is not softmax")
-                logits = y
+                logits = x
                 if i != len(layers) - 1:
                     raise SkinclfError(f"layers after the classifier {layer.name} are not supported")
-            else:
-                y = _activation(g, y, cfg["activation"], layer.name)
-            x = y
         else:
             raise SkinclfError(f"layer {layer.name} ({kind}) has no ONNX form in skinclf's converter "
                                f"(supported: {', '.join(SUPPORTED[1:])})")
+    return logits
+
+
+def _relu(g: _Graph, x: str, layer, cfg: dict) -> str:
+    slope, threshold, max_value = cfg.get("negative_slope", 0.0), cfg.get("threshold", 0.0), cfg.get("max_value")
+    if threshold:
+        raise SkinclfError(f"layer {layer.name}: ReLU with a threshold has no ONNX form here")
+    if slope:
+        x = g.op("LeakyRelu", [x], layer.name, alpha=float(slope))
+        return g.op("Min", [x, g.const(layer.name, float(max_value))], layer.name) if max_value is not None else x
+    if max_value is not None:
+        return g.op("Clip", [x, g.const(layer.name, 0.0), g.const(layer.name, float(max_value))], layer.name)
+    return g.op("Relu", [x], layer.name)
+
+
+def _dense(g: _Graph, x: str, layer, cfg: dict, *, last: bool, output: str | None) -> str:
+    """Gemm; the classifier (`last`) keeps its logits (softmax split off) under `output`."""
+    kernel, *bias = (np.asarray(w, dtype="float32") for w in layer.get_weights())
+    bias_name = g.const(f"{layer.name}.bias", bias[0] if bias else np.zeros(kernel.shape[1], "float32"))
+    if last and cfg["activation"] not in ("softmax", "linear"):
+        raise SkinclfError(f"layer {layer.name}: the classifier's activation {cfg['activation']!r} is not softmax")
+    y = g.op("Gemm", [x, g.const(f"{layer.name}.weight", kernel), bias_name], layer.name,
+             output=output if last else None)
+    return y if last else _activation(g, y, cfg["activation"], layer.name)
+
+
+def keras_to_onnx(model, *, doc: str = "", metadata: dict[str, str] | None = None):
+    """An `onnx.ModelProto` computing `model` (a skinclf chain, or an ensemble of chains) with
+    outputs logits and probabilities.
+
+    Pass the model with its batch norms folded (`model.fold_batch_norm`) for the fastest graph;
+    unfolded batch norms become Mul/Add. An ensemble (`skinclf ensemble`) becomes each member's
+    nodes on the one input, a Mean of their logits and the ensemble's classifier.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from skinclf.model import members
+
+    shape = tuple(model.inputs[0].shape[1:])
+    if len(shape) != 3 or shape[2] != 3 or shape[0] is None or shape[1] is None:
+        raise SkinclfError(f"the model's input shape {shape} is not a fixed-size RGB image (height, width, 3)")
+    g = _Graph()
+    hw = (int(shape[0]), int(shape[1]))
+    x = g.op("Transpose", ["image"], "to_nchw", perm=[0, 3, 1, 2])
+    nested = members(model)
+    if nested:
+        mean = g.op("Mean", [_chain(g, m, x, hw, output=None) for m in nested], "mean_logits")
+        head = model.get_layer("predictions")
+        logits = _dense(g, mean, head, head.get_config(), last=True, output="logits")
+    else:
+        logits = _chain(g, model, x, hw, output="logits")
     g.op("Softmax", [logits], "softmax", output="probabilities", axis=1)
     n_classes = int(model.outputs[0].shape[-1])
     graph = helper.make_graph(

@@ -29,14 +29,25 @@ def bundle():
 
 
 def test_bundle_is_small_and_carries_its_metadata(bundle) -> None:
-    assert BUNDLED_MODEL.stat().st_size < 20 * 1024 * 1024
+    meta = bundle.meta
+    networks = meta.get("members") or [meta]  # an ensemble (skinclf ensemble) records each member
+    assert BUNDLED_MODEL.stat().st_size < 15 * 1024 * 1024 * len(networks)  # at most 15 MB a network
     assert bundle.classes == list(CLASSES)
     assert bundle.image_size == 224
-    meta = bundle.meta
     assert meta["architecture"]["base"] == "MobileNet" and meta["architecture"]["alpha"] == 1.0
     assert meta["preprocessing"]["input_range"] == [0, 255]
-    assert meta["training"]["weights"] and meta["data"]["fingerprint"]
+    assert all(n["training"]["weights"] for n in networks) and meta["data"]["fingerprint"]
     assert meta["metrics"]["validation"]["balanced_accuracy"] > 0.7
+    # Everything derived from the model travels with it (tools/refresh_bundle.sh): a temperature
+    # fitted on validation and the out-of-distribution threshold the predict CSV's flag uses.
+    assert meta["calibration"]["temperature"] > 0
+    calibration = meta["calibration"]
+    # The temperature minimises validation NLL, and "no change" was one of its candidates.
+    assert calibration["temperature"] > 0
+    assert calibration["validation_after"]["nll"] <= calibration["validation_before"]["nll"] + 1e-6
+    ood = meta["ood"]
+    assert ood["score"] in ("energy", "max_logit", "max_prob") and np.isfinite(ood["threshold"])
+    assert 0 < ood["flag_rates"][ood["fitted_on"]] <= 0.1
 
 
 def test_fixed_images_match_the_recorded_output(bundle) -> None:

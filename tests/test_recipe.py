@@ -181,6 +181,17 @@ def _tiny_bundle(path, seed: int):
                                      "metrics": {"validation": {"balanced_accuracy": 0.5}}})
 
 
+def _logits(path, x):
+    from skinclf.model import load_bundle, logits_model
+
+    return np.asarray(logits_model(load_bundle(path).model).predict_on_batch(x), dtype="float64")
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def test_ensemble_bundle_loads_and_equals_the_mean_of_its_members(tmp_path) -> None:
     from skinclf.cli import app
     from skinclf.engines import load_engine
@@ -191,12 +202,67 @@ def test_ensemble_bundle_loads_and_equals_the_mean_of_its_members(tmp_path) -> N
     result = CliRunner().invoke(app, ["ensemble", *map(str, members), "--out", str(tmp_path / "e.keras")])
     assert result.exit_code == 0, result.output
     x = np.random.default_rng(5).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
-    each = [np.asarray(load_bundle(m).model.predict_on_batch(x)) for m in members]
+    expected = _softmax(np.mean([_logits(m, x) for m in members], axis=0))  # geometric mean of the members
     ensemble = load_bundle(tmp_path / "e.keras")
-    assert np.asarray(ensemble.model.predict_on_batch(x)) == pytest.approx(np.mean(each, axis=0), abs=1e-6)
+    assert np.asarray(ensemble.model.predict_on_batch(x)) == pytest.approx(expected, abs=1e-5)
     assert ensemble.meta["architecture"]["ensemble"] == 3 and len(ensemble.meta["members"]) == 3
-    # Engines run it like any bundle: softmax(logits) is the mean of the members.
-    assert load_engine(tmp_path / "e.keras", engine="keras")(x) == pytest.approx(np.mean(each, axis=0), abs=1e-5)
+    assert ensemble.meta["members"][0]["sha256"] == load_bundle(members[0]).sha256
+    # Engines run it like any bundle: their logits are the mean of the members' logits.
+    engine = load_engine(tmp_path / "e.keras", engine="keras")
+    assert engine(x) == pytest.approx(expected, abs=1e-5)
+    assert engine.logits(x) == pytest.approx(np.mean([_logits(m, x) for m in members], axis=0), abs=1e-4)
+
+
+def test_ensemble_exports_to_onnx_and_matches_keras(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from skinclf.engines import load_engine
+    from skinclf.ensemble import ensemble_bundles
+    from skinclf.export import export_model
+
+    members = [_tiny_bundle(tmp_path / f"m{i}.keras", i) for i in range(2)]
+    ensemble_bundles(members=members, out=tmp_path / "e.keras")
+    export_model(model=tmp_path / "e.keras", format="onnx", out=tmp_path / "e.onnx")
+    x = np.random.default_rng(6).uniform(0, 255, (5, 32, 32, 3)).astype("float32")
+    keras_engine = load_engine(tmp_path / "e.keras", engine="keras")
+    onnx_engine = load_engine(tmp_path / "e.onnx", engine="onnx")
+    assert onnx_engine(x) == pytest.approx(keras_engine(x), abs=1e-5)
+    assert onnx_engine.logits(x) == pytest.approx(keras_engine.logits(x), abs=1e-4)
+
+
+def test_ensemble_fits_prior_correction_and_temperature_on_validation(prepared, tmp_path) -> None:
+    from conftest import CLASSES, make_tiny_bundle
+    from skinclf.ensemble import ensemble_bundles
+    from skinclf.model import load_bundle
+
+    counts = {"train_counts": {c: 10 * (i + 1) for i, c in enumerate(CLASSES)}}
+    members = [make_tiny_bundle(tmp_path / f"m{i}.keras", seed=i, data=counts) for i in range(2)]
+    meta = ensemble_bundles(members=members, out=tmp_path / "e.keras", val=prepared / "val",
+                            prior_correction="0.5", decision_weight="mel=2", calibrate=True)
+    post = meta["post_hoc"]
+    prior = np.array([counts["train_counts"][c] for c in CLASSES], dtype="float64")
+    prior /= prior.sum()
+    expected_shift = -0.5 * np.log(prior) + np.log([2.0 if c == "mel" else 1.0 for c in CLASSES])
+    assert [post["shift"][c] for c in CLASSES] == pytest.approx(expected_shift, abs=1e-5)
+    assert post["temperature"] > 0 and meta["metrics"]["validation"]["n"] > 0
+    # The head carries the shift and temperature: softmax((mean logits + shift) / T).
+    x = np.random.default_rng(7).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    mean = np.mean([_logits(m, x) for m in members], axis=0)
+    got = np.asarray(load_bundle(tmp_path / "e.keras").model.predict_on_batch(x))
+    assert got == pytest.approx(_softmax((mean + expected_shift) / post["temperature"]), abs=1e-4)
+
+
+def test_ensemble_fitting_needs_a_validation_folder(tmp_path) -> None:
+    from skinclf.cli import app
+    from typer.testing import CliRunner
+
+    members = [_tiny_bundle(tmp_path / f"m{i}.keras", i) for i in range(2)]
+    result = CliRunner().invoke(app, ["ensemble", *map(str, members), "--out", str(tmp_path / "e.keras"),
+                                      "--calibrate"])
+    assert result.exit_code == 1 and "add --val data/prepared/val" in result.output
+    result = CliRunner().invoke(app, ["ensemble", *map(str, members), "--out", str(tmp_path / "e.keras"),
+                                      "--prior-correction", "lots", "--val", str(tmp_path)])
+    assert result.exit_code == 1 and "--prior-correction 'lots'" in result.output
+    assert not (tmp_path / "e.keras").exists()
 
 
 def test_ensemble_refuses_a_single_or_mismatched_member(tmp_path) -> None:
