@@ -255,7 +255,13 @@ def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path
     from skinclf.bundle import read_bundle_meta
 
     path = model or default_model_path()
-    history = read_bundle_meta(path).get("history")
+    meta = read_bundle_meta(path)
+    history = meta.get("history")
+    if not history and meta.get("members"):
+        names = ", ".join(str(m.get("path")) for m in meta["members"])
+        raise SkinclfError(f"{path} is an ensemble of {len(meta['members'])} networks ({names}) and has no training "
+                           f"history of its own: plot a member's, e.g. skinclf evaluate --history --model "
+                           f"runs/{meta['members'][0].get('path')}")
     if not history:
         raise SkinclfError(f"{path} carries no training history")
     from skinclf.plots import history_png

@@ -251,6 +251,19 @@ def test_ensemble_fits_prior_correction_and_temperature_on_validation(prepared, 
     assert got == pytest.approx(_softmax((mean + expected_shift) / post["temperature"]), abs=1e-4)
 
 
+def test_ensemble_history_names_a_member(tmp_path) -> None:
+    from skinclf.cli import app
+    from typer.testing import CliRunner
+
+    members = [_tiny_bundle(tmp_path / f"m{i}.keras", i) for i in range(2)]
+    runner = CliRunner()
+    assert runner.invoke(app, ["ensemble", *map(str, members), "--out", str(tmp_path / "e.keras")]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "e.keras"), "--history",
+                                 "--out", str(tmp_path / "h")])
+    assert result.exit_code == 1 and "an ensemble of 2 networks (m0.keras, m1.keras)" in result.output
+    assert "skinclf evaluate --history --model runs/m0.keras" in result.output and "Traceback" not in result.output
+
+
 def test_ensemble_fitting_needs_a_validation_folder(tmp_path) -> None:
     from skinclf.cli import app
     from typer.testing import CliRunner
