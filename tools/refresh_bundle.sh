@@ -35,6 +35,7 @@ python bench/trust_report.py --model "$model" --val data/prepared/val --out repo
 skinclf export "$model" --format onnx --out models/skinclf-mobilenet.onnx
 skinclf evaluate --model "$model" --data data/prepared/val --out reports/val --engine keras --json > reports/val.json
 skinclf evaluate --model "$model" --data data/prepared/test --out reports/test --engine keras --json > reports/test.json
+python tools/test_calibration.py > reports/test_calibration.json
 cp reports/test/confusion_matrix.png models/test_confusion_matrix.png
 cp reports/test/roc.png models/test_roc.png
 skinclf evaluate --history --model runs/exp10.keras --out reports/curves  # an ensemble has no history of its own
