@@ -33,7 +33,7 @@ class _Command(typer.core.TyperCommand):
         return option
 
     def collect_usage_pieces(self, ctx) -> list[str]:
-        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+        return [piece.replace("{", "").replace("}", "") for piece in super().collect_usage_pieces(ctx)]
 
 
 app = typer.Typer(
@@ -543,6 +543,7 @@ def _predict_summary(summary) -> str:
 
 @app.command(
     "export",
+    cls=_Command,
     epilog=_examples(
         "skinclf export models/skinclf-mobilenet.keras --format onnx --out models/skinclf-mobilenet.onnx",
         "skinclf export runs/exp02.keras                              # writes runs/exp02.onnx",
@@ -553,7 +554,7 @@ def _predict_summary(summary) -> str:
 def export(
     model: Optional[Path] = typer.Argument(None, help="Model bundle (.keras) [default: the bundled model]."),
     fmt: str = typer.Option(
-        EXPORT.format, "--format",
+        EXPORT.format, "--format", metavar="FORMAT",
         help="onnx (float32), onnx-int8 (static int8, calibrated), tflite (float32) or tfjs (not available: its "
         "converter cannot be installed beside TensorFlow 2.21 / Keras 3).",
     ),
@@ -601,6 +602,7 @@ def export(
 
 
 @app.command(
+    cls=_Command,
     epilog=_examples(
         "skinclf serve                      # then open http://127.0.0.1:8000/",
         "skinclf serve --port 8080 --model my-model.keras",
@@ -610,12 +612,12 @@ def export(
     )
 )
 def serve(
-    host: str = typer.Option(SERVE.host, "--host", help="Address to listen on; anything but loopback is reachable by others."),
+    host: str = typer.Option(SERVE.host, "--host", metavar="HOST", help="Address to listen on; anything but loopback is reachable by others."),
     port: int = typer.Option(SERVE.port, "--port", help="Port to listen on (0: any free port)."),
     model: Optional[Path] = typer.Option(
         None, "--model", help="Model bundle [default: $SKINCLF_MODEL, else the bundled model]."
     ),
-    engine: str = typer.Option(SERVE.engine, "--engine", help="Runtime: auto, keras or onnx."),
+    engine: str = typer.Option(SERVE.engine, "--engine", metavar="ENGINE", help="Runtime: auto, keras or onnx."),
     batch_size: int = typer.Option(SERVE.batch_size, "--batch-size", help="Images per model call."),
     top_k: int = typer.Option(SERVE.top_k, "--top-k", help="Default number of most-probable classes per image."),
     max_file_mb: float = typer.Option(SERVE.max_file_mb, "--max-file-mb", help="Largest accepted file, in MB (413 above)."),
@@ -647,6 +649,7 @@ def serve(
 
 
 @app.command(
+    cls=_Command,
     epilog=_examples(
         "skinclf ensemble runs/seed1.keras runs/seed2.keras runs/seed3.keras --out models/ensemble.keras",
         "skinclf ensemble a.keras b.keras --out ab.keras --val data/prepared/val --prior-correction fit --calibrate",
@@ -654,17 +657,17 @@ def serve(
     )
 )
 def ensemble(
-    members: list[Path] = typer.Argument(..., help="Two or more model bundles (.keras) with the same classes."),
-    out_model: Path = typer.Option(..., "--out", help="The ensemble bundle to write (.keras)."),
-    val: Optional[Path] = typer.Option(None, "--val", help="Labelled folder (the validation split) on which the "
+    members: list[Path] = typer.Argument(..., metavar="MODEL", help="Two or more model bundles (.keras) with the same classes."),
+    out_model: Path = typer.Option(..., "--out", metavar="PATH", help="The ensemble bundle to write (.keras)."),
+    val: Optional[Path] = typer.Option(None, "--val", metavar="PATH", help="Labelled folder (the validation split) on which the "
                                        "options below are fitted."),
-    prior_correction: str = typer.Option(ENSEMBLE.prior_correction, "--prior-correction",
+    prior_correction: str = typer.Option(ENSEMBLE.prior_correction, "--prior-correction", metavar="TAU",
                                          help="none, fit (tau chosen on --val balanced accuracy) or a number."),
-    decision_weight: str = typer.Option(ENSEMBLE.decision_weight, "--decision-weight",
+    decision_weight: str = typer.Option(ENSEMBLE.decision_weight, "--decision-weight", metavar="SPEC",
                                         help="Post-hoc probability multipliers, e.g. mel=1.75."),
-    calibrate: bool = typer.Option(ENSEMBLE.calibrate, "--calibrate/--no-calibrate",
+    calibrate: bool = typer.Option(ENSEMBLE.calibrate, "--calibrate/--no-calibrate", metavar="",
                                    help="Fit a temperature on --val (changes no decision)."),
-    workers: int = typer.Option(ENSEMBLE.workers, "--workers", help="Image-decoding threads for --val."),
+    workers: int = typer.Option(ENSEMBLE.workers, "--workers", metavar="N", help="Image-decoding threads for --val."),
 ) -> None:
     """Average trained bundles (other seeds, crops or recipes) into one bundle: the softmax of the
     mean of their logits (a geometric mean of their probabilities).
@@ -686,6 +689,7 @@ def ensemble(
 
 
 @app.command(
+    cls=_Command,
     epilog=_examples(
         "skinclf calibrate runs/exp03.keras --data data/prepared/val",
         "skinclf calibrate models/skinclf-mobilenet.keras --data data/prepared/val --out models/calibrated.keras",
@@ -702,7 +706,7 @@ def calibrate(
                                           "(before and after) into this folder."),
     pass_rate: float = typer.Option(CALIBRATE.pass_rate, "--pass-rate", help="Share of the folder's images that "
                                     "must pass the 'unlike the training images' flag."),
-    ood_score: Optional[str] = typer.Option(None, "--ood-score", help="Force the OOD score: energy, max_logit or "
+    ood_score: Optional[str] = typer.Option(None, "--ood-score", metavar="SCORE", help="Force the OOD score: energy, max_logit or "
                                             "max_prob [default: the one separating best]."),
     batch_size: int = typer.Option(CALIBRATE.batch_size, "--batch-size", help="Images per model call."),
     workers: int = typer.Option(CALIBRATE.workers, "--workers", help="Threads decoding images."),
@@ -746,6 +750,7 @@ def calibrate(
 
 
 @app.command(
+    cls=_Command,
     epilog=_examples(
         "skinclf explain lesion.jpg --out reports/explain",
         "skinclf explain ./images --out reports/explain --top-k 2",
@@ -762,10 +767,10 @@ def explain(
     top_k: int = typer.Option(EXPLAIN.top_k, "--top-k", help="How many most-probable classes to show."),
     patch: int = typer.Option(EXPLAIN.patch, "--patch", help="Side of the occluding patch, in model-input pixels."),
     stride: int = typer.Option(EXPLAIN.stride, "--stride", help="Step of the sliding patch (smaller: finer, slower)."),
-    fill: str = typer.Option(EXPLAIN.fill, "--fill", help="What covers the patch: blur, grey or mean (colour)."),
+    fill: str = typer.Option(EXPLAIN.fill, "--fill", metavar="FILL", help="What covers the patch: blur, grey or mean (colour)."),
     max_side: int = typer.Option(EXPLAIN.max_side, "--max-side", help="Longest side of the picture's panels."),
     batch_size: int = typer.Option(EXPLAIN.batch_size, "--batch-size", help="Images per model call."),
-    strict: bool = typer.Option(False, "--strict", help="Exit with status 1 if any file could not be read."),
+    strict: bool = typer.Option(False, "--strict", metavar="", help="Exit with status 1 if any file could not be read."),
 ) -> None:
     """Heat maps of what drove each image's top class (occlusion sensitivity), beside the top-k bars.
 

@@ -388,6 +388,9 @@ def test_help_keeps_every_character_and_no_type_noise(runner) -> None:
     assert "prob_<class>" in predict
     for text in (train, predict):
         assert "<bool>" not in text and "<str>" not in text and "{directory}" not in text
+    for command in ("fetch", "prepare", "evaluate", "export", "serve", "calibrate", "explain", "ensemble"):
+        text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+        assert "<bool>" not in text and "<str>" not in text and "{" not in text, command
 
 
 def test_bad_zip_given_with_from_is_not_to_be_deleted(tmp_path) -> None:
