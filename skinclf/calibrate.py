@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,22 +49,15 @@ class CalibrationResult:
 def folder_logits(engine, paths: list[Path], *, workers: int = 2, show_progress: bool | None = None,
                   description: str = "Scoring") -> tuple[np.ndarray, list[str | None]]:
     """Logits of image files through any engine (NaN rows and an error where a file is bad)."""
-    from skinclf.data import in_background
-    from skinclf.inference import _decode
+    from skinclf.inference import predict_files
 
-    size, step = engine.image_size, engine.batch_size
-    tasks = [partial(_decode, list(paths[i : i + step]), size) for i in range(0, len(paths), step)]
     parts, errors = [], []
     with ui.progress(enabled=show_progress) as progress:
         task = progress.add_task(description, total=len(paths), rate="")
-        for batch_paths, x, batch_errors, _notes in in_background(tasks, workers=workers):
-            ok = [j for j, e in enumerate(batch_errors) if e is None]
-            z = np.full((len(batch_paths), len(engine.classes)), np.nan, dtype="float32")
-            if ok:
-                z[ok] = engine.logits(x[ok])
-            parts.append(z)
-            errors += batch_errors
-            progress.update(task, advance=len(batch_paths))
+        for batch in predict_files(engine, paths, workers=workers):
+            parts.append(batch.logits)
+            errors += batch.errors
+            progress.update(task, advance=len(batch.paths))
     return (np.concatenate(parts) if parts else np.zeros((0, len(engine.classes)), "float32")), errors
 
 

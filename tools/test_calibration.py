@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from skinclf.calibration import calibration_report, softmax  # noqa: E402
 from skinclf.engines import load_engine  # noqa: E402
-from skinclf.images import load_image  # noqa: E402
+from skinclf.inference import predict_files  # noqa: E402
 from skinclf.layout import list_labelled_images  # noqa: E402
 
 SUMMARY = ("ece", "nll", "brier")
@@ -31,11 +31,11 @@ SUMMARY = ("ece", "nll", "brier")
 def main() -> None:
     engine = load_engine(REPO / "models" / "skinclf-mobilenet.keras")
     images = list_labelled_images(REPO / "data" / "prepared" / "test", classes=tuple(engine.classes))
-    probs = []
-    for start in range(0, len(images.paths), 64):
-        x = np.stack([load_image(p, engine.image_size) for p in images.paths[start:start + 64]]).astype("float32")
-        probs.append(engine(x))
-    after = np.concatenate(probs).astype("float64")
+    batches = list(predict_files(engine, images.paths, workers=2))
+    bad = [f"{p}: {e}" for b in batches for p, e in zip(b.paths, b.errors) if e]
+    if bad:
+        sys.exit(f"cannot read test image {bad[0]}")
+    after = np.concatenate([b.probs for b in batches]).astype("float64")
     temperature = float(engine.meta["calibration"]["temperature"])
     before = softmax(np.log(np.clip(after, 1e-12, 1.0)) * temperature)
     labels = np.asarray(images.labels)
