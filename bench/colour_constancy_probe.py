@@ -19,10 +19,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from skinclf.backend import load_keras
-from skinclf.calibration import balanced_accuracy
-from skinclf.data import ImageBatches
-from skinclf.layout import list_labelled_images
-from skinclf.model import build_model
+from skinclf.data.layout import list_labelled_images
+from skinclf.model.network import build_model
+from skinclf.model.posthoc import balanced_accuracy
+from skinclf.training.loader import ImageBatches
 
 keras = load_keras()
 

@@ -7,7 +7,7 @@ logit scores `skinclf calibrate` chooses from?
 Class means and a shared covariance (Lee et al., 2018) of the global-average-pooled features are
 fitted on `--train-images` random training images; the score is the smallest distance to a class
 mean; the threshold passes 95% of the validation split; the outliers are
-`skinclf.ood.reference_outliers()`. The test split is not used. About 5 minutes on 2 cores.
+`skinclf.trust.ood.reference_outliers()`. The test split is not used. About 5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from skinclf.backend import load_keras  # noqa: E402
-from skinclf.inference import _decode, inference_model  # noqa: E402
-from skinclf.layout import list_labelled_images  # noqa: E402
-from skinclf.model import load_bundle  # noqa: E402
-from skinclf.ood import auroc, reference_outliers  # noqa: E402
+from skinclf.data.layout import list_labelled_images  # noqa: E402
+from skinclf.engines.keras import inference_model  # noqa: E402
+from skinclf.engines.runner import _decode
+from skinclf.model.bundle import load_bundle  # noqa: E402
+from skinclf.trust.ood import auroc, reference_outliers  # noqa: E402
 
 
 def main() -> int:

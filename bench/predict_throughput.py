@@ -30,11 +30,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from skinclf.engines import load_engine  # noqa: E402
-from skinclf.images import load_image  # noqa: E402
-from skinclf.layout import default_model_path  # noqa: E402
+from skinclf.batch.predict import predict_directory  # noqa: E402
+from skinclf.data.images import load_image  # noqa: E402
+from skinclf.data.layout import default_model_path  # noqa: E402
+from skinclf.engines.load import load_engine  # noqa: E402
 from skinclf.parallel import usable_cpus  # noqa: E402
-from skinclf.predict import predict_directory  # noqa: E402
 
 
 def predict_rate(folder: Path, model_path: Path, engine: str, batch_size: int) -> tuple[float, float]:
@@ -45,7 +45,7 @@ def predict_rate(folder: Path, model_path: Path, engine: str, batch_size: int) -
 
 
 def naive_rate(model_path: Path, paths: list[Path], size: int) -> float:
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     model = load_bundle(model_path).model
     model.predict(np.zeros((1, size, size, 3), "float32"), verbose=0)

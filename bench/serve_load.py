@@ -32,11 +32,12 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from skinclf.batch.predict import predict_directory  # noqa: E402
 from skinclf.config import SERVE  # noqa: E402
-from skinclf.engines import load_engine  # noqa: E402
-from skinclf.layout import default_model_path  # noqa: E402
-from skinclf.predict import predict_directory  # noqa: E402
-from skinclf.serve import background_server, create_app  # noqa: E402
+from skinclf.data.layout import default_model_path  # noqa: E402
+from skinclf.engines.load import load_engine  # noqa: E402
+from skinclf.web.app import create_app  # noqa: E402
+from skinclf.web.server import background_server
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000-fullres"
 

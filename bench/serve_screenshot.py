@@ -40,9 +40,10 @@ def main() -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from skinclf.engines import load_engine
-    from skinclf.layout import default_model_path
-    from skinclf.serve import background_server, create_app
+    from skinclf.data.layout import default_model_path
+    from skinclf.engines.load import load_engine
+    from skinclf.web.app import create_app
+    from skinclf.web.server import background_server
 
     samples = sorted(args.samples.glob("*.jpg"))[: args.images]
     if not samples:

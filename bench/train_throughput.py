@@ -27,9 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from skinclf.backend import accelerator, load_keras  # noqa: E402
-from skinclf.augment import WINNERS  # noqa: E402
-from skinclf.data import FeatureBatches, ImageBatches, in_background  # noqa: E402
-from skinclf.model import build_model, set_trainable, split_model  # noqa: E402
+from skinclf.model.network import build_model, set_trainable, split_model  # noqa: E402
+from skinclf.training.augment import WINNERS  # noqa: E402
+from skinclf.training.loader import FeatureBatches, ImageBatches, in_background  # noqa: E402
 
 keras = load_keras()
 

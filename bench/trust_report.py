@@ -29,12 +29,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from skinclf.calibrate import calibrate_model  # noqa: E402
-from skinclf.calibration import softmax  # noqa: E402
-from skinclf.engines import load_engine  # noqa: E402
-from skinclf.explain import explain_files  # noqa: E402
+from skinclf.engines.load import load_engine  # noqa: E402
 from skinclf.files import atomic_write, atomic_write_json  # noqa: E402
-from skinclf.ood import _text_page, flag  # noqa: E402
+from skinclf.model.outlier import flag  # noqa: E402
+from skinclf.model.posthoc import softmax  # noqa: E402
+from skinclf.trust.calibrate import calibrate_model  # noqa: E402
+from skinclf.trust.explain import explain_files  # noqa: E402
+from skinclf.trust.ood import _text_page
 
 MAX_PNG_BYTES = 200_000
 

@@ -141,7 +141,8 @@ def make_tiny_bundle(path: Path, *, image_size: int = 32, fingerprint: str | Non
                      classes: tuple[str, ...] = CLASSES, data: dict | None = None) -> Path:
     """A skinclf bundle around a tiny seeded conv net: fast, and its outputs differ per image."""
     from skinclf.backend import load_keras
-    from skinclf.model import PREPROCESSING, save_bundle
+    from skinclf.model.bundle import save_bundle
+    from skinclf.model.network import PREPROCESSING
 
     keras = load_keras()
     keras.utils.set_random_seed(seed)

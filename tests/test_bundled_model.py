@@ -23,7 +23,7 @@ EXPECTED = json.loads((Path(__file__).with_name("fixed_image_expected.json")).re
 
 @pytest.fixture(scope="module")
 def bundle():
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     return load_bundle(require(BUNDLED_MODEL))
 
@@ -51,7 +51,7 @@ def test_bundle_is_small_and_carries_its_metadata(bundle) -> None:
 
 
 def test_fixed_images_match_the_recorded_output(bundle) -> None:
-    from skinclf.images import load_image
+    from skinclf.data.images import load_image
 
     assert bundle.sha256 == EXPECTED["model_sha256"], "the model changed: run bash tools/refresh_bundle.sh"
     for name, expected in EXPECTED["images"].items():
@@ -61,7 +61,7 @@ def test_fixed_images_match_the_recorded_output(bundle) -> None:
 
 
 def test_same_image_as_jpeg_and_png_gets_the_same_top1(tmp_path: Path, bundle) -> None:
-    from skinclf.predict import predict_directory
+    from skinclf.batch.predict import predict_directory
 
     images = sorted(require(SHARED_FULLRES).glob("*.jpg"))[:12]
     for path in images:

@@ -44,7 +44,7 @@ def test_unknown_option_is_a_usage_error(runner) -> None:
 
 
 def test_environmental_failure_is_one_line(runner, monkeypatch, tmp_path) -> None:
-    import skinclf.prepare as prepare_mod
+    import skinclf.data.prepare as prepare_mod
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "out" / "split.csv"))

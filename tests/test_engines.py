@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> Path:
     """A tiny bundle with its up-to-date ONNX form beside it."""
-    from skinclf.export import export_model
+    from skinclf.engines.export import export_model
 
     d = tmp_path_factory.mktemp("pair")
     bundle = make_tiny_bundle(d / "m.keras", seed=3)
@@ -39,21 +39,21 @@ def images(tmp_path_factory) -> Path:
 
 
 def test_auto_picks_onnx_when_an_up_to_date_form_is_beside(pair) -> None:
-    from skinclf.engines import load_engine
+    from skinclf.engines.load import load_engine
 
     engine = load_engine(pair)
     assert engine.name == "onnx" and engine.path == pair and engine.identity()["onnx"].endswith("m.onnx")
 
 
 def test_auto_picks_keras_without_an_onnx_form(tiny_bundle) -> None:
-    from skinclf.engines import load_engine
+    from skinclf.engines.load import load_engine
 
     assert not tiny_bundle.with_suffix(".onnx").exists()
     assert load_engine(tiny_bundle).name == "keras"
 
 
 def test_a_stale_onnx_form_is_not_used(pair, tmp_path) -> None:
-    from skinclf.engines import load_engine
+    from skinclf.engines.load import load_engine
 
     other = make_tiny_bundle(tmp_path / "m.keras", seed=4)  # another model, same name
     (tmp_path / "m.onnx").write_bytes(pair.with_suffix(".onnx").read_bytes())
@@ -63,8 +63,8 @@ def test_a_stale_onnx_form_is_not_used(pair, tmp_path) -> None:
 
 
 def test_explicit_onnx_without_onnxruntime_is_a_clear_error(monkeypatch, pair) -> None:
-    from skinclf import onnx_engine
-    from skinclf.engines import load_engine
+    from skinclf.engines.load import load_engine
+    from skinclf.model import onnx_meta as onnx_engine
 
     monkeypatch.setattr(onnx_engine, "onnxruntime_available", lambda: False)
     with pytest.raises(SkinclfError, match="--engine onnx needs ONNX Runtime.*pip install onnxruntime"):
@@ -73,7 +73,7 @@ def test_explicit_onnx_without_onnxruntime_is_a_clear_error(monkeypatch, pair) -
 
 
 def test_no_onnx_form_and_no_tensorflow_names_both_ways_out(monkeypatch, tiny_bundle) -> None:
-    from skinclf import engines
+    from skinclf.engines import load as engines
 
     monkeypatch.setattr(engines, "keras_available", lambda: False)
     with pytest.raises(SkinclfError, match=r'skinclf export .*--format onnx.*pip install "skinclf\[train\]"'):
@@ -83,7 +83,7 @@ def test_no_onnx_form_and_no_tensorflow_names_both_ways_out(monkeypatch, tiny_bu
 
 
 def test_onnx_file_with_engine_keras_and_unknown_engine_are_refused(pair) -> None:
-    from skinclf.engines import load_engine
+    from skinclf.engines.load import load_engine
 
     with pytest.raises(SkinclfError, match="--engine keras runs a .keras bundle"):
         load_engine(pair.with_suffix(".onnx"), engine="keras")
@@ -95,7 +95,7 @@ def test_an_onnx_file_that_is_not_a_skinclf_export(tmp_path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from skinclf.engines import load_engine
+    from skinclf.engines.load import load_engine
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
@@ -110,8 +110,9 @@ def test_an_onnx_file_that_is_not_a_skinclf_export(tmp_path) -> None:
 
 @pytest.mark.parametrize("tta", [1, 4])
 def test_keras_and_onnx_engines_agree_through_predict_files(pair, images, tta) -> None:
-    from skinclf.engines import load_engine, softmax
-    from skinclf.inference import predict_files
+    from skinclf.engines.base import softmax
+    from skinclf.engines.load import load_engine
+    from skinclf.engines.runner import predict_files
 
     paths = sorted(images.iterdir())
     out = {}
@@ -149,7 +150,7 @@ def test_predict_cli_engine_failure(runner, tiny_bundle, images, tmp_path) -> No
 
 
 def test_missing_extra_names_the_pip_command(monkeypatch, runner, tmp_path) -> None:
-    from skinclf import train
+    from skinclf.training import train
 
     def no_tensorflow(**_):
         raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
@@ -228,10 +229,10 @@ def test_metrics_match_scikit_learn() -> None:
 def test_bundled_onnx_is_up_to_date_and_agrees_with_keras() -> None:
     """models/skinclf-mobilenet.onnx must be the export of models/skinclf-mobilenet.keras
     (regenerate: skinclf export models/skinclf-mobilenet.keras --format onnx --out models/skinclf-mobilenet.onnx)."""
-    from skinclf.engines import load_engine
+    from skinclf.data.images import load_image
+    from skinclf.engines.load import load_engine
     from skinclf.files import sha256_file
-    from skinclf.images import load_image
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     onnx_path = require(BUNDLED_MODEL.with_suffix(".onnx"))
     engine = load_engine(onnx_path, engine="onnx")

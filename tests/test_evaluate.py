@@ -11,12 +11,12 @@ import pytest
 from conftest import CLASSES, make_tiny_bundle, write_ham
 from PIL import Image
 
+from skinclf.batch.results import columns, row
 from skinclf.cli import app
+from skinclf.data.prepare import prepare_dataset
 from skinclf.errors import SkinclfError
-from skinclf.evaluate import evaluate_model, evaluate_predictions, read_truth
+from skinclf.evaluation.evaluate import evaluate_model, evaluate_predictions, read_truth
 from skinclf.metrics import classification_report, topk_accuracy
-from skinclf.prepare import prepare_dataset
-from skinclf.results import columns, row
 
 # Three classes, nine images. Predictions (argmax) below; worked out by hand:
 #   true a: a a b        -> recall 2/3

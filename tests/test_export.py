@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASSES, CLASS_COLOURS, lesion_image
+from conftest import CLASS_COLOURS, CLASSES, lesion_image
 
 from skinclf.cli import app
 from skinclf.errors import SkinclfError
@@ -19,7 +19,8 @@ pytest.importorskip("onnx")
 def _mobilenet_bundle(path: Path, *, colour_constancy: bool) -> Path:
     """A tiny MobileNet (alpha 0.25, 64x64) with non-trivial batch norms, saved as a bundle."""
     from skinclf.backend import load_keras
-    from skinclf.model import PREPROCESSING, build_model, save_bundle
+    from skinclf.model.bundle import save_bundle
+    from skinclf.model.network import PREPROCESSING, build_model
 
     keras = load_keras()
     keras.utils.set_random_seed(1)
@@ -54,16 +55,16 @@ def labelled(tmp_path_factory) -> Path:
 
 
 def _keras_probs(path: Path, x: np.ndarray) -> np.ndarray:
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     return np.asarray(load_bundle(path).model.predict_on_batch(x))
 
 
 def test_onnx_export_matches_keras_and_carries_all_metadata(mobilenet_bundle, tmp_path) -> None:
-    from skinclf.export import export_model, probe_images
+    from skinclf.engines.export import export_model, probe_images
+    from skinclf.engines.onnx import OnnxEngine
     from skinclf.files import sha256_file
-    from skinclf.model import read_bundle_meta
-    from skinclf.onnx_engine import OnnxEngine
+    from skinclf.model.meta import read_bundle_meta
 
     result = export_model(model=mobilenet_bundle, format="onnx", out=tmp_path / "m.onnx")
     assert result.out.is_file() and result.max_abs_diff <= 1e-4
@@ -84,8 +85,8 @@ def test_onnx_export_matches_keras_and_carries_all_metadata(mobilenet_bundle, tm
 
 
 def test_int8_export_reports_agreement_and_is_refused_below_the_floor(mobilenet_bundle, labelled, tmp_path) -> None:
-    from skinclf.export import export_model
-    from skinclf.onnx_engine import OnnxEngine
+    from skinclf.engines.export import export_model
+    from skinclf.engines.onnx import OnnxEngine
 
     result = export_model(model=mobilenet_bundle, format="onnx-int8", out=tmp_path / "m.int8.onnx",
                           calibration=labelled, validation=labelled, min_agreement=0.0)
@@ -103,7 +104,7 @@ def test_int8_export_reports_agreement_and_is_refused_below_the_floor(mobilenet_
 
 
 def test_int8_without_calibration_images_says_what_to_pass(tiny_bundle, tmp_path) -> None:
-    from skinclf.export import export_model
+    from skinclf.engines.export import export_model
 
     with pytest.raises(SkinclfError, match="--calibration .*data/prepared/train"):
         export_model(model=tiny_bundle, format="onnx-int8", out=tmp_path / "t.onnx", calibration=tmp_path / "none")
@@ -112,8 +113,9 @@ def test_int8_without_calibration_images_says_what_to_pass(tiny_bundle, tmp_path
 @pytest.mark.slow
 def test_tflite_export_matches_keras(tmp_path) -> None:
     pytest.importorskip("tensorflow")
-    from skinclf.export import _tflite_bytes, export_model, probe_images
-    from skinclf.model import fold_batch_norm, load_bundle, logits_model
+    from skinclf.engines.export import _tflite_bytes, export_model, probe_images
+    from skinclf.model.bundle import load_bundle
+    from skinclf.model.network import fold_batch_norm, logits_model
 
     bundle = _mobilenet_bundle(tmp_path / "cc.keras", colour_constancy=True)
     result = export_model(model=bundle, format="tflite", out=tmp_path / "m.tflite")
@@ -124,7 +126,7 @@ def test_tflite_export_matches_keras(tmp_path) -> None:
 
 
 def test_a_broken_export_is_refused_and_nothing_is_written(monkeypatch, tiny_bundle, tmp_path) -> None:
-    from skinclf import export
+    from skinclf.engines import export
 
     real = export._keras_logits
 
@@ -144,8 +146,8 @@ def test_a_broken_export_is_refused_and_nothing_is_written(monkeypatch, tiny_bun
 
 def test_unsupported_layer_is_named(tmp_path) -> None:
     from skinclf.backend import load_keras
-    from skinclf.export import export_model
-    from skinclf.model import save_bundle
+    from skinclf.engines.export import export_model
+    from skinclf.model.bundle import save_bundle
 
     keras = load_keras()
     inputs = keras.Input((16, 16, 3), name="image")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_HAM, FakeKaggleApi, HTTPErrorLike, kaggle_style_zip, require
 
-from skinclf import fetch as fetch_mod
 from skinclf.cli import app
+from skinclf.data import fetch as fetch_mod
+from skinclf.data.fetch import explain_kaggle_error, fetch_dataset, kaggle_credentials_present, layout_path
 from skinclf.errors import SkinclfError
-from skinclf.fetch import explain_kaggle_error, fetch_dataset, kaggle_credentials_present, layout_path
 
 
 def layout_files(root: Path) -> set[str]:

@@ -8,17 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skinclf.augment import AugmentSpec, random_affine
 from skinclf.errors import SkinclfError
-from skinclf.model import (
-    build_model,
-    fold_batch_norm,
-    load_bundle,
-    read_bundle_meta,
-    save_bundle,
-    set_trainable,
-    split_model,
-)
+from skinclf.model.bundle import load_bundle, save_bundle
+from skinclf.model.meta import read_bundle_meta
+from skinclf.model.network import build_model, fold_batch_norm, set_trainable, split_model
+from skinclf.training.augment import AugmentSpec, random_affine
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import pytest
 from conftest import lesion_image, make_tiny_bundle
 from PIL import Image
 
+from skinclf.batch.predict import predict_directory
+from skinclf.batch.results import warning_cell
 from skinclf.cli import app
+from skinclf.data.images import ImageError, load_image
+from skinclf.data.walk import walk_images
 from skinclf.errors import SkinclfError
-from skinclf.images import ImageError, load_image
-from skinclf.predict import predict_directory
-from skinclf.results import warning_cell
-from skinclf.walk import walk_images
 
 
 def read(path: Path) -> pd.DataFrame:
@@ -221,7 +221,7 @@ def test_resuming_onto_a_file_that_is_not_a_csv(small, tiny_bundle, tmp_path) ->
 
 
 def test_a_failed_start_leaves_no_partial(monkeypatch, small, tiny_bundle, tmp_path) -> None:
-    from skinclf import inference
+    from skinclf.engines import runner as inference
 
     def broken(*args, **kwargs):
         raise RuntimeError("decoder crashed")
@@ -394,7 +394,7 @@ def test_help_keeps_every_character_and_no_type_noise(runner) -> None:
 
 
 def test_bad_zip_given_with_from_is_not_to_be_deleted(tmp_path) -> None:
-    from skinclf.fetch import fetch_dataset
+    from skinclf.data.fetch import fetch_dataset
 
     archive = tmp_path / "mine.zip"
     archive.write_bytes(b"PK\x03\x04 truncated")
@@ -405,7 +405,7 @@ def test_bad_zip_given_with_from_is_not_to_be_deleted(tmp_path) -> None:
 
 
 def test_legacy_h5_model_is_named_as_such(tmp_path) -> None:
-    from skinclf.model import read_bundle_meta
+    from skinclf.model.meta import read_bundle_meta
 
     legacy = tmp_path / "model.h5"
     legacy.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
@@ -463,7 +463,7 @@ def test_older_bundles_fall_back_to_split_csv_checked_by_fingerprint(runner, tmp
     common = ["evaluate", "--predictions", str(preds), "--truth", str(truth), "--out", str(tmp_path / "rep")]
 
     def seen(*args: str) -> dict:
-        from skinclf.evaluate import run_evaluation
+        from skinclf.evaluation.evaluate import run_evaluation
 
         result = runner.invoke(app, [*common, *args], terminal_width=200)
         assert result.exit_code == 0, result.output
@@ -481,10 +481,10 @@ def test_older_bundles_fall_back_to_split_csv_checked_by_fingerprint(runner, tmp
 
 
 def test_evaluating_a_folder_counts_seen_images_too(tmp_path) -> None:
-    from skinclf.evaluate import evaluate_model
-    from skinclf.prepare import prepare_dataset
-
     from conftest import write_ham
+
+    from skinclf.data.prepare import prepare_dataset
+    from skinclf.evaluation.evaluate import evaluate_model
 
     ham = write_ham(tmp_path / "ham", per_class=3)
     result = prepare_dataset(src=ham, out=tmp_path / "prepared", val=0.2, test=0.3, show_progress=False)
@@ -500,9 +500,9 @@ def test_readme_samples_are_mostly_training_images(tmp_path) -> None:
     """The README's 300 full-size samples: 201 are in the bundled model's seed-42 training split."""
     from conftest import BUNDLED_MODEL, SHARED_FULLRES, SHARED_HAM, require
 
-    from skinclf.evaluate import evaluate_predictions
-    from skinclf.model import read_bundle_meta
-    from skinclf.prepare import prepare_dataset
+    from skinclf.data.prepare import prepare_dataset
+    from skinclf.evaluation.evaluate import evaluate_predictions
+    from skinclf.model.meta import read_bundle_meta
 
     require(SHARED_FULLRES), require(SHARED_HAM), require(BUNDLED_MODEL)
     split = prepare_dataset(src=SHARED_HAM, out=tmp_path / "prepared", seed=42, val=0.15, test=0.15,

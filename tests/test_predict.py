@@ -14,11 +14,11 @@ import pytest
 from conftest import CLASSES, lesion_image
 from PIL import Image, ImageFilter
 
-from skinclf import inference
+from skinclf.batch.predict import predict_directory
 from skinclf.cli import app
+from skinclf.data.images import ImageError, load_image
+from skinclf.engines import runner as inference
 from skinclf.errors import SkinclfError
-from skinclf.images import ImageError, load_image
-from skinclf.predict import predict_directory
 
 GOOD = {
     "a_rgb.jpg", "b_same.png", "c_upper.JPEG", "d_gray.png", "e_palette.png", "f_rgba.png", "g_cmyk.jpg",
@@ -129,7 +129,7 @@ def test_modes_and_orientation_are_normalised(mixed) -> None:
 
 
 def test_unreadable_file_is_a_row(monkeypatch, mixed, tiny_bundle, tmp_path) -> None:
-    import skinclf.images as images
+    import skinclf.data.images as images
 
     real_open = images.Image.open
 
@@ -231,7 +231,7 @@ def test_resume_with_other_options_is_refused(mixed, tiny_bundle, tmp_path) -> N
 
 def test_decoding_streams_with_bounded_lookahead(monkeypatch, tiny_bundle, tmp_path) -> None:
     """Only a few batches are decoded ahead of the model, however many files there are."""
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     calls = []
     monkeypatch.setattr(inference, "load_image",
@@ -289,7 +289,7 @@ def test_default_model_from_environment(monkeypatch, runner, mixed, tiny_bundle,
 
 def test_large_png_and_jpeg_of_one_picture_decode_alike(tmp_path: Path) -> None:
     """Non-JPEG files are shrunk by the factor JPEG's DCT scaling uses, so both reach the model alike."""
-    from skinclf.images import _draft_factor, load_image
+    from skinclf.data.images import _draft_factor, load_image
 
     assert [_draft_factor(s, 224) for s in [(600, 450), (320, 240), (2000, 1000), (4000, 3000), (100, 80)]] == [
         2, 1, 4, 8, 1]

@@ -9,9 +9,9 @@ import pytest
 from conftest import CLASS_COLOURS, SHARED_HAM, lesion_image, require
 
 from skinclf.cli import app
+from skinclf.data.layout import read_metadata
+from skinclf.data.prepare import SPLITS, parse_extra_classes, prepare_dataset, split_by_lesion
 from skinclf.errors import SkinclfError
-from skinclf.layout import read_metadata
-from skinclf.prepare import SPLITS, parse_extra_classes, prepare_dataset, split_by_lesion
 
 
 def assert_lesion_grouped(frame: pd.DataFrame) -> None:

@@ -12,11 +12,11 @@ import pytest
 from conftest import write_ham
 from test_train import TINY, run_cli
 
-from skinclf.augment import AugmentSpec, random_affine
-from skinclf.calibration import fit_prior_tau, softmax
-from skinclf.model import ShadesOfGray, build_model, fold_logit_transform
-from skinclf.prepare import prepare_dataset
-from skinclf.train import _phase_sizes
+from skinclf.data.prepare import prepare_dataset
+from skinclf.model.network import ShadesOfGray, build_model, fold_logit_transform
+from skinclf.model.posthoc import fit_prior_tau, softmax
+from skinclf.training.augment import AugmentSpec, random_affine
+from skinclf.training.train import _phase_sizes
 
 
 def test_shades_of_gray_by_hand() -> None:
@@ -123,7 +123,7 @@ def test_killed_full_recipe_run_resumes_to_the_same_history(prepared, tmp_path) 
     assert np.allclose(a.to_numpy(), b.to_numpy(), rtol=1e-3, atol=1e-4)
     assert a["learning_rate"].iloc[-1] < a["learning_rate"].iloc[0]
 
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     bundle = load_bundle(tmp_path / "resumed.keras")
     assert bundle.image_size == 64 and bundle.model.inputs[0].shape[1] == 64  # fixed for predict
@@ -135,8 +135,9 @@ def test_killed_full_recipe_run_resumes_to_the_same_history(prepared, tmp_path) 
 
 
 def test_resume_with_other_recipe_options_names_them(prepared, tmp_path) -> None:
-    from skinclf.cli import app
     from typer.testing import CliRunner
+
+    from skinclf.cli import app
 
     runner = CliRunner()
     base = ["train", "--data", str(prepared), "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--out",
@@ -159,8 +160,9 @@ def test_resume_with_other_recipe_options_names_them(prepared, tmp_path) -> None
     ],
 )
 def test_bad_recipe_options(prepared, tmp_path, monkeypatch, args, needle) -> None:
-    from skinclf.cli import app
     from typer.testing import CliRunner
+
+    from skinclf.cli import app
 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["train", "--data", str(prepared), "--out", str(tmp_path / "m.keras"), *TINY, *args])
@@ -170,7 +172,7 @@ def test_bad_recipe_options(prepared, tmp_path, monkeypatch, args, needle) -> No
 
 
 def _tiny_bundle(path, seed: int):
-    from skinclf.model import save_bundle
+    from skinclf.model.bundle import save_bundle
 
     model = build_model(num_classes=3, image_size=32, alpha=0.25, weights=None, seed=seed)
     rng = np.random.default_rng(seed)
@@ -182,7 +184,8 @@ def _tiny_bundle(path, seed: int):
 
 
 def _logits(path, x):
-    from skinclf.model import load_bundle, logits_model
+    from skinclf.model.bundle import load_bundle
+    from skinclf.model.network import logits_model
 
     return np.asarray(logits_model(load_bundle(path).model).predict_on_batch(x), dtype="float64")
 
@@ -193,10 +196,11 @@ def _softmax(z):
 
 
 def test_ensemble_bundle_loads_and_equals_the_mean_of_its_members(tmp_path) -> None:
-    from skinclf.cli import app
-    from skinclf.engines import load_engine
-    from skinclf.model import load_bundle
     from typer.testing import CliRunner
+
+    from skinclf.cli import app
+    from skinclf.engines.load import load_engine
+    from skinclf.model.bundle import load_bundle
 
     members = [_tiny_bundle(tmp_path / f"m{i}.keras", i) for i in range(3)]
     result = CliRunner().invoke(app, ["ensemble", *map(str, members), "--out", str(tmp_path / "e.keras")])
@@ -215,9 +219,9 @@ def test_ensemble_bundle_loads_and_equals_the_mean_of_its_members(tmp_path) -> N
 
 def test_ensemble_exports_to_onnx_and_matches_keras(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    from skinclf.engines import load_engine
-    from skinclf.ensemble import ensemble_bundles
-    from skinclf.export import export_model
+    from skinclf.engines.export import export_model
+    from skinclf.engines.load import load_engine
+    from skinclf.training.ensemble import ensemble_bundles
 
     members = [_tiny_bundle(tmp_path / f"m{i}.keras", i) for i in range(2)]
     ensemble_bundles(members=members, out=tmp_path / "e.keras")
@@ -231,8 +235,9 @@ def test_ensemble_exports_to_onnx_and_matches_keras(tmp_path) -> None:
 
 def test_ensemble_fits_prior_correction_and_temperature_on_validation(prepared, tmp_path) -> None:
     from conftest import CLASSES, make_tiny_bundle
-    from skinclf.ensemble import ensemble_bundles
-    from skinclf.model import load_bundle
+
+    from skinclf.model.bundle import load_bundle
+    from skinclf.training.ensemble import ensemble_bundles
 
     counts = {"train_counts": {c: 10 * (i + 1) for i, c in enumerate(CLASSES)}}
     members = [make_tiny_bundle(tmp_path / f"m{i}.keras", seed=i, data=counts) for i in range(2)]
@@ -252,8 +257,9 @@ def test_ensemble_fits_prior_correction_and_temperature_on_validation(prepared, 
 
 
 def test_ensemble_history_names_a_member(tmp_path) -> None:
-    from skinclf.cli import app
     from typer.testing import CliRunner
+
+    from skinclf.cli import app
 
     members = [_tiny_bundle(tmp_path / f"m{i}.keras", i) for i in range(2)]
     runner = CliRunner()
@@ -265,8 +271,9 @@ def test_ensemble_history_names_a_member(tmp_path) -> None:
 
 
 def test_ensemble_fitting_needs_a_validation_folder(tmp_path) -> None:
-    from skinclf.cli import app
     from typer.testing import CliRunner
+
+    from skinclf.cli import app
 
     members = [_tiny_bundle(tmp_path / f"m{i}.keras", i) for i in range(2)]
     result = CliRunner().invoke(app, ["ensemble", *map(str, members), "--out", str(tmp_path / "e.keras"),
@@ -279,9 +286,10 @@ def test_ensemble_fitting_needs_a_validation_folder(tmp_path) -> None:
 
 
 def test_ensemble_refuses_a_single_or_mismatched_member(tmp_path) -> None:
-    from skinclf.cli import app
-    from skinclf.model import save_bundle
     from typer.testing import CliRunner
+
+    from skinclf.cli import app
+    from skinclf.model.bundle import save_bundle
 
     one = _tiny_bundle(tmp_path / "one.keras", 0)
     runner = CliRunner()

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BUNDLED_MODEL, CLASS_COLOURS, SHARED_FULLRES, lesion_image, require
 from PIL import Image
 
-from conftest import BUNDLED_MODEL, CLASS_COLOURS, SHARED_FULLRES, lesion_image, require
+from skinclf.batch.results import DISCLAIMER, columns
 from skinclf.cli import app as cli_app
-from skinclf.results import DISCLAIMER, columns
 
 pytest.importorskip("fastapi", reason="skinclf[serve] (FastAPI) is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from skinclf import serve as serve_module  # noqa: E402
-from skinclf.serve import Classifier, Limits, create_app  # noqa: E402
+from skinclf.web import server as serve_module  # noqa: E402
+from skinclf.web.app import create_app  # noqa: E402
+from skinclf.web.classifier import Classifier, Limits
 
 TINY_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
@@ -38,7 +39,8 @@ def build_tiny_mobilenet(path: Path) -> Path:
     batch norms get statistics from a probe batch and the classifier is scaled: the outputs
     then differ per image, as a trained model's do."""
     from skinclf.backend import load_keras
-    from skinclf.model import PREPROCESSING, build_model, save_bundle
+    from skinclf.model.bundle import save_bundle
+    from skinclf.model.network import PREPROCESSING, build_model
 
     keras = load_keras()
     keras.utils.set_random_seed(0)
@@ -72,7 +74,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(tiny_model: Path):
-    from skinclf.engines import load_engine
+    from skinclf.engines.load import load_engine
 
     return load_engine(tiny_model, batch_size=16)
 
@@ -110,14 +112,14 @@ def visit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def upload(folder: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
     """Every image of `folder` as multipart files named by their path relative to it."""
-    from skinclf.predict import list_images
+    from skinclf.batch.predict import list_images
 
     return [("files", (rel, (folder / rel).read_bytes(), "application/octet-stream"))
             for rel in list_images(folder, recursive=True).files]
 
 
 def predict_csv(folder: Path, model: Path, out: Path, **options) -> str:
-    from skinclf.predict import predict_directory
+    from skinclf.batch.predict import predict_directory
 
     predict_directory(directory=folder, out=out, model=model, batch_size=16, show_progress=False, **options)
     return out.read_text(encoding="utf-8")
@@ -126,7 +128,7 @@ def predict_csv(folder: Path, model: Path, out: Path, **options) -> str:
 # --- decoding from memory ------------------------------------------------------------------
 
 def test_decode_image_matches_load_image_for_every_kind_of_file(visit: Path) -> None:
-    from skinclf.images import ImageError, decode_image, load_image
+    from skinclf.data.images import ImageError, decode_image, load_image
 
     for path in sorted(p for p in visit.rglob("*") if p.is_file()):
         try:
@@ -371,7 +373,7 @@ def test_a_failing_engine_is_a_500_for_that_request_only(engine) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_bundled_model_csv_equals_predict(tmp_path: Path) -> None:
-    from skinclf.engines import load_engine
+    from skinclf.engines.load import load_engine
 
     model = require(BUNDLED_MODEL)
     samples = sorted(require(SHARED_FULLRES).glob("*.jpg"))[:24]
@@ -393,10 +395,10 @@ def test_bundled_model_csv_equals_predict(tmp_path: Path) -> None:
 
 def test_cli_serve_loads_once_prints_the_url_and_serves(runner, tiny_model: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import skinclf.engines
+    import skinclf.engines.load
 
     loads: list[Path] = []
-    real_load = skinclf.engines.load_engine
+    real_load = skinclf.engines.load.load_engine
 
     def counting_load(path, **kwargs):
         loads.append(Path(path))
@@ -410,7 +412,7 @@ def test_cli_serve_loads_once_prints_the_url_and_serves(runner, tiny_model: Path
         seen["health"] = client.get("/healthz").json()
         seen["predict"] = client.post("/api/predict", files=[("files", ("a.jpg", jpeg(1), "image/jpeg"))]).status_code
 
-    monkeypatch.setattr(skinclf.engines, "load_engine", counting_load)
+    monkeypatch.setattr(skinclf.engines.load, "load_engine", counting_load)
     monkeypatch.setattr(serve_module, "_run_server", fake_run)
     result = runner.invoke(cli_app, ["serve", "--model", str(tiny_model), "--port", "0"])
     assert result.exit_code == 0, result.output
@@ -487,7 +489,7 @@ def test_page_in_headless_chromium_classifies_uploads_and_downloads_the_predict_
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from skinclf.serve import background_server
+    from skinclf.web.server import background_server
 
     folder = tmp_path / "visit"
     folder.mkdir()

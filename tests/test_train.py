@@ -16,8 +16,8 @@ import pytest
 from conftest import CLASSES, write_ham
 
 from skinclf.cli import app
+from skinclf.data.prepare import prepare_dataset
 from skinclf.errors import SkinclfError
-from skinclf.prepare import prepare_dataset
 
 TINY = ["--weights", "none", "--alpha", "0.25", "--image-size", "64", "--batch-size", "8",
         "--trainable-layers", "85", "--workers", "2"]
@@ -41,7 +41,7 @@ def run_cli(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> s
 
 
 def test_balanced_class_weights_by_hand() -> None:
-    from skinclf.train import class_weights
+    from skinclf.training.posthoc import class_weights
 
     # n = 40 images, k = 2 classes: weight = n / (k * n_c)
     assert class_weights("balanced", {"a": 10, "b": 30}) == pytest.approx({"a": 2.0, "b": 40 / 60})
@@ -53,7 +53,7 @@ def test_balanced_class_weights_by_hand() -> None:
 
 
 def test_explicit_class_weights() -> None:
-    from skinclf.train import class_weights
+    from skinclf.training.posthoc import class_weights
 
     assert class_weights("mel=4,nv=1.25", {"mel": 5, "nv": 9, "df": 1}) == {"mel": 4.0, "nv": 1.25, "df": 1.0}
     # A base with changes: melanoma's balanced weight doubled, df's set outright.
@@ -69,7 +69,7 @@ def test_explicit_class_weights() -> None:
 
 def test_balanced_accuracy_metric_matches_numpy() -> None:
     from skinclf.metrics import balanced_accuracy
-    from skinclf.train import BalancedAccuracy
+    from skinclf.training.callbacks import BalancedAccuracy
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 200)
@@ -91,7 +91,7 @@ def test_tiny_training_produces_a_complete_bundle(runner, prepared: Path, tmp_pa
     assert result.exit_code == 0, result.output
     assert f"Saved {out}" in result.output
 
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     bundle = load_bundle(out)
     assert bundle.classes == list(CLASSES)
@@ -111,8 +111,8 @@ def test_tiny_training_produces_a_complete_bundle(runner, prepared: Path, tmp_pa
 
 
 def test_training_with_feature_cache_and_focal_loss(prepared: Path, tmp_path: Path) -> None:
-    from skinclf.model import load_bundle
-    from skinclf.train import train_model
+    from skinclf.model.bundle import load_bundle
+    from skinclf.training.train import train_model
 
     result = train_model(
         data=prepared, out=tmp_path / "cached.keras", epochs=2, batch_size=8, weights="none", alpha=0.25,
@@ -132,7 +132,7 @@ def test_training_with_feature_cache_and_focal_loss(prepared: Path, tmp_path: Pa
 
 def test_decision_weight_rebundles_a_finished_run(runner, prepared: Path, tmp_path: Path, monkeypatch) -> None:
     """--resume on a finished run with --decision-weight trains nothing and scales the probabilities."""
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     monkeypatch.chdir(tmp_path)
     # No temperature: each bundle would fit its own, and the comparison is of the shift alone.
@@ -172,7 +172,7 @@ def test_killed_run_resumes_to_the_same_result(prepared: Path, tmp_path: Path) -
     # floating-point nondeterminism of the backend.
     assert np.allclose(a.to_numpy(), b.to_numpy(), rtol=1e-3, atol=1e-4)
 
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     assert load_bundle(tmp_path / "resumed.keras").meta["training"]["epochs_run"] == 3
 
@@ -203,8 +203,8 @@ def test_missing_weights_file(runner, prepared: Path, tmp_path: Path, monkeypatc
 
 
 def test_imagenet_download_failure_suggests_a_local_file(monkeypatch, prepared: Path, tmp_path: Path) -> None:
-    import skinclf.model as model_mod
-    from skinclf.train import train_model
+    import skinclf.model.network as model_mod
+    from skinclf.training.train import train_model
 
     real = model_mod.keras.applications.MobileNet
 
@@ -284,7 +284,7 @@ def test_torch_backend_trains_a_bundle_tensorflow_loads(prepared: Path, tmp_path
         cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     bundle = load_bundle(tmp_path / "t.keras")
     assert bundle.meta["versions"]["backend"] == "torch"

@@ -13,11 +13,12 @@ import pytest
 from conftest import CLASS_COLOURS, CLASSES, lesion_image
 from PIL import Image
 
-from skinclf.calibration import expected_calibration_error, fit_temperature, softmax
 from skinclf.cli import app
 from skinclf.errors import SkinclfError
-from skinclf.explain import explain_files, occlusion_map
-from skinclf.ood import WARNING, auroc, fit_ood, flag, ood_scores, reference_outliers
+from skinclf.model.outlier import WARNING, flag, ood_scores
+from skinclf.model.posthoc import expected_calibration_error, fit_temperature, softmax
+from skinclf.trust.explain import explain_files, occlusion_map
+from skinclf.trust.ood import auroc, fit_ood, reference_outliers
 
 # --- calibration ------------------------------------------------------------------------------
 
@@ -183,7 +184,8 @@ def test_explain_writes_pngs_with_the_input_sized_panels_and_skips_bad_files(tmp
 
 @pytest.fixture(scope="module")
 def mobilenet_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from skinclf.model import PREPROCESSING, build_model, save_bundle
+    from skinclf.model.bundle import save_bundle
+    from skinclf.model.network import PREPROCESSING, build_model
 
     model = build_model(num_classes=7, image_size=64, alpha=0.25, weights=None, seed=0)
     meta = {"name": "tiny", "classes": list(CLASSES), "input_size": [64, 64], "preprocessing": PREPROCESSING,
@@ -208,7 +210,7 @@ def bundle_meta(path: Path) -> dict:
 
 def test_calibrate_command_folds_the_temperature_and_fits_the_ood_flag(runner, mobilenet_bundle, labelled_folder,
                                                                        tmp_path: Path) -> None:
-    from skinclf.engines import load_engine
+    from skinclf.engines.load import load_engine
 
     out = tmp_path / "calibrated.keras"
     result = runner.invoke(app, ["calibrate", str(mobilenet_bundle), "--data", str(labelled_folder), "--out", str(out),
@@ -249,7 +251,7 @@ def test_calibrate_command_failures(runner, mobilenet_bundle, labelled_folder, t
     (split / "test" / "nv").mkdir(parents=True)
     lesion_image(CLASS_COLOURS["nv"], 1).save(split / "test" / "nv" / "a.jpg")
     (split / "prepare.json").write_text(json.dumps({"fingerprint": "abc"}))
-    from skinclf.model import load_bundle, save_bundle
+    from skinclf.model.bundle import load_bundle, save_bundle
 
     bundle = load_bundle(mobilenet_bundle)
     fingerprinted = save_bundle(bundle.model, tmp_path / "fp.keras", {**bundle.meta, "data": {"fingerprint": "abc"}})
@@ -259,7 +261,7 @@ def test_calibrate_command_failures(runner, mobilenet_bundle, labelled_folder, t
 
 
 def test_predict_adds_the_ood_score_and_warns_without_failing_strict(runner, tiny_bundle, tmp_path: Path) -> None:
-    from skinclf.model import load_bundle, save_bundle
+    from skinclf.model.bundle import load_bundle, save_bundle
 
     bundle = load_bundle(tiny_bundle)
     flag_all = {"score": "energy", "threshold": -1e9, "pass_rate": 0.95, "fitted_on": "validation split"}

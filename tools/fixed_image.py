@@ -16,8 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from skinclf.engines import load_engine  # noqa: E402
-from skinclf.images import load_image  # noqa: E402
+from skinclf.data.images import load_image  # noqa: E402
+from skinclf.engines.load import load_engine  # noqa: E402
 
 FIXED = ["ISIC_0024358.jpg", "ISIC_0024566.jpg"]
 SAMPLES = REPO.parent / "shared" / "data" / "ham10000-fullres"

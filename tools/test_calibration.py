@@ -20,10 +20,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from skinclf.calibration import calibration_report, softmax  # noqa: E402
-from skinclf.engines import load_engine  # noqa: E402
-from skinclf.inference import predict_files  # noqa: E402
-from skinclf.layout import list_labelled_images  # noqa: E402
+from skinclf.data.layout import list_labelled_images  # noqa: E402
+from skinclf.engines.load import load_engine  # noqa: E402
+from skinclf.engines.runner import predict_files  # noqa: E402
+from skinclf.model.posthoc import calibration_report, softmax  # noqa: E402
 
 SUMMARY = ("ece", "nll", "brier")
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from skinclf.batch.results import header_options
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path
-from skinclf.results import header_options
 
 
 def partial_path(target: Path) -> Path:

@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 
 from skinclf import __version__, ui
+from skinclf.batch.output import open_output, partial_path
+from skinclf.batch.results import DISCLAIMER, columns, row, sidecar_path
 from skinclf.config import PREDICT, TTA_CHOICES
+from skinclf.data.images import IMAGE_EXTENSIONS
+from skinclf.data.layout import default_model_path
+from skinclf.data.walk import Walk, walk_images
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_write_json, check_output_file
-from skinclf.images import IMAGE_EXTENSIONS
-from skinclf.layout import default_model_path
 from skinclf.options import at_least, one_of
-from skinclf.output import open_output, partial_path
-from skinclf.results import DISCLAIMER, columns, row, sidecar_path
-from skinclf.walk import Walk, walk_images
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,10 @@ def predict_directory(
     directory = Path(directory)
     found = list_images(directory, recursive=recursive)
 
-    from skinclf.engines import load_engine
-    from skinclf.inference import engine_tta, predict_files
-    from skinclf.ood import WARNING as UNLIKE_TRAINING
-    from skinclf.ood import flag
+    from skinclf.engines.load import load_engine
+    from skinclf.engines.runner import engine_tta, predict_files
+    from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
+    from skinclf.model.outlier import flag
     from skinclf.parallel import usable_cpus
 
     started = time.perf_counter()

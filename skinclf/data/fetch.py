@@ -27,8 +27,8 @@ from skinclf import ui
 from skinclf.config import FETCH
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path, check_output_dir, link_or_copy
-from skinclf.images import ImageError, load_image
-from skinclf.layout import IMAGE_DIRS, METADATA_FILE, read_metadata
+from skinclf.data.images import ImageError, load_image
+from skinclf.data.layout import IMAGE_DIRS, METADATA_FILE, read_metadata
 
 KAGGLE_URL = "https://www.kaggle.com/datasets/{dataset}"
 _DOWNLOAD_DIR = ".download"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from skinclf.errors import SkinclfError
-from skinclf.images import is_image_file
+from skinclf.data.images import is_image_file
 
 METADATA_FILE = "HAM10000_metadata.csv"
 IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
@@ -29,7 +29,7 @@ def default_model_path() -> Path:
     """
     if os.environ.get(MODEL_ENV):
         return Path(os.environ[MODEL_ENV])
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the skinclf package
     candidates = (here / "models" / BUNDLED_MODEL, here.parent / "models" / BUNDLED_MODEL)
     for candidate in candidates:
         if candidate.is_file():

@@ -21,8 +21,8 @@ from skinclf.config import PREPARE
 from skinclf.errors import SkinclfError
 from skinclf.options import at_least
 from skinclf.files import atomic_write, atomic_write_json, check_output_dir, link_or_copy, sha256_text
-from skinclf.walk import walk_images
-from skinclf.layout import read_metadata
+from skinclf.data.walk import walk_images
+from skinclf.data.layout import read_metadata
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "prepare.json"

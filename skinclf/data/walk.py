@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skinclf.images import IMAGE_EXTENSIONS, is_image_file
+from skinclf.data.images import IMAGE_EXTENSIONS, is_image_file
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ import numpy as np
 
 from skinclf import __version__
 from skinclf.config import EXPORT
+from skinclf.data.layout import default_model_path
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path
-from skinclf.layout import default_model_path
 
 FORMATS = ("onnx", "onnx-int8", "tflite", "tfjs")
 SUFFIX = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "tflite": ".tflite", "tfjs": ""}
@@ -64,8 +64,8 @@ def probe_images(size: int, *, count: int = EXPORT.probes, folder: Path | None =
         blobs.append(np.clip(base * cast + rng.normal(0, 6, (size, size, 3)), 0, 255))
     images = [noise, np.stack(blobs)]
     if folder is not None:
-        from skinclf.images import ImageError, load_image
-        from skinclf.walk import walk_images
+        from skinclf.data.images import ImageError, load_image
+        from skinclf.data.walk import walk_images
 
         real = []
         for path in [Path(folder) / rel for rel in walk_images(Path(folder), recursive=True).files[:count]]:
@@ -80,7 +80,7 @@ def probe_images(size: int, *, count: int = EXPORT.probes, folder: Path | None =
 
 def _sample_images(folder: Path, classes: list[str], count: int) -> list[Path]:
     """Up to `count` images spread evenly over a labelled folder (every k-th, all classes)."""
-    from skinclf.layout import list_labelled_images
+    from skinclf.data.layout import list_labelled_images
 
     paths = list_labelled_images(Path(folder), classes=tuple(classes)).paths
     step = max(1, len(paths) // count)
@@ -88,14 +88,14 @@ def _sample_images(folder: Path, classes: list[str], count: int) -> list[Path]:
 
 
 def _decoded(paths: list[Path], size: int) -> np.ndarray:
-    from skinclf.images import load_image
+    from skinclf.data.images import load_image
 
     return np.stack([load_image(p, size) for p in paths]).astype("float32")
 
 
 def _keras_logits(bundle) -> Any:
     """The bundle's model, batch norms folded, softmax split off: what every export converts."""
-    from skinclf.model import fold_batch_norm, logits_model
+    from skinclf.model.network import fold_batch_norm, logits_model
 
     return fold_batch_norm(logits_model(bundle.model))
 
@@ -107,8 +107,8 @@ def _export_meta(bundle, fmt: str) -> dict[str, Any]:
 
 
 def _onnx_bytes(bundle, folded, meta: dict[str, Any]) -> bytes:
-    from skinclf.onnx_convert import keras_to_onnx
-    from skinclf.onnx_engine import META_KEY
+    from skinclf.model.onnx_convert import keras_to_onnx
+    from skinclf.model.onnx_meta import META_KEY
 
     proto = keras_to_onnx(folded, doc=f"skinclf {bundle.meta.get('name', bundle.path.stem)}: "
                                       "decision support, not a diagnosis", metadata={META_KEY: json.dumps(meta)})
@@ -116,7 +116,7 @@ def _onnx_bytes(bundle, folded, meta: dict[str, Any]) -> bytes:
 
 
 def _onnx_run(data: bytes, images: np.ndarray, *, batch: int = 16) -> np.ndarray:
-    from skinclf.onnx_engine import session
+    from skinclf.model.onnx_meta import session
 
     sess = session(data)
     return np.concatenate([sess.run(["probabilities"], {"image": images[i : i + batch]})[0]
@@ -240,11 +240,11 @@ def export_model(
     if out.resolve() == path.resolve():
         raise SkinclfError(f"--out {out} would overwrite the model itself; choose another path")
     if format.startswith("onnx"):
-        from skinclf.onnx_engine import onnxruntime_available
+        from skinclf.model.onnx_meta import onnxruntime_available
 
         if not onnxruntime_available():
             raise SkinclfError("skinclf export needs ONNX Runtime to check the export: pip install onnxruntime")
-    from skinclf.model import load_bundle
+    from skinclf.model.bundle import load_bundle
 
     started = time.perf_counter()
     bundle = load_bundle(path)
@@ -273,7 +273,7 @@ def export_model(
             diff = float(np.abs(int8_probs - expected).max())
             agree = [int8_probs.argmax(1) == expected.argmax(1)]
             if validation is not None and Path(validation).is_dir():
-                from skinclf.layout import list_labelled_images
+                from skinclf.data.layout import list_labelled_images
 
                 val = list_labelled_images(Path(validation), classes=tuple(bundle.classes))
                 x = _decoded(list(val.paths), size)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from skinclf.config import TTA_CHOICES
+from skinclf.data.images import ImageError, load_image
 from skinclf.errors import SkinclfError
-from skinclf.images import ImageError, load_image
 from skinclf.parallel import in_background
 
 
@@ -33,42 +33,6 @@ class BatchResult:
     errors: list[str | None]
     warnings: list[list[str]] = field(default_factory=list)
     logits: np.ndarray | None = None
-
-
-def inference_model(model, *, image_size: int | None = None):
-    """The fastest equivalent of `model` for inference: batch norms folded into convolutions.
-
-    The folded graph is checked against the original on a probe batch; any model that is not
-    a plain chain (or folds differently) is returned unchanged.
-    """
-    from skinclf.model import fold_batch_norm
-
-    size = image_size or int(model.inputs[0].shape[1])
-    probe = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
-    try:
-        folded = fold_batch_norm(model)
-        same = np.allclose(np.asarray(folded.predict_on_batch(probe)), np.asarray(model.predict_on_batch(probe)),
-                           atol=1e-4)
-    except Exception:  # noqa: BLE001 - not a foldable chain: use the model as it is
-        return model
-    return folded if same else model
-
-
-def predictor(model, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """A function running `model` on one batch through its compiled predict step.
-
-    Batches are padded to `batch_size` so the compiled function sees one shape only (no
-    retracing for the last, shorter batch).
-    """
-
-    def run(x: np.ndarray) -> np.ndarray:
-        n = len(x)
-        if n < batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
-        out = model.predict_on_batch(x)
-        return np.asarray(out, dtype="float32")[:n]
-
-    return run
 
 
 # The dihedral group of the square: flips and quarter turns leave a dermoscopic image a valid
@@ -108,7 +72,7 @@ def _decode(paths: list[Path], image_size: int) -> tuple[list[Path], np.ndarray,
 
 def engine_tta(engine, tta: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """A function from a batch to (probabilities, logits), averaged over `tta` views."""
-    from skinclf.engines import softmax
+    from skinclf.engines.base import softmax
 
     if tta not in TTA_CHOICES:
         raise SkinclfError(f"--tta {tta}: choose one of {', '.join(map(str, TTA_CHOICES))}")
@@ -124,7 +88,8 @@ def engine_tta(engine, tta: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.
 
 def as_engine(model, *, batch_size: int, image_size: int | None = None):
     """`model` if it is an Engine, else a Keras engine around an in-memory Keras model."""
-    from skinclf.engines import Engine, KerasEngine
+    from skinclf.engines.base import Engine
+    from skinclf.engines.keras import KerasEngine
 
     if isinstance(model, Engine):
         return model

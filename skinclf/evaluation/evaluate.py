@@ -21,14 +21,14 @@ import numpy as np
 import pandas as pd
 
 from skinclf import __version__
+from skinclf.batch.results import probabilities, read_predictions, sidecar_path
 from skinclf.config import EVALUATE, TTA_CHOICES
+from skinclf.data.layout import default_model_path, list_labelled_images
 from skinclf.errors import SkinclfError
+from skinclf.evaluation.seen import SeenImages, seen_images, seen_report
 from skinclf.files import atomic_write_json, check_output_dir, sha256_file, sha256_text
-from skinclf.layout import default_model_path, list_labelled_images
 from skinclf.metrics import classification_report
 from skinclf.options import at_least, one_of
-from skinclf.results import probabilities, read_predictions, sidecar_path
-from skinclf.seen import SeenImages, seen_images, seen_report
 
 ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
 
@@ -99,7 +99,7 @@ def _write(report: dict[str, Any], out: Path, y_true: np.ndarray, probs: np.ndar
            history: list[dict] | None = None) -> list[Path]:
     classes = report["classes"]
     try:
-        from skinclf.plots import confusion_matrix_png, history_png, reliability_png, roc_png
+        from skinclf.evaluation.plots import confusion_matrix_png, history_png, reliability_png, roc_png
     except ModuleNotFoundError:  # the light install has no matplotlib: the report, without PNGs
         report["plots"] = 'not drawn: matplotlib is not installed (pip install "skinclf[train]")'
         atomic_write_json(out / "report.json", report)
@@ -135,8 +135,8 @@ def evaluate_model(
     threads: int = EVALUATE.threads,
 ) -> Evaluation:
     """Run a model over a labelled folder (with `engine`: auto, keras or onnx) and write the report into `out`."""
-    from skinclf.engines import load_engine
-    from skinclf.inference import predict_files
+    from skinclf.engines.load import load_engine
+    from skinclf.engines.runner import predict_files
     from skinclf.parallel import usable_cpus
 
     _check_sensitivity(mel_sensitivity)
@@ -241,7 +241,7 @@ def evaluate_predictions(
 def _seen_for_predictions(model: Path | None, model_info: dict | None, split: Path | None) -> SeenImages | None:
     """The training images of the model behind a predictions CSV: `--model`, else the model its
     sidecar names if that file is still the same model."""
-    from skinclf.bundle import read_model_meta
+    from skinclf.model.meta import read_model_meta
 
     if model is None and model_info and Path(model_info["path"]).is_file():
         if sha256_file(Path(model_info["path"])) == model_info.get("sha256"):
@@ -252,7 +252,7 @@ def _seen_for_predictions(model: Path | None, model_info: dict | None, split: Pa
 
 def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path:
     """Write the training curves stored in a model bundle as `history.png`."""
-    from skinclf.bundle import read_bundle_meta
+    from skinclf.model.meta import read_bundle_meta
 
     path = model or default_model_path()
     meta = read_bundle_meta(path)
@@ -264,7 +264,7 @@ def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path
                            f"runs/{meta['members'][0].get('path')}")
     if not history:
         raise SkinclfError(f"{path} carries no training history")
-    from skinclf.plots import history_png
+    from skinclf.evaluation.plots import history_png
 
     return history_png(history, Path(out) / "history.png")
 
@@ -304,7 +304,7 @@ def calibration_section(probs: np.ndarray, y_true: np.ndarray, *, exact: bool) -
     """ECE (15 bins), Brier score, NLL and the reliability table; `exact` False when the
     probabilities were rebuilt from top-k columns (Brier and NLL then approximate; ECE, which
     only uses the top-1 probability, is exact)."""
-    from skinclf.calibration import calibration_report
+    from skinclf.model.posthoc import calibration_report
 
     section = {**calibration_report(probs, y_true), "exact": exact}
     if not exact:

@@ -93,7 +93,7 @@ def history_png(history: Sequence[dict], path: Path) -> Path:
 
 def reliability_png(curves: dict[str, Sequence[dict]], path: Path, *, title: str = "Reliability diagram") -> Path:
     """Reliability diagram: accuracy against mean top-1 confidence per bin, one line per curve
-    (rows from `skinclf.calibration.reliability`), with the diagonal of perfect calibration and
+    (rows from `skinclf.model.posthoc.reliability`), with the diagonal of perfect calibration and
     the share of images per bin below."""
     fig = Figure(figsize=(6, 6.8))
     ax = fig.add_axes((0.12, 0.34, 0.83, 0.58))

@@ -39,7 +39,7 @@ def read_model_meta(path: Path) -> dict[str, Any]:
     """The metadata of a `.keras` bundle or of its `.onnx` export."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        from skinclf.onnx_engine import read_meta, session
+        from skinclf.model.onnx_meta import read_meta, session
 
         return read_meta(session(path, threads=1), path)
     return read_bundle_meta(path)

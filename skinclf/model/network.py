@@ -17,20 +17,15 @@ Counting trainable layers from the top of the MobileNet base (`trainable_layers`
 
 from __future__ import annotations
 
-import json
 import warnings
-import zipfile
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from skinclf.backend import load_keras
-from skinclf.bundle import BUNDLE_FORMAT, META_MEMBER, ModelInfo, read_bundle_meta  # noqa: F401 - re-exported
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_path, sha256_file
+from skinclf.model.ensemble import ensemble_of, members
 
 keras = load_keras()
 
@@ -195,30 +190,6 @@ def with_input_size(model, image_size: int):
     return fixed
 
 
-def members(model) -> list:
-    """The nested member models of an ensemble (`skinclf ensemble`); empty for a chain."""
-    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
-
-
-def ensemble_of(chains: list, head, *, name: str, activation: str | None = None):
-    """Input -> each chain (logits) -> mean of the logits -> a copy of `head` (the classifier).
-
-    The head is a Dense layer named "predictions", so prior correction, decision weights and
-    temperature fold into it exactly as into a single network's classifier; `activation`
-    overrides its activation (linear: a logits model)."""
-    inputs = keras.Input(tuple(chains[0].inputs[0].shape[1:]), name="image")
-    outputs = []
-    for i, chain_model in enumerate(chains):
-        chain_model.name = f"member_{i}"  # nested models keep their layer names; theirs must be unique
-        outputs.append(chain_model(inputs))
-    mean = keras.layers.Average(name="mean_logits")(outputs)
-    config = head.get_config()
-    clone = head.__class__.from_config({**config, "activation": activation or config["activation"]})
-    x = clone(mean)
-    clone.set_weights(head.get_weights())
-    return keras.Model(inputs, x, name=name)
-
-
 def logits_model(model):
     """A copy of a chain model (or an ensemble) that outputs the classifier's logits (softmax left off).
 
@@ -302,53 +273,3 @@ def fold_batch_norm(model):
 # --- the bundle ---------------------------------------------------------------------------
 
 
-@dataclass
-class Bundle(ModelInfo):
-    """A loaded model and its metadata."""
-
-    model: Any
-    meta: dict[str, Any]
-    path: Path
-    sha256: str = field(default="")
-
-
-def save_bundle(model, path: Path, meta: dict[str, Any]) -> Path:
-    """Save `model` (without optimizer state) and `meta` as one `.keras` file, atomically."""
-    path = Path(path)
-    if path.suffix != ".keras":
-        raise SkinclfError(f"--out {path}: the model file must end in .keras")
-    n_out = int(model.outputs[0].shape[-1])
-    if n_out != len(meta["classes"]):
-        raise SkinclfError(f"model has {n_out} outputs but {len(meta['classes'])} class names")
-    meta = {"format": BUNDLE_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **meta}
-    plain = keras.Model(model.inputs, model.outputs, name=model.name)  # uncompiled: no optimizer
-    with atomic_path(path) as tmp:
-        plain.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as zf:
-            zf.writestr(META_MEMBER, json.dumps(meta, indent=2, default=_json_default))
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def load_bundle(path: Path) -> Bundle:
-    """Load a bundle; any problem with the file is a one-line SkinclfError."""
-    path = Path(path)
-    meta = read_bundle_meta(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)  # a partial load is a corrupt model
-            model = keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - corrupt weights, wrong Keras version, ...
-        reason = " ".join(str(exc).split())[:200]
-        raise SkinclfError(f"cannot load model {path}: {reason}") from None
-    n_out = int(model.outputs[0].shape[-1])
-    if n_out != len(meta["classes"]):
-        raise SkinclfError(f"{path}: model has {n_out} outputs but its metadata names {len(meta['classes'])} classes")
-    return Bundle(model=model, meta=meta, path=path, sha256=sha256_file(path))

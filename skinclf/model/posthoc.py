@@ -1,7 +1,7 @@
 """Post-hoc adjustments fitted on validation data, and the measures that judge them.
 
 Both adjustments act on logits and are folded into the model's final layer
-(`skinclf.model.fold_logit_transform`), so every engine and export carries them:
+(`skinclf.model.network.fold_logit_transform`), so every engine and export carries them:
 
 - prior correction (Menon et al., "Long-tail learning via logit adjustment", 2021):
   logits - tau * log(training class prior), one tau chosen for validation balanced accuracy;

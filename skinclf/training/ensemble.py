@@ -21,8 +21,10 @@ from skinclf.backend import load_keras
 from skinclf.config import ENSEMBLE
 from skinclf.errors import SkinclfError
 from skinclf.files import check_output_file
+from skinclf.model.bundle import load_bundle, save_bundle
+from skinclf.model.ensemble import ensemble_of
+from skinclf.model.network import logits_model
 from skinclf.options import at_least
-from skinclf.model import ensemble_of, load_bundle, logits_model, save_bundle
 
 keras = load_keras()
 
@@ -51,9 +53,9 @@ def _check_members(bundles: list) -> None:
 def _fit_on(model, meta: dict, val: Path, *, prior_correction: str, decision_weight: str, calibrate: bool,
             workers: int) -> dict[str, Any]:
     """Fit the head's post-hoc shift and temperature on `val`; returns the metadata to add."""
-    from skinclf.layout import list_labelled_images
+    from skinclf.data.layout import list_labelled_images
     from skinclf.metrics import classification_report
-    from skinclf.train import _post_hoc, _validation_probs, class_weights
+    from skinclf.training.posthoc import class_weights, post_hoc, validation_probs
 
     classes = meta["classes"]
     val_set = list_labelled_images(Path(val), classes=tuple(classes))
@@ -62,9 +64,9 @@ def _fit_on(model, meta: dict, val: Path, *, prior_correction: str, decision_wei
         raise SkinclfError(f"the first member has no training class counts: cannot apply --prior-correction "
                            f"{prior_correction}; use --prior-correction none")
     decision_of = class_weights(decision_weight, dict.fromkeys(classes, 1), option="--decision-weight")
-    probs = _validation_probs(model, val_set, image_size=meta["input_size"][0], batch_size=32, workers=workers)
+    probs = validation_probs(model, val_set, image_size=meta["input_size"][0], batch_size=32, workers=workers)
     labels = np.asarray(val_set.labels)
-    probs, post_hoc = _post_hoc(model, probs, labels, classes=classes, prior_counts=counts, decision_of=decision_of,
+    probs, post_hoc = post_hoc(model, probs, labels, classes=classes, prior_counts=counts, decision_of=decision_of,
                                 prior_correction=prior_correction, calibrate=calibrate)
     report = classification_report(labels, probs, list(classes))
     report.get("melanoma", {}).pop("roc", None)
@@ -96,9 +98,9 @@ def ensemble_bundles(
     if out.suffix != ".keras":
         raise SkinclfError(f"--out {out}: the model file must end in .keras")
     check_output_file(out, example="models/ensemble.keras")
-    from skinclf.train import _prior_tau
+    from skinclf.training.posthoc import prior_tau
 
-    _prior_tau(prior_correction)  # a bad value fails here, before any model is loaded
+    prior_tau(prior_correction)  # a bad value fails here, before any model is loaded
     at_least("--workers", workers, 1, example=2)
     fitting = prior_correction != "none" or decision_weight != "none" or calibrate
     if fitting and val is None:

@@ -8,16 +8,16 @@ from the feature cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from skinclf.augment import RECIPE, AugmentSpec, random_affine
 from skinclf.backend import load_keras
+from skinclf.data.images import ImageError, load_image
 from skinclf.errors import SkinclfError
-from skinclf.images import ImageError, load_image
 from skinclf.parallel import in_background  # noqa: F401 - re-exported: train and bench import it from here
+from skinclf.training.augment import RECIPE, AugmentSpec, random_affine
 
 keras = load_keras()
 

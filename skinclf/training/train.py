@@ -17,12 +17,8 @@ callback state and history, each written atomically.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import os
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,28 +27,27 @@ from typing import Any
 import numpy as np
 
 from skinclf import ui
-from skinclf.augment import AugmentSpec
-from skinclf.calibration import calibration_report, fit_prior_tau, fit_temperature, logits_from_probs, softmax
 from skinclf.backend import accelerator, load_keras, versions
 from skinclf.config import TRAIN
-from skinclf.data import FeatureBatches, ImageBatches, in_background
+from skinclf.data.layout import LabelledImages, list_labelled_images
 from skinclf.errors import SkinclfError
-from skinclf.options import at_least
-from skinclf.files import atomic_path, atomic_write, atomic_write_json, check_output_file, sha256_file, sha256_text
-from skinclf.inference import predict_files
-from skinclf.layout import LabelledImages, list_labelled_images
+from skinclf.evaluation.seen import split_image_ids
+from skinclf.files import atomic_path, check_output_file, sha256_file, sha256_text
 from skinclf.metrics import classification_report
-from skinclf.seen import split_image_ids
-from skinclf.model import (
+from skinclf.model.bundle import save_bundle
+from skinclf.model.network import (
     PREPROCESSING,
     build_model,
     check_trainable_layers,
-    fold_logit_transform,
-    save_bundle,
     set_trainable,
     split_model,
     with_input_size,
 )
+from skinclf.options import at_least
+from skinclf.training.augment import AugmentSpec
+from skinclf.training.callbacks import BalancedAccuracy, is_out_of_memory, restore, resume_state, training_callbacks
+from skinclf.training.loader import FeatureBatches, ImageBatches, in_background
+from skinclf.training.posthoc import class_weights, post_hoc, prior_tau, validation_probs
 
 keras = load_keras()
 ops = keras.ops
@@ -60,8 +55,6 @@ ops = keras.ops
 MONITORS = ("val_top2_accuracy", "val_top1_accuracy", "val_top3_accuracy", "val_balanced_accuracy", "val_loss")
 LOSSES = ("crossentropy", "focal")
 SCHEDULES = ("plateau", "cosine")
-# Fault injection for the resume test: hard-kill the process after this epoch's checkpoint.
-_KILL_AFTER_EPOCH = "_SKINCLF_KILL_AFTER_EPOCH"
 
 
 @dataclass(frozen=True)
@@ -77,67 +70,6 @@ class TrainResult:
     val_metrics: dict[str, Any]
     seconds: float
     images_per_second: float
-
-
-class BalancedAccuracy(keras.metrics.Metric):
-    """Mean per-class recall over the classes seen, accumulated over an epoch (backend-agnostic)."""
-
-    def __init__(self, num_classes: int, name: str = "balanced_accuracy", **kwargs: Any) -> None:
-        super().__init__(name=name, **kwargs)
-        self.num_classes = num_classes
-        self.matrix = self.add_variable(shape=(num_classes, num_classes), initializer="zeros", name="matrix")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):  # unweighted on purpose
-        t = ops.one_hot(ops.argmax(y_true, axis=-1), self.num_classes)
-        p = ops.one_hot(ops.argmax(y_pred, axis=-1), self.num_classes)
-        self.matrix.assign_add(ops.matmul(ops.transpose(t), p))
-
-    def result(self):
-        support = ops.sum(self.matrix, axis=1)
-        present = ops.cast(support > 0, "float32")
-        recall = ops.diagonal(self.matrix) / ops.maximum(support, 1.0)
-        return ops.sum(recall * present) / ops.maximum(ops.sum(present), 1.0)
-
-    def reset_state(self):
-        self.matrix.assign(ops.zeros((self.num_classes, self.num_classes)))
-
-    def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes}
-
-
-def class_weights(spec: str, counts: dict[str, int], *, option: str = "--class-weight") -> dict[str, float]:
-    """Per-class loss weights from `spec`: a base, optionally followed by per-class changes.
-
-    Bases: 'balanced', n / (k * n_c), so every class carries the same total weight
-    (scikit-learn's formula); 'sqrt', its square root, a softer correction; 'none', all 1.
-    Changes, comma-separated: 'NAME=W' sets a weight, 'NAME*F' multiplies it. Without a base,
-    'none' is assumed: 'mel=4,nv=1.25' (the seed's style) leaves other classes at 1;
-    'balanced,mel*2' doubles melanoma's balanced weight.
-    """
-    items = [item.strip() for item in spec.split(",") if item.strip()]
-    present = {c: n for c, n in counts.items() if n > 0}
-    total, k = sum(present.values()), len(present)
-    balanced = {c: total / (k * n) if n else 0.0 for c, n in counts.items()}
-    bases = {"balanced": balanced, "sqrt": {c: math.sqrt(w) for c, w in balanced.items()},
-             "none": dict.fromkeys(counts, 1.0)}
-    weights = dict(bases[items.pop(0)] if items and items[0] in bases else bases["none"])
-    for item in items:
-        op = "=" if "=" in item else "*" if "*" in item else None
-        name, _, value = item.partition(op) if op else (item, "", "")
-        name = name.strip()
-        if op is None or name not in counts:
-            raise SkinclfError(
-                f"{option} {spec!r}: expected a base (balanced, sqrt, none) and/or NAME=WEIGHT or NAME*FACTOR "
-                f"items with NAME one of {', '.join(counts)}"
-            )
-        try:
-            number = float(value)
-        except ValueError:
-            raise SkinclfError(f"{option} {item!r}: {value!r} is not a number") from None
-        if not number > 0:
-            raise SkinclfError(f"{option} {item!r}: weights must be positive")
-        weights[name] = number if op == "=" else weights[name] * number
-    return weights
 
 
 def _validate(*, epochs, batch_size, lr, loss, monitor, cache_views, image_size, alpha, dropout, label_smoothing,
@@ -183,17 +115,7 @@ def _validate(*, epochs, batch_size, lr, loss, monitor, cache_views, image_size,
         raise SkinclfError(f"--weight-decay {weight_decay}: must be 0 (Adam) or positive (AdamW), e.g. 0.05")
     if not 0 <= dropout < 1 or not 0 <= label_smoothing < 1:
         raise SkinclfError("dropout and label smoothing must be in [0, 1)")
-    _prior_tau(prior_correction)
-
-
-def _prior_tau(spec: str) -> float | str | None:
-    """--prior-correction as None ('none'), 'fit', or a fixed tau."""
-    if spec in ("none", "fit"):
-        return None if spec == "none" else spec
-    try:
-        return float(spec)
-    except ValueError:
-        raise SkinclfError(f"--prior-correction {spec!r}: use none, fit, or a number such as 0.5") from None
+    prior_tau(prior_correction)
 
 
 def _phase_sizes(*, epochs: int, image_size: int, train_size: int, fixres_epochs: int) -> list[tuple[int, int, int]]:
@@ -252,14 +174,6 @@ def _optimizer(*, lr: float, weight_decay: float, schedule: str, warmup_epochs: 
     return keras.optimizers.Adam(rate)
 
 
-class LogLearningRate(keras.callbacks.Callback):
-    """Puts the rate the epoch ended with into the logs (ReduceLROnPlateau does so itself)."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and "learning_rate" not in logs:
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-
 # --- the feature cache ---------------------------------------------------------------------
 
 
@@ -300,172 +214,6 @@ def _cache_views(prefix, batches: ImageBatches, folder: Path, name: str, views: 
 # --- per-epoch state for --resume ---------------------------------------------------------
 
 
-class EpochProgress(keras.callbacks.Callback):
-    """A rich progress bar per epoch (on a terminal) and one summary line per epoch."""
-
-    def __init__(self, *, epochs: int, steps: int, images: int, show_progress: bool | None) -> None:
-        super().__init__()
-        self.epochs, self.steps, self.images = epochs, steps, images
-        self.progress = ui.progress(transient=True, enabled=show_progress)
-        self.task = None
-        self.t0 = 0.0
-
-    def on_train_begin(self, logs=None):
-        self.progress.start()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.t0 = time.perf_counter()
-        self.task = self.progress.add_task(f"Epoch {epoch + 1}/{self.epochs}", total=self.steps, rate="")
-
-    def on_train_batch_end(self, batch, logs=None):
-        logs = logs or {}
-        text = f"loss {logs.get('loss', float('nan')):.3f} top1 {logs.get('top1_accuracy', float('nan')):.3f}"
-        self.progress.update(self.task, advance=1, rate=text)
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        seconds = time.perf_counter() - self.t0
-        self.progress.remove_task(self.task)
-
-        def fmt(prefix: str) -> str:
-            return " ".join(
-                f"{short} {logs[prefix + key]:.3f}"
-                for key, short in (("loss", "loss"), ("top1_accuracy", "top1"), ("top2_accuracy", "top2"),
-                                   ("top3_accuracy", "top3"), ("balanced_accuracy", "bal"))
-                if prefix + key in logs
-            )
-
-        lr = logs.get("learning_rate", float("nan"))
-        ui.stderr.print(
-            f"Epoch {epoch + 1}/{self.epochs}  train: {fmt('')}  |  val: {fmt('val_')}  |  lr {lr:.1e}  "
-            f"{seconds:.0f}s ({self.images / max(seconds, 1e-9):.0f} img/s)",
-            soft_wrap=True,
-        )
-
-    def on_train_end(self, logs=None):
-        self.progress.stop()
-
-
-class RunState(keras.callbacks.Callback):
-    """Keeps the best weights and, after every epoch, everything `--resume` needs.
-
-    Placed after ReduceLROnPlateau and EarlyStopping in the callback list: on resume it
-    restores their counters after their own `on_train_begin` has reset them.
-    """
-
-    def __init__(self, run_dir: Path, *, settings: dict, monitor: str, reduce_lr, early_stop, state: dict | None) -> None:
-        super().__init__()
-        self.run_dir = run_dir
-        self.settings = settings
-        self.monitor = monitor
-        self.mode = "min" if monitor.endswith("loss") else "max"
-        self.reduce_lr, self.early_stop = reduce_lr, early_stop
-        self.state = state or {"epoch": 0, "best": None, "best_epoch": None, "history": []}
-        kill = os.environ.get(_KILL_AFTER_EPOCH)
-        self.kill_after = int(kill) if kill else None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_started = time.perf_counter()
-        # Reseed dropout from (seed, epoch): an epoch draws the same masks after --resume.
-        for layer in self.model.layers:
-            generator = getattr(layer, "seed_generator", None)
-            if generator is not None:
-                generator.state.assign(np.array([self.settings["seed"], epoch], dtype=generator.state.dtype))
-
-    def on_train_begin(self, logs=None):
-        saved = self.state.get("callbacks")
-        if saved:
-            for cb, key in ((self.reduce_lr, "reduce_lr"), (self.early_stop, "early_stop")):
-                for attr, value in saved[key].items():
-                    setattr(cb, attr, value)
-
-    def improved(self, value: float) -> bool:
-        best = self.state["best"]
-        return best is None or (value < best if self.mode == "min" else value > best)
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
-        value = float(logs[self.monitor])
-        self.state["history"].append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
-        if self.improved(value):
-            self.state["best"], self.state["best_epoch"] = value, epoch + 1
-            with atomic_path(self.run_dir / "best.weights.h5") as tmp:
-                self.model.save_weights(tmp)
-        with atomic_path(self.run_dir / "last.weights.h5") as tmp:
-            self.model.save_weights(tmp)
-        self.state["epoch"] = epoch + 1
-        # Training time over every session of the run, so a resumed or re-bundled run reports it whole.
-        self.state["seconds"] = self.state.get("seconds", 0.0) + time.perf_counter() - self.epoch_started
-        self.state["stopped_early"] = bool(self.model.stop_training)
-        self.state["callbacks"] = {
-            "reduce_lr": {a: getattr(self.reduce_lr, a) for a in ("wait", "best", "cooldown_counter")},
-            "early_stop": {a: getattr(self.early_stop, a) for a in ("wait", "best", "best_epoch", "stopped_epoch")},
-        }
-        write_history_csv(self.run_dir / "history.csv", self.state["history"])
-        # The state file is written last: it only ever points at complete checkpoint files.
-        atomic_write_json(self.run_dir / "state.json", {"settings": self.settings, **self.state})
-        if self.kill_after is not None and epoch + 1 >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def write_history_csv(path: Path, history: list[dict]) -> None:
-    """Per-epoch learning rate (as used in the epoch), losses and metrics as CSV (atomically)."""
-    keys = sorted({k for row in history for k in row} - {"epoch"})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["epoch", *keys], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write(path, buffer.getvalue())
-
-
-def _restore(model, run_dir: Path) -> None:
-    """Load the last epoch's weights and optimizer state into `model` (compiled)."""
-    # The weights file holds the optimizer's slots too; Keras loads them only into a built
-    # optimizer (and warns that it skipped them otherwise).
-    model.optimizer.build(model.trainable_variables)
-    model.load_weights(run_dir / "last.weights.h5")
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__} {exc}".lower()
-    return "resourceexhausted" in text or "out of memory" in text or "oom when allocating" in text
-
-
-def _resume_state(run_dir: Path, settings: dict, resume: bool) -> dict | None:
-    """The saved state of an interrupted run (resume), or None after clearing old checkpoints."""
-    if not resume:
-        for name in ("state.json", "last.weights.h5", "best.weights.h5", "history.csv"):
-            (run_dir / name).unlink(missing_ok=True)
-        return None
-    state_file = run_dir / "state.json"
-    if not state_file.is_file():
-        raise SkinclfError(f"nothing to resume in {run_dir} (no state.json); start without --resume")
-    saved = json.loads(state_file.read_text(encoding="utf-8"))
-    # Settings added in later versions default to their old behaviour when an older run lacks them.
-    changed = [k for k in settings if saved["settings"].get(k, _LEGACY.get(k)) != settings[k]]
-    if changed:
-        raise SkinclfError(f"cannot resume {run_dir}: settings differ from the interrupted run ({', '.join(changed)}); "
-                           f"pass the same options, or start over without --resume")
-    return {k: v for k, v in saved.items() if k != "settings"}
-
-
-_LEGACY = {"crop_scale": 0.0, "weight_decay": 0.0, "schedule": "plateau", "warmup_epochs": 1, "train_size": 0,
-           "fixres_epochs": 0, "colour_constancy": False, "epochs_planned": None}
-
-
-def _callbacks(*, schedule, monitor, patience, run_dir, settings, state, epochs, steps, images, show_progress):
-    mode = "min" if monitor.endswith("loss") else "max"
-    # ReduceLROnPlateau cannot change a scheduled rate; with a schedule it only keeps its counters.
-    reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5, patience=2, min_lr=1e-5)
-    early_stop = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience)
-    run_state = RunState(run_dir, settings=settings, monitor=monitor, reduce_lr=reduce_lr, early_stop=early_stop,
-                         state=state)
-    # Order matters: the first puts the epoch's learning rate into the logs the others read.
-    first = reduce_lr if schedule == "plateau" else LogLearningRate()
-    progress = EpochProgress(epochs=epochs, steps=steps, images=images, show_progress=show_progress)
-    return [first, progress, early_stop, run_state], run_state
-
-
 def _fit(trainable, phases, *, make_train, val_ds, initial_epoch, callbacks, batch_size) -> None:
     """Run the epochs left, phase by phase (train small, then at full size)."""
     try:
@@ -477,49 +225,9 @@ def _fit(trainable, phases, *, make_train, val_ds, initial_epoch, callbacks, bat
     except SkinclfError:
         raise
     except Exception as exc:
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             raise SkinclfError(f"out of memory at batch size {batch_size}: try --batch-size {max(1, batch_size // 2)}") from None
         raise
-
-
-def _validation_probs(model, val_set: LabelledImages, *, image_size: int, batch_size: int, workers: int) -> np.ndarray:
-    """The assembled model's probabilities on the validation images, exactly as predict runs it."""
-    probs = []
-    for batch in predict_files(model, val_set.paths, image_size=image_size, batch_size=batch_size, workers=workers):
-        bad = [f"{p.name}: {e}" for p, e in zip(batch.paths, batch.errors) if e]
-        if bad:
-            raise SkinclfError(f"cannot read validation image {bad[0]}")
-        probs.append(batch.probs)
-    return np.concatenate(probs)
-
-
-def _post_hoc(model, probs: np.ndarray, labels: np.ndarray, *, classes, prior_counts: dict, decision_of: dict,
-              prior_correction: str, calibrate: bool) -> tuple[np.ndarray, dict]:
-    """Fold the decision weights, the prior correction and the temperature into the final layer.
-
-    Each is fitted on the validation probabilities of the model before it; returns the final
-    validation probabilities and a record of what was fitted. The decision is chosen first
-    (shifts), then its confidence (temperature), which leaves every decision as it was.
-    """
-    prior = np.array([prior_counts[c] for c in classes], dtype="float64")
-    prior = prior / prior.sum()
-    tau = _prior_tau(prior_correction)
-    record: dict[str, Any] = {"prior": dict(zip(classes, prior.round(6).tolist())), "prior_correction": prior_correction}
-    if tau == "fit":
-        tau, record["val_balanced_accuracy_at_tau"] = fit_prior_tau(probs, labels, prior)
-    tau = float(tau or 0.0)
-    shift = -tau * np.log(prior) + np.log([decision_of[c] for c in classes])
-    logits = logits_from_probs(probs) + shift
-    before = calibration_report(softmax(logits), labels)
-    temperature = fit_temperature(softmax(logits), labels) if calibrate else 1.0
-    fold_logit_transform(model, shift=shift, temperature=temperature)
-    final = softmax(logits / temperature)
-    after = calibration_report(final, labels)
-    record.update({"tau": tau, "temperature": temperature, "shift": dict(zip(classes, shift.round(6).tolist())),
-                   "fitted_on": "validation split",
-                   "validation_before": {k: before[k] for k in ("ece", "brier", "nll")},
-                   "validation_after": {k: after[k] for k in ("ece", "brier", "nll")}})
-    return final, record
 
 
 def train_model(
@@ -572,11 +280,7 @@ def train_model(
               fixres_epochs=fixres_epochs, patience=patience, workers=workers, prior_correction=prior_correction,
               focal_gamma=focal_gamma, seed=seed)
     check_trainable_layers(trainable_layers)
-    out = Path(out)
-    if out.suffix != ".keras":
-        raise SkinclfError(f"--out {out}: the model file must end in .keras")
-    check_output_file(out, example="model.keras")
-    data = Path(data)
+    out, data = _check_out(Path(out)), Path(data)
     train_set = _labelled(data, "train")
     val_set = _labelled(data, "val", classes=train_set.classes)
     classes = train_set.classes
@@ -597,7 +301,7 @@ def train_model(
     if schedule == "cosine":
         settings["epochs_planned"] = epochs  # the curve depends on the total, so resume must keep it
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / out.stem
-    state = _resume_state(run_dir, settings, resume)
+    state = resume_state(run_dir, settings, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     augment = AugmentSpec(color=color_jitter, crop_scale=(crop_scale, 1.0) if crop_scale else None)
@@ -606,53 +310,22 @@ def train_model(
     model = build_model(num_classes=len(classes), image_size=image_size if len(phases) == 1 and phases[0][2] == image_size else None,
                         alpha=alpha, weights=weights_arg, dropout=dropout, seed=seed, colour_constancy=colour_constancy)
     start = set_trainable(model, trainable_layers)
-    train_weights = [weight_of[classes[label]] for label in train_set.labels]
-    initial_epoch = state["epoch"] if state else 0
-    common = {"num_classes": len(classes), "batch_size": batch_size, "seed": seed}
-    image_common = {**common, "workers": workers}
-    if cache_views:
-        prefix, trainable = split_model(model, start)
-        key = sha256_text(json.dumps([settings["fingerprint"], weights_id, image_size, alpha, start, seed, asdict(augment)]))
-        # Shared by runs beside this one: the key covers everything the cached features depend on.
-        cache_dir = run_dir.parent / f"feature-cache-{key[:16]}"
-        train_views = _cache_views(prefix, ImageBatches(train_set.paths, train_set.labels, augment=augment,
-                                                        image_size=image_size, **image_common),
-                                   cache_dir, "train", cache_views, show_progress=show_progress)
-        val_views = _cache_views(prefix, ImageBatches(val_set.paths, val_set.labels, image_size=image_size, **image_common),
-                                 cache_dir, "val", 1, show_progress=show_progress)
-
-        def make_train(size: int, epoch: int):
-            return FeatureBatches(train_views, train_set.labels, shuffle=True, epoch=epoch,
-                                  sample_weights=train_weights, **common)
-
-        val_ds = FeatureBatches(val_views, val_set.labels, **common)
-    else:
-        trainable = model
-
-        def make_train(size: int, epoch: int):
-            return ImageBatches(train_set.paths, train_set.labels, augment=augment, shuffle=True, epoch=epoch,
-                                sample_weights=train_weights, image_size=size, **image_common)
-
-        # Validation always at the size predict will use, so epochs of both phases compare.
-        val_ds = ImageBatches(val_set.paths, val_set.labels, image_size=image_size, **image_common)
-
+    sample_weights = [weight_of[classes[label]] for label in train_set.labels]
+    trainable, make_train, val_ds = _datasets(
+        model, start, train_set, val_set, settings=settings, augment=augment, sample_weights=sample_weights,
+        run_dir=run_dir, workers=workers, show_progress=show_progress)
     steps = math.ceil(len(train_set.paths) / batch_size)
     trainable.compile(optimizer=_optimizer(lr=lr, weight_decay=weight_decay, schedule=schedule,
                                            warmup_epochs=warmup_epochs, epochs=epochs, steps=steps),
                       loss=_loss(loss, focal_gamma, label_smoothing), metrics=_metrics(len(classes)))
     if state:
-        _restore(trainable, run_dir)
-    callbacks, run_state = _callbacks(schedule=schedule, monitor=monitor, patience=patience, run_dir=run_dir,
-                                      settings=settings, state=state, epochs=epochs, steps=steps,
-                                      images=len(train_set.paths), show_progress=show_progress)
-    device = accelerator() or "CPU"
-    sizes = " then ".join(f"{end - first} epoch(s) at {size}px" for first, end, size in phases)
-    ui.stderr.print(
-        f"Training {len(trainable.trainable_weights)} weight tensors ({trainable_layers} base layers + head) on "
-        f"{len(train_set.paths)} images ({sizes}), validating on {len(val_set.paths)}; {device}"
-        + (f"; resuming after epoch {initial_epoch}" if initial_epoch else ""),
-        soft_wrap=True,
-    )
+        restore(trainable, run_dir)
+    callbacks, run_state = training_callbacks(schedule=schedule, monitor=monitor, patience=patience, run_dir=run_dir,
+                                              settings=settings, state=state, epochs=epochs, steps=steps,
+                                              images=len(train_set.paths), show_progress=show_progress)
+    initial_epoch = state["epoch"] if state else 0
+    device = _announce(trainable, phases, trainable_layers=trainable_layers, train=len(train_set.paths),
+                       val=len(val_set.paths), initial_epoch=initial_epoch)
     t0 = time.perf_counter()
     if initial_epoch < epochs and not (state and state.get("stopped_early")):
         _fit(trainable, phases, make_train=make_train, val_ds=val_ds, initial_epoch=initial_epoch,
@@ -667,31 +340,98 @@ def train_model(
 
     # After checkpoint selection, so a finished run can be re-bundled with other post-hoc
     # choices (`--resume`) without training again; the validation figures below include them.
-    raw = _validation_probs(model, val_set, image_size=image_size, batch_size=batch_size, workers=workers)
+    raw = validation_probs(model, val_set, image_size=image_size, batch_size=batch_size, workers=workers)
     labels = np.asarray(val_set.labels)
-    probs, post_hoc = _post_hoc(model, raw, labels, classes=classes, prior_counts=train_set.counts(),
-                                decision_of=decision_of, prior_correction=prior_correction, calibrate=calibrate)
+    probs, fitted = post_hoc(model, raw, labels, classes=classes, prior_counts=train_set.counts(),
+                             decision_of=decision_of, prior_correction=prior_correction, calibrate=calibrate)
     val_report = classification_report(labels, probs, list(classes))
     val_report.get("melanoma", {}).pop("roc", None)
-    val_report["calibration"] = post_hoc["validation_after"]
-    meta = {
+    val_report["calibration"] = fitted["validation_after"]
+    training = {**settings, "epochs": epochs, "epochs_run": len(history), "best_epoch": best_epoch,
+                "best_value": run_state.state["best"], "class_weights": weight_of,
+                "decision_weight": decision_weight, "decision_weights": decision_of, "augmentation": asdict(augment),
+                "phases": [{"epochs": [first + 1, end], "image_size": size} for first, end, size in phases],
+                "device": device, "seconds": round(run_state.state.get("seconds", seconds), 1)}
+    save_bundle(model, out, _bundle_meta(model, out=out, start=start, training=training, post_hoc=fitted,
+                                         val_report=val_report, history=history, data=data,
+                                         train_set=train_set, val_set=val_set))
+    return TrainResult(
+        model_path=out, run_dir=run_dir, epochs_run=len(history), best_epoch=best_epoch or 0, monitor=monitor,
+        best_value=float(run_state.state["best"] or float("nan")), val_metrics=val_report, seconds=seconds,
+        images_per_second=epochs_trained * len(train_set.paths) / seconds if seconds > 0 and epochs_trained else 0.0,
+    )
+
+
+def _check_out(out: Path) -> Path:
+    if out.suffix != ".keras":
+        raise SkinclfError(f"--out {out}: the model file must end in .keras")
+    check_output_file(out, example="model.keras")
+    return out
+
+
+def _datasets(model, start: int, train_set: LabelledImages, val_set: LabelledImages, *, settings: dict,
+              augment: AugmentSpec, sample_weights: list[float], run_dir: Path, workers: int, show_progress):
+    """What trains (the whole model, or its top above a feature cache), the training batches of an
+    epoch at a size, and the validation batches."""
+    classes = settings["classes"]
+    common = {"num_classes": len(classes), "batch_size": settings["batch_size"], "seed": settings["seed"]}
+    image_common = {**common, "workers": workers}
+    image_size, views = settings["image_size"], settings["cache_views"]
+    if not views:
+        def make_images(size: int, epoch: int):
+            return ImageBatches(train_set.paths, train_set.labels, augment=augment, shuffle=True, epoch=epoch,
+                                sample_weights=sample_weights, image_size=size, **image_common)
+
+        # Validation always at the size predict will use, so epochs of both phases compare.
+        return model, make_images, ImageBatches(val_set.paths, val_set.labels, image_size=image_size, **image_common)
+    prefix, trainable = split_model(model, start)
+    key = sha256_text(json.dumps([settings["fingerprint"], settings["weights"], image_size, settings["alpha"], start,
+                                  settings["seed"], asdict(augment)]))
+    # Shared by runs beside this one: the key covers everything the cached features depend on.
+    cache_dir = run_dir.parent / f"feature-cache-{key[:16]}"
+    train_views = _cache_views(prefix, ImageBatches(train_set.paths, train_set.labels, augment=augment,
+                                                    image_size=image_size, **image_common),
+                               cache_dir, "train", views, show_progress=show_progress)
+    val_views = _cache_views(prefix, ImageBatches(val_set.paths, val_set.labels, image_size=image_size, **image_common),
+                             cache_dir, "val", 1, show_progress=show_progress)
+
+    def make_features(size: int, epoch: int):
+        return FeatureBatches(train_views, train_set.labels, shuffle=True, epoch=epoch,
+                              sample_weights=sample_weights, **common)
+
+    return trainable, make_features, FeatureBatches(val_views, val_set.labels, **common)
+
+
+def _announce(trainable, phases, *, trainable_layers: int, train: int, val: int, initial_epoch: int) -> str:
+    device = accelerator() or "CPU"
+    sizes = " then ".join(f"{end - first} epoch(s) at {size}px" for first, end, size in phases)
+    ui.stderr.print(
+        f"Training {len(trainable.trainable_weights)} weight tensors ({trainable_layers} base layers + head) on "
+        f"{train} images ({sizes}), validating on {val}; {device}"
+        + (f"; resuming after epoch {initial_epoch}" if initial_epoch else ""),
+        soft_wrap=True,
+    )
+    return device
+
+
+def _bundle_meta(model, *, out: Path, start: int, training: dict, post_hoc: dict, val_report: dict, history: list,
+                 data: Path, train_set: LabelledImages, val_set: LabelledImages) -> dict[str, Any]:
+    """Everything the bundle carries besides the weights (see the model card)."""
+    colour_constancy = training["colour_constancy"]
+    return {
         "name": out.stem,
-        "classes": list(classes),
-        "input_size": [image_size, image_size],
+        "classes": training["classes"],
+        "input_size": [training["image_size"], training["image_size"]],
         "preprocessing": {**PREPROCESSING, **({"colour_constancy": "Shades of Gray, p = 6 (layer 'colour_constancy', "
                                                                    "before the scaling)"} if colour_constancy else {})},
-        "architecture": {"base": "MobileNet", "alpha": alpha, "head": "global average pool, dropout, dense softmax",
-                         "dropout": dropout, "first_trainable_layer": model.layers[start].name,
-                         "colour_constancy": colour_constancy},
-        "training": {**settings, "epochs": epochs, "epochs_run": len(history), "best_epoch": best_epoch,
-                     "best_value": run_state.state["best"], "class_weights": weight_of,
-                     "decision_weight": decision_weight, "decision_weights": decision_of, "augmentation": asdict(augment),
-                     "phases": [{"epochs": [first + 1, end], "image_size": size} for first, end, size in phases],
-                     "device": device, "seconds": round(run_state.state.get("seconds", seconds), 1)},
+        "architecture": {"base": "MobileNet", "alpha": training["alpha"],
+                         "head": "global average pool, dropout, dense softmax", "dropout": training["dropout"],
+                         "first_trainable_layer": model.layers[start].name, "colour_constancy": colour_constancy},
+        "training": training,
         "post_hoc": post_hoc,
         "calibration": {"temperature": post_hoc["temperature"], "fitted_on": "validation split",
                         "validation_before": post_hoc["validation_before"], "validation_after": post_hoc["validation_after"]},
-        "data": {"path": str(data), "fingerprint": settings["fingerprint"], "train_counts": train_set.counts(),
+        "data": {"path": str(data), "fingerprint": training["fingerprint"], "train_counts": train_set.counts(),
                  "val_counts": val_set.counts(), **split_image_ids(train_set.paths, val_set.paths)},
         "metrics": {"validation": val_report},
         "history": history,
@@ -699,9 +439,3 @@ def train_model(
         "intended_use": "Decision support on dermoscopic images for clinicians; not a diagnosis; "
                         "not for smartphone photographs.",
     }
-    save_bundle(model, out, meta)
-    return TrainResult(
-        model_path=out, run_dir=run_dir, epochs_run=len(history), best_epoch=best_epoch or 0, monitor=monitor,
-        best_value=float(run_state.state["best"] or float("nan")), val_metrics=val_report, seconds=seconds,
-        images_per_second=epochs_trained * len(train_set.paths) / seconds if seconds > 0 and epochs_trained else 0.0,
-    )

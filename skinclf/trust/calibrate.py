@@ -5,7 +5,7 @@ flags trustworthy, fitted on a labelled folder (the validation split).
    training fitted a temperature) are divided by the T that minimises their negative
    log-likelihood on the folder; T is folded into the final layer, so the bundle's total
    temperature becomes T_old * T. Decisions do not change, only confidence.
-2. The out-of-distribution score and threshold (`skinclf.ood.fit_ood`) on the recalibrated
+2. The out-of-distribution score and threshold (`skinclf.trust.ood.fit_ood`) on the recalibrated
    logits: the folder's images are the inliers, `reference_outliers()` the outliers.
 
 ECE (15 bins), NLL and Brier score before and after go into `meta["calibration"]`, the OOD
@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from skinclf import __version__, ui
-from skinclf.calibration import calibration_report, fit_temperature, softmax
 from skinclf.config import CALIBRATE
+from skinclf.data.layout import default_model_path, list_labelled_images
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_write_json
-from skinclf.layout import default_model_path, list_labelled_images
-from skinclf.ood import PASS_RATE, describe_sets, fit_ood, outlier_logits, reference_outliers
+from skinclf.model.outlier import PASS_RATE
+from skinclf.model.posthoc import calibration_report, fit_temperature, softmax
+from skinclf.trust.ood import describe_sets, fit_ood, outlier_logits, reference_outliers
 
 SUMMARY_KEYS = ("ece", "brier", "nll")
 
@@ -49,7 +50,7 @@ class CalibrationResult:
 def folder_logits(engine, paths: list[Path], *, workers: int = 2, show_progress: bool | None = None,
                   description: str = "Scoring") -> tuple[np.ndarray, list[str | None]]:
     """Logits of image files through any engine (NaN rows and an error where a file is bad)."""
-    from skinclf.inference import predict_files
+    from skinclf.engines.runner import predict_files
 
     parts, errors = [], []
     with ui.progress(enabled=show_progress) as progress:
@@ -75,7 +76,7 @@ def cross_fitted(logits: np.ndarray, labels: np.ndarray, *, folds: int = 2, seed
 
 
 def _fitted_on(meta: dict[str, Any], data: Path) -> str:
-    from skinclf.evaluate import provenance
+    from skinclf.evaluation.evaluate import provenance
 
     where = provenance(meta, data)
     if where["held_out"]:
@@ -107,9 +108,10 @@ def calibrate_model(
     `calibration.json` and `reliability.png` into that folder. `ood_score` forces one of the
     scores instead of choosing the best separating one.
     """
-    from skinclf.calibration import reliability
-    from skinclf.engines import KerasEngine
-    from skinclf.model import fold_logit_transform, load_bundle, save_bundle
+    from skinclf.engines.keras import KerasEngine
+    from skinclf.model.bundle import load_bundle, save_bundle
+    from skinclf.model.network import fold_logit_transform
+    from skinclf.model.posthoc import reliability
 
     if not 0.5 <= pass_rate < 1:
         raise SkinclfError(f"--pass-rate {pass_rate}: must be in [0.5, 1), e.g. 0.95")
@@ -152,7 +154,7 @@ def calibrate_model(
     sets = reference_outliers(size=engine.image_size, seed=seed)
     outliers = {name: v / factor for name, v in outlier_logits(engine.logits, sets).items()}
     ood = fit_ood(z / factor, outliers, pass_rate=pass_rate, score=ood_score, fitted_on=fitted_on)
-    ood["outlier_sets"] = {"images": describe_sets(sets), "source": "skinclf.ood.reference_outliers(seed="
+    ood["outlier_sets"] = {"images": describe_sets(sets), "source": "skinclf.trust.ood.reference_outliers(seed="
                            f"{seed}, size={engine.image_size})"}
 
     fold_logit_transform(bundle.model, temperature=factor)
@@ -160,7 +162,7 @@ def calibrate_model(
     unreadable = [{"path": str(p), "error": e} for p, e in zip(images.paths, errors) if e]
     files: list[Path] = [target]
     if report is not None:
-        from skinclf.plots import reliability_png
+        from skinclf.evaluation.plots import reliability_png
 
         report = Path(report)
         tables = {"before": reliability(softmax(z), labels), "after": reliability(softmax(z / factor), labels)}

@@ -23,10 +23,10 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from skinclf import ui
 from skinclf.config import EXPLAIN
+from skinclf.data.images import ImageError, load_image
+from skinclf.data.walk import walk_images
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path, atomic_write_json
-from skinclf.images import ImageError, load_image
-from skinclf.walk import walk_images
 
 FILLS = ("blur", "grey", "mean")
 GAP = 6  # pixels between panels
@@ -112,7 +112,7 @@ def occlusion_map(
 
 def _display_image(path: Path, max_side: int) -> Image.Image:
     """The file as a person sees it (EXIF orientation, RGB), shrunk to `max_side` if larger."""
-    from skinclf.images import _to_rgb
+    from skinclf.data.images import _to_rgb
 
     with Image.open(path) as im:
         im.draft("RGB", (max_side, max_side))
@@ -180,7 +180,7 @@ def explain_files(
     """Explain `(name, path)` files with `engine` (a callable on image batches with `classes` and
     `image_size`; with `logits` and a fitted `meta["ood"]` the picture also says when an image is
     unlike the training images). Bad files are collected, not raised."""
-    from skinclf.ood import flag
+    from skinclf.model.outlier import flag
 
     classes = list(engine.classes)
     if not 1 <= top_k <= len(classes):
@@ -256,8 +256,8 @@ def explain_images(
 ) -> ExplainSummary:
     """The `explain` command: a heat-map picture per image of `source` (a file or a folder) in
     `out`, and `explain.json`. With `strict`, raises after writing if any file was bad."""
-    from skinclf.engines import load_engine
-    from skinclf.layout import default_model_path
+    from skinclf.data.layout import default_model_path
+    from skinclf.engines.load import load_engine
 
     if fill not in FILLS:
         raise SkinclfError(f"--fill {fill!r}: choose one of {', '.join(FILLS)}")

@@ -29,30 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from skinclf.errors import SkinclfError
-
-SCORES: dict[str, str] = {
-    "energy": "-logsumexp(logits)",
-    "max_logit": "-max(logits)",
-    "max_prob": "-max(softmax(logits))",
-}
-PASS_RATE = 0.95
-WARNING = "unlike the training images: check it is a dermoscopic image"
-
-
-def ood_scores(logits: np.ndarray, score: str = "energy") -> np.ndarray:
-    """One score per row of `logits`; higher means more unlike the training images."""
-    if score not in SCORES:
-        raise SkinclfError(f"OOD score {score!r}: choose one of {', '.join(SCORES)}")
-    z = np.asarray(logits, dtype="float64")
-    if z.ndim != 2 or z.shape[1] < 2:
-        raise SkinclfError(f"logits must be (images, classes), got shape {z.shape}")
-    top = z.max(axis=1)
-    if score == "max_logit":
-        return -top
-    lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-    if score == "energy":
-        return -lse
-    return -np.exp(top - lse)  # max softmax probability
+from skinclf.model.outlier import PASS_RATE, SCORES, WARNING, ood_scores
 
 
 def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
@@ -122,23 +99,13 @@ def fit_ood(
             "warning": WARNING}
 
 
-def flag(logits: np.ndarray, ood: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and flags (score above the threshold) of logits under a bundle's `meta["ood"]`.
-
-    Without a fitted record the score is the energy and nothing is flagged."""
-    if not ood:
-        return ood_scores(logits, "energy"), np.zeros(len(logits), dtype=bool)
-    scores = ood_scores(logits, ood["score"])
-    return scores, scores > float(ood["threshold"])
-
-
 def with_logits_output(model):
     """A Keras model giving `[softmax(z), z]` side by side ((n, 2 * classes)) from a chain
     model ending in the 'predictions' softmax: probabilities and OOD score in one forward pass,
     batch norms folded as `inference_model` does."""
     from skinclf.backend import load_keras
-    from skinclf.inference import inference_model
-    from skinclf.model import logits_model
+    from skinclf.engines.keras import inference_model
+    from skinclf.model.network import logits_model
 
     keras = load_keras()
     folded = inference_model(logits_model(model))

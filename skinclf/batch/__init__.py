@@ -1,0 +1,5 @@
+"""Batch prediction: a folder in, one CSV out (`skinclf predict`), streamed, atomic and resumable.
+
+Imports `engines`, `model`, `data` and the ground floor. Entry point: `predict.predict_directory`;
+`results` defines the CSV's columns and rows, `output` the `.partial` file and its atomic rename.
+"""

@@ -1,0 +1,23 @@
+"""Options several commands share, defined once (typer `Annotated` types); defaults stay in `config`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Model = Annotated[Optional[Path], typer.Option(
+    "--model", metavar="PATH",
+    help="Model bundle (.keras, or its .onnx form) [default: $SKINCLF_MODEL, else the bundled model].")]
+Engine = Annotated[str, typer.Option(
+    "--engine", metavar="NAME",
+    help="auto (ONNX Runtime when the model has an up-to-date .onnx beside it or is one, else Keras), onnx or keras.")]
+Threads = Annotated[int, typer.Option("--threads", metavar="N", help="ONNX Runtime threads (0: one per usable CPU).")]
+Workers = Annotated[int, typer.Option("--workers", metavar="N", help="Threads decoding images (0: one per usable CPU).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per model call.")]
+Tta = Annotated[int, typer.Option("--tta", metavar="N", help="Average over 1, 2, 4 or 8 flips/rotations of each image (slower).")]
+Strict = Annotated[bool, typer.Option(
+    "--strict", metavar="", help="Exit with status 1 if any file or folder could not be read or classified.")]
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", metavar="", help="Replace an existing output file this command wrote before (never anything else).")]

@@ -1,0 +1,91 @@
+"""How the CLI shows results: the evaluation report, the held-out note, the predict summary line."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from skinclf.cli.app import out
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_report(report: dict) -> None:
+    """Confusion matrix, per-class table and headline figures, on the terminal."""
+    classes = report["classes"]
+    matrix = Table(title="Confusion matrix (rows: true class; count and share of the row)")
+    matrix.add_column("true \\ predicted")
+    for name in classes:
+        matrix.add_column(name, justify="right")
+    for name, counts, shares in zip(classes, report["confusion_matrix"], report["confusion_matrix_normalized"]):
+        cells = [f"{c} ({s:.0%})" if c else "." for c, s in zip(counts, shares)]
+        matrix.add_row(name, *cells)
+    out.print(matrix)
+    per_class = Table(title="Per class")
+    for column in ("class", "precision", "recall", "F1", "AUC", "support"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in report["per_class"].items():
+        style = "bold" if name == "mel" else None
+        per_class.add_row(name, fmt(row["precision"]), fmt(row["recall"]), fmt(row["f1"]), fmt(row["auc"]),
+                          str(row["support"]), style=style)
+    out.print(per_class)
+    topk = ", ".join(f"top-{k} {fmt(v)}" for k, v in report["top_k_accuracy"].items())
+    out.print(f"Images scored: {report['n']}")
+    out.print(f"[bold]Balanced accuracy {fmt(report['balanced_accuracy'])}[/bold] (mean per-class recall); "
+              f"accuracy {fmt(report['accuracy'])}; {topk}; macro ROC-AUC {fmt(report['macro_auc'])}")
+    mel = report.get("melanoma", {})
+    if mel.get("at_decision"):
+        d, t = mel["at_decision"], mel["at_target"]
+        out.print(f"Melanoma: sensitivity {fmt(d['sensitivity'])}, specificity {fmt(d['specificity'])} at the "
+                  f"model's decision; sensitivity {fmt(t['sensitivity'])} with specificity {fmt(t['specificity'])} "
+                  f"when flagging p(mel) >= {fmt(t['threshold'], 4)}")
+    cal = report.get("calibration")
+    if cal:
+        out.print(f"Calibration: ECE {fmt(cal['ece'])} (15 bins), Brier {fmt(cal['brier'])}, NLL {fmt(cal['nll'])}"
+                  + ("" if cal["exact"] else " (approximate: top-k columns only; predict --all-probs for exact)"))
+    if "provenance" in report:
+        out.print(f"Data: {report['provenance']['note']}")
+    render_seen(report.get("seen"))
+    if report.get("data", {}).get("unreadable"):
+        out.print(f"[yellow]{len(report['data']['unreadable'])} unreadable image(s) skipped (listed in report.json)[/yellow]")
+    if "matching" in report:
+        m = report["matching"]
+        out.print(f"Matched {m['scored']} of {m['predictions']} predictions to {m['truth']} truths ({m['truth_format']}); "
+                  f"{m['prediction_errors']} prediction errors, {m['no_truth']} without truth, "
+                  f"{m['no_prediction']} truths without prediction. Probabilities: {report['probabilities']}")
+
+
+def render_seen(seen: dict | None) -> None:
+    """Say how many scored images the model has seen, and score the held-out rest on its own."""
+    if not seen or (seen["known"] and not seen["train"] and not seen["val"]):
+        return
+    out.print(f"[yellow]Caution: {seen['note']}.[/yellow]")
+    rest = seen.get("held_out_report")
+    if rest:
+        mel = rest.get("melanoma", {}).get("at_decision")
+        out.print(f"[bold]Held-out rest ({rest['n']} images): balanced accuracy {fmt(rest['balanced_accuracy'])}"
+                  f"[/bold], accuracy {fmt(rest['accuracy'])}"
+                  + (f", melanoma sensitivity {fmt(mel['sensitivity'])}" if mel else ""))
+    elif seen["known"]:
+        out.print("[yellow]No scored image is held out: these figures say little about new patients.[/yellow]")
+
+
+def predict_summary(summary) -> str:
+    """One line: what was classified, what failed, what deserves caution, what was kept or dropped."""
+    classified = summary.files - (summary.errors - summary.unreadable)
+    parts = [f"{summary.files} files: {classified} classified, {summary.errors - summary.unreadable} errors"]
+    if summary.unreadable:
+        parts.append(f"{summary.unreadable} folders or links could not be read (rows with an error; their images "
+                     "are missing)")
+    if summary.warnings:
+        parts.append(f"{summary.warnings} with warnings (see the warning column)")
+    if summary.unlike_training:
+        parts.append(f"{summary.unlike_training} unlike the training images (check they are dermoscopic images)")
+    if summary.resumed:
+        parts.append(f"{summary.resumed} rows kept from the earlier run")
+    if summary.dropped:
+        parts.append(f"{summary.dropped} rows dropped: their files are no longer in the folder")
+    return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s ({summary.model.get('engine', 'keras')} "
+            f"engine) after {summary.startup_seconds:.1f} s start-up"
+            + (f"; wrote {summary.out}" if summary.out else "") + ". Decision support, not a diagnosis.")

@@ -1,0 +1,120 @@
+"""Run the app: bind loopback by default, uvicorn in the foreground or a background thread for tests."""
+
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations at run time.
+import contextlib
+import ipaddress
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from skinclf.config import SERVE
+from skinclf.errors import SkinclfError
+from skinclf.web.app import create_app
+from skinclf.web.classifier import MB, MISSING_EXTRA, Limits, ServeInfo
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Open the listening socket up front, so a busy port is a clear error before anything runs."""
+    try:
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        sock = socket.create_server((host.strip("[]"), port), family=family, reuse_port=False)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SkinclfError(f"cannot listen on {host}:{port}: {reason} (pick another --port or --host)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+@contextlib.contextmanager
+def background_server(app, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve `app` on a free port of `host` in a thread (for tests, benches and screenshots);
+    yields the base URL. The socket listens before the URL is handed out, so requests made
+    right away wait in its backlog instead of failing."""
+    import uvicorn
+
+    sock = _listen(host, 0)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False, date_header=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="skinclf-serve", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def _run_server(app, sock: socket.socket) -> None:
+    """Serve `app` on `sock` until Ctrl-C; no access log, so no request paths or names are logged."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False, date_header=False)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve(
+    *,
+    host: str = SERVE.host,
+    port: int = SERVE.port,
+    model: Path | None = None,
+    engine: str = SERVE.engine,
+    batch_size: int = SERVE.batch_size,
+    top_k: int = SERVE.top_k,
+    max_file_mb: float = SERVE.max_file_mb,
+    max_files: int = SERVE.max_files,
+    max_request_mb: float = SERVE.max_request_mb,
+    on_ready: Callable[[ServeInfo], None] | None = None,
+) -> None:
+    """Load the model once, open `host:port`, call `on_ready`, and serve until interrupted."""
+    try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise SkinclfError(MISSING_EXTRA) from None
+    if not 0 <= port <= 65535:
+        raise SkinclfError(f"--port {port}: must be 0..65535")
+    for option, value in (("--max-file-mb", max_file_mb), ("--max-files", max_files),
+                          ("--max-request-mb", max_request_mb)):
+        if not value > 0:
+            raise SkinclfError(f"{option} {value}: must be positive")
+    limits = Limits(max_file_bytes=int(max_file_mb * MB), max_files=max_files,
+                    max_request_bytes=int(max_request_mb * MB))
+    from skinclf.data.layout import default_model_path
+    from skinclf.engines.load import load_engine
+
+    loaded = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size)
+    size = loaded.image_size
+    loaded(np.zeros((1, size, size, 3), dtype="float32"))  # compile before the first visitor waits for it
+    sock = _listen(host, port)
+    loopback = is_loopback(host)
+    allowed = sorted({"127.0.0.1", "localhost", "::1", host.strip("[]")}) if loopback else None
+    app = create_app(loaded, limits=limits, top_k=top_k, allowed_hosts=allowed)
+    bound = sock.getsockname()[1]
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    warnings = [] if loopback else [
+        f"listening on {host}: anyone who can reach this machine on port {bound} can use the page and the API. "
+        "They have no authentication and no encryption (HTTPS); use only on a trusted network."
+    ]
+    info = ServeInfo(url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{bound}/", host=host,
+                     port=bound, model=loaded.identity(), limits=limits, warnings=warnings)
+    if on_ready is not None:
+        on_ready(info)
+    try:
+        _run_server(app, sock)
+    finally:
+        app.state.classifier.close()
+        sock.close()

@@ -1,0 +1,103 @@
+"""The package's shape: one subpackage per pipeline stage, each importing only from the stages below it.
+
+Walks every module's imports (function-level ones included) with `ast`, so a lazy import cannot
+hide an upward dependency or a loop.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "skinclf"
+# Lowest first. A module may import its own stage and every stage before it; the top-level
+# modules (config, errors, files, ...) are the ground floor, and the CLI sits above everything.
+STAGES = ("", "data", "model", "engines", "batch", "evaluation", "trust", "training", "web", "cli")
+MAX_LINES = 600
+MAX_TOP_LEVEL = 12
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def stage_of(module: str) -> str:
+    parts = module.split(".")
+    if module == "skinclf.__main__":  # `python -m skinclf` is the CLI
+        return "cli"
+    if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()):
+        return parts[1]
+    return ""
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every skinclf module `path` imports, at any depth in the file."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "skinclf":
+            for alias in node.names:  # `from skinclf.model import bundle` imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if _is_module(sub) else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "skinclf")
+    return found
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PACKAGE / rel).with_suffix(".py").is_file() or (PACKAGE / rel / "__init__.py").is_file()
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_every_subpackage_is_a_known_stage_with_a_docstring() -> None:
+    for init in PACKAGE.glob("*/__init__.py"):
+        stage = init.parent.name
+        assert stage in STAGES, f"skinclf/{stage}/ is not in the stage order {STAGES}"
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+        assert doc and len(doc.splitlines()) >= 2, f"skinclf/{stage}/__init__.py needs a docstring: what, imports, entry points"
+
+
+def test_no_upward_import() -> None:
+    rank = {stage: i for i, stage in enumerate(STAGES)}
+    upward = [f"{m} ({stage_of(m) or 'ground'}) imports {dep} ({stage_of(dep) or 'ground'})"
+              for m, deps in graph().items() for dep in deps
+              if dep != "skinclf" and rank[stage_of(dep)] > rank[stage_of(m)]]
+    assert upward == []
+
+
+def test_no_import_loop() -> None:
+    edges = {m: {d for d in deps if d != "skinclf" and d != m} for m, deps in graph().items()}
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            pytest.fail("import loop: " + " -> ".join(path[path.index(node):] + [node]))
+        if node in done:
+            return
+        for dep in sorted(edges.get(node, ())):
+            visit(dep, path + [node])
+        done.add(node)
+
+    for module in sorted(edges):
+        visit(module, [])
+
+
+def test_modules_are_short_and_the_top_level_is_small() -> None:
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL, top
+
+
+def test_the_layout_test_sees_a_planted_upward_import(tmp_path: Path) -> None:
+    planted = tmp_path / "x.py"
+    planted.write_text("def f():\n    from skinclf.web.app import create_app\n", encoding="utf-8")
+    assert imports_of(planted) == {"skinclf.web.app"}
+    assert stage_of("skinclf.web.app") == "web" and stage_of("skinclf.config") == ""
