@@ -256,17 +256,23 @@ def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path
 
     path = model or default_model_path()
     meta = read_bundle_meta(path)
-    history = meta.get("history")
+    history = meta.get("history") or _first_member_history(meta)
     if not history and meta.get("members"):
         names = ", ".join(str(m.get("path")) for m in meta["members"])
-        raise SkinclfError(f"{path} is an ensemble of {len(meta['members'])} networks ({names}) and has no training "
-                           f"history of its own: plot a member's, e.g. skinclf evaluate --history --model "
-                           f"runs/{meta['members'][0].get('path')}")
+        raise SkinclfError(f"{path} is an ensemble of {len(meta['members'])} networks ({names}) bundled before "
+                           "ensembles kept their members' histories; its model card shows their curves "
+                           "(models/training_curves.png), or plot a member bundle you have: "
+                           "skinclf evaluate --history --model MEMBER.keras")
     if not history:
         raise SkinclfError(f"{path} carries no training history")
     from skinclf.evaluation.plots import history_png
 
     return history_png(history, Path(out) / "history.png")
+
+
+def _first_member_history(meta: dict[str, Any]) -> list:
+    """An ensemble's curves: those of its first member that kept a history (`skinclf ensemble` stores them)."""
+    return next((m["history"] for m in meta.get("members", []) if m.get("history")), [])
 
 
 def run_evaluation(

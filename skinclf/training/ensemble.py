@@ -120,7 +120,8 @@ def ensemble_bundles(
         "members": [{"path": Path(b.path).name, "sha256": b.sha256, "name": b.meta.get("name"),
                      "validation": b.meta.get("metrics", {}).get("validation", {}).get("balanced_accuracy"),
                      "architecture": b.meta.get("architecture"), "preprocessing": b.meta.get("preprocessing"),
-                     "post_hoc": b.meta.get("post_hoc"), "training": b.meta.get("training")} for b in bundles],
+                     "post_hoc": b.meta.get("post_hoc"), "training": b.meta.get("training"),
+                     "history": b.meta.get("history", [])} for b in bundles],
         "metrics": {},
     })
     model = ensemble_model([b.model for b in bundles])
