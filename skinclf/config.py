@@ -118,6 +118,8 @@ class ExportDefaults:
 # Test-time augmentation: how many flips/rotations may be averaged (see `skinclf.inference`).
 TTA_CHOICES = (1, 2, 4, 8)
 
+
+@dataclass(frozen=True)
 class ServeDefaults:
     # Loopback only: the page has no authentication, so other machines must be let in on purpose.
     host: str = "127.0.0.1"

@@ -4,7 +4,7 @@
     POST /api/predict    multipart upload of one or many images -> one result per file, the
                          same fields and cells as a `skinclf predict` CSV row (?format=csv: the CSV)
     GET  /api/model      classes, identity and the validation metrics the model was accepted with
-    GET  /healthz        liveness
+    GET  /healthz        liveness: 503 with the reason once the model thread has stopped
     GET  /docs           the API, rendered from /openapi.json without any external script
 
 Patient images stay in memory: the multipart body is parsed here, into bytes (never a spooled
@@ -12,6 +12,10 @@ temporary file), decoded by `images.decode_image` (the code path `predict` uses 
 dropped with the request. Nothing logs file names; uvicorn's access log is off. One engine is
 loaded once and owned by one worker thread (`Classifier`): concurrent requests queue their
 decoded images and are run together, so there is never a second copy of the model.
+
+Every POST must come from the server's own page or from no page at all (curl, scripts): another
+site's `Origin` or `Sec-Fetch-Site` is a 403 (see `guards.cross_origin_refusal`). Decoding goes
+through `guards.DecodeGate`, which bounds the decodes and the pixels in flight.
 
 FastAPI, uvicorn and python-multipart are the optional extra `skinclf[serve]`; they are imported
 only when the app is built, so a missing extra is one clear `SkinclfError`.

@@ -125,5 +125,5 @@ def serve_until_stopped(app, sock: socket.socket) -> None:
     try:
         _run_server(app, sock)
     finally:
-        app.state.classifier.close()
+        app.state.classifier.close(SERVE.shutdown_s)
         sock.close()
