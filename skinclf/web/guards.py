@@ -9,6 +9,7 @@ that bounds how many images decode at once and how many pixels they hold between
 """
 
 import contextlib
+import ctypes
 import io
 import threading
 from collections.abc import Iterator, Mapping
@@ -22,6 +23,12 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # another program's page (a dev server, a local tool), which has no business driving this one.
 OWN_FETCH_SITES = frozenset({"same-origin", "none"})
 RETRY_AFTER_S = 5  # what a busy answer tells the client to wait before trying again
+# A decode this big hands its freed memory back to the system when it ends (see `_give_back_memory`).
+TRIM_PIXELS = 4_000_000
+try:  # glibc only; elsewhere the allocator's own policy stands
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
 
 
 class Rejected(Exception):
@@ -98,7 +105,17 @@ class DecodeGate:
         try:
             yield
         finally:
+            if pixels >= TRIM_PIXELS:
+                _give_back_memory()
             with self._changed:
                 self.decoding -= 1
                 self.pixels -= pixels
                 self._changed.notify_all()
+
+
+def _give_back_memory() -> None:
+    """Return the memory a big decode freed to the system. glibc keeps freed blocks in the arena of
+    the thread that used them, and requests run on many threads: without this, four sequential
+    decodes of one 80-megapixel 16-bit PNG left the server 1.8 GB high instead of 1 GB (measured)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
