@@ -26,13 +26,13 @@ from conftest import CLASS_COLOURS, REPO, lesion_image
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="skinclf[serve] (FastAPI) is not installed")
-from fastapi.testclient import TestClient  # noqa: E402
-from test_serve import TINY_CLASSES, headless_chromium, jpeg  # noqa: E402
+from fastapi.testclient import TestClient
+from test_serve import TINY_CLASSES, headless_chromium
 
-from skinclf.errors import SkinclfError  # noqa: E402
-from skinclf.web.app import create_app  # noqa: E402
-from skinclf.web.classifier import Classifier, Limits, ModelUnavailable, probe_engine  # noqa: E402
-from skinclf.web.server import background_server  # noqa: E402
+from skinclf.errors import SkinclfError
+from skinclf.web.app import create_app
+from skinclf.web.classifier import Classifier, Limits, ModelUnavailable, probe_engine
+from skinclf.web.server import background_server
 
 WEIGHTS = np.random.default_rng(0).normal(size=(3, 7)).astype("float32") / 40
 
@@ -43,7 +43,7 @@ class FakeEngine:
     classes = TINY_CLASSES
     image_size = 32
     batch_size = 16
-    meta: dict = {}
+    meta: dict = {}  # noqa: RUF012 - read-only, like an engine's
     path = Path("fake.keras")
 
     def __init__(self, outputs: int = 7) -> None:
@@ -257,7 +257,7 @@ def test_a_dead_model_thread_fails_waiting_and_new_requests_and_health(how: str)
     engine = DiesOnSecondCall(how)
     classifier = Classifier(engine)
     client = TestClient(create_app(FakeEngine(), classifier=classifier))
-    post = lambda name: client.post("/api/predict", files=files((name, image((40, 30)))))  # noqa: E731
+    post = lambda name: client.post("/api/predict", files=files((name, image((40, 30)))))
     assert post("first.png").status_code == 200
     answers: dict[str, object] = {}
     threads = {name: threading.Thread(target=lambda n=name: answers.__setitem__(n, post(n))) for name in ("a", "b")}
@@ -430,7 +430,7 @@ def test_sigterm_stops_a_server_whose_model_thread_died_or_hangs(mode: str, tmp_
             stuck.start()
             assert proc.stdout.readline().strip() == "in the engine"
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)  # a bound for a hang, not a measured time
+        _, err = proc.communicate(timeout=120)  # a bound for a hang, not a measured time
         # uvicorn stops, then re-raises the signal it caught: the process ends as SIGTERM says.
         assert proc.returncode in (0, -signal.SIGTERM), err
         assert "Traceback" not in err

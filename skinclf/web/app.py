@@ -35,7 +35,13 @@ from skinclf import __version__
 from skinclf.batch.results import DISCLAIMER, columns
 from skinclf.config import SERVE
 from skinclf.errors import SkinclfError
-from skinclf.web.classifier import MISSING_EXTRA, Classifier, Limits, ModelUnavailable, classify_uploads
+from skinclf.web.classifier import (
+    MISSING_EXTRA,
+    Classifier,
+    Limits,
+    ModelUnavailable,
+    classify_uploads,
+)
 from skinclf.web.guards import Rejected, cross_origin_refusal
 from skinclf.web.uploads import drain, read_uploads
 

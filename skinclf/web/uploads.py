@@ -69,8 +69,15 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
     })
+    await _feed(request.stream(), parser, limits)
+    if not uploads:
+        raise Rejected(422, "no files in the request: send one or more images as multipart field 'files'")
+    return uploads
+
+
+async def _feed(stream, parser, limits: Limits) -> None:
+    """Write the body into `parser` within the request limit; a refused body is drained first (see `drain`)."""
     received = 0
-    stream = request.stream()
     try:
         async for chunk in stream:
             received += len(chunk)
@@ -84,9 +91,6 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
     except Exception as exc:  # noqa: BLE001 - a malformed body is the client's problem, not a 500
         await drain(stream, limits.max_request_bytes - received)
         raise Rejected(422, f"malformed multipart body: {' '.join(str(exc).split())[:200]}") from None
-    if not uploads:
-        raise Rejected(422, "no files in the request: send one or more images as multipart field 'files'")
-    return uploads
 
 
 async def drain(stream, budget: int) -> None:
