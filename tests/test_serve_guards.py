@@ -501,3 +501,28 @@ def test_page_shows_and_counts_warnings_and_keeps_names_with_quotes(tmp_path: Pa
     got = list(csv.DictReader(io.StringIO(target.read_text(encoding="utf-8"))))
     assert [r["path"] for r in got] == sorted(named)  # 'say "cheese".png', not 'say %22cheese%22.png'
     assert [bool(r["warning"]) for r in got] == [False, False, True]
+
+
+@pytest.mark.integration
+def test_page_waits_and_tries_again_while_the_server_is_busy_decoding(tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    lesion = tmp_path / "lesion.png"
+    lesion.write_bytes(image((60, 45)))
+    limits = Limits(decode_wait_s=0)
+    app = create_app(FakeEngine(), limits=limits)
+    driver = headless_chromium(tmp_path)
+    try:
+        with background_server(app) as url:
+            driver.get(url + "/")
+            wait = WebDriverWait(driver, 120)
+            wait.until(lambda d: d.find_element(By.ID, "model-name").text.startswith("fake-model"))
+            with app.state.decode_gate.admit(limits.max_decode_pixels):  # every pixel is taken: 503, Retry-After
+                driver.find_element(By.ID, "files").send_keys(str(lesion))
+                wait.until(lambda d: "The server is busy" in d.find_element(By.ID, "status").text)
+                assert driver.find_element(By.CSS_SELECTOR, "li.result").get_attribute("data-state") == "pending"
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "li.result[data-state='done']"))
+            assert app.state.classifier.calls == 1
+    finally:
+        driver.quit()
