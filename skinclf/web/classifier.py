@@ -113,10 +113,6 @@ class Classifier:
         self._worker = threading.Thread(target=self._work, name="skinclf-model", daemon=True)
         self._worker.start()
 
-    @property
-    def alive(self) -> bool:
-        return self.failure is None and self._worker.is_alive()
-
     def check(self) -> None:
         """Raise ModelUnavailable if the worker has stopped (or is stopping)."""
         if self.failure is not None:
