@@ -381,7 +381,7 @@ def test_resume_drops_rows_of_deleted_files_and_says_so(runner, small, tiny_bund
     result = runner.invoke(app, ["predict", str(small), "--out", str(out), "--model", str(tiny_bundle), "--resume"])
     assert result.exit_code == 0, result.output
     assert list(read(out)["path"]) == ["0.jpg", "2.jpg", "3.jpg"]
-    assert "3 files: 3 classified" in result.output and "1 rows dropped: their files are no longer in the folder" \
+    assert "3 files: 3 classified" in result.output and "1 row dropped: their files are no longer in the folder" \
         in result.output
 
 
