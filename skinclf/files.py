@@ -178,7 +178,8 @@ def _is_skinclf_onnx(path: Path) -> bool:
 _RECOGNISE = {
     CSV: _is_predict_csv,
     JSON: _is_skinclf_json,
-    PNG: lambda path: _head(path, 8) == b"\x89PNG\r\n\x1a\n",
+    # A picture skinclf drew carries a "Software: skinclf" text chunk: never a patient's PNG image.
+    PNG: lambda path: _head(path, 8) == b"\x89PNG\r\n\x1a\n" and b"skinclf" in _head(path, 4096),
     ONNX: _is_skinclf_onnx,
     MODEL: lambda path: False,
 }
