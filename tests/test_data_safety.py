@@ -404,7 +404,14 @@ def test_model_folder_and_environment_variable_are_named(runner, monkeypatch, sc
     monkeypatch.setenv("SKINCLF_MODEL", str(tmp_path / "gone.keras"))
     result = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv")])
     assert result.exit_code == 1 and result.output.count("\n") == 1
-    assert f"SKINCLF_MODEL={tmp_path / 'gone.keras'}: model file not found" in result.output
+    assert f"SKINCLF_MODEL={tmp_path / 'gone.keras'}: does not exist" in result.output
+    for command in (["export"], ["explain", str(scans), "--out", str(tmp_path / "maps")]):  # not only predict
+        other = runner.invoke(app, command)
+        assert other.exit_code == 1 and "SKINCLF_MODEL=" in other.output, other.output
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    monkeypatch.setenv("SKINCLF_MODEL", str(tmp_path / "broken.keras"))
+    result = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv")])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: SKINCLF_MODEL={tmp_path / 'broken.keras'}: ")
     monkeypatch.setenv("SKINCLF_MODEL", str(tiny_bundle))
     ok = runner.invoke(app, ["predict", str(scans), "--out", str(tmp_path / "r.csv")])
     assert ok.exit_code == 0, ok.output
