@@ -17,9 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from skinclf.batch.resume import (FileKey, RowRecord, read_finished_record, read_partial_record, record_path,
-                                  still_valid)
 from skinclf.batch.results import header_options, sidecar_path
+from skinclf.batch.resume import (
+    FileKey,
+    RowRecord,
+    read_finished_record,
+    read_partial_record,
+    record_path,
+    still_valid,
+)
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from skinclf import __version__, ui
 from skinclf.batch.output import open_output, partial_path
-from skinclf.batch.resume import file_key, record_path, run_record, sidecar_record
 from skinclf.batch.results import DISCLAIMER, class_names, columns, row, sidecar_path
+from skinclf.batch.resume import file_key, record_path, run_record, sidecar_record
 from skinclf.config import PREDICT, TTA_CHOICES
 from skinclf.data.images import IMAGE_EXTENSIONS
 from skinclf.data.layout import default_model_path

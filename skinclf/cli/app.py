@@ -18,7 +18,6 @@ from rich.console import Console
 from skinclf import __version__
 from skinclf.errors import Interrupted, SkinclfError
 
-
 # What an option's value looks like in help when it names none itself: never `<int>`, `<path>`.
 _METAVARS = {"int": "N", "float": "X", "Path": "PATH", "str": "TEXT", "bool": ""}
 
