@@ -125,7 +125,8 @@ def main() -> int:
     identity = before_engine.identity()
     del before_engine
 
-    result = calibrate_model(model=args.model, data=args.val, out=target, report=args.out)
+    # The report's own calibrated bundle: regenerated on every run.
+    result = calibrate_model(model=args.model, data=args.val, out=target, report=args.out, overwrite=True)
     engine = load_engine(target)
     after = describe(engine, issue, engine.meta.get("ood"))
 

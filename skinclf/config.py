@@ -28,7 +28,9 @@ class PrepareDefaults:
 @dataclass(frozen=True)
 class TrainDefaults:
     data: Path = Path("data/prepared")
-    out: Path = Path("models/skinclf-mobilenet.keras")
+    # A new run goes to runs/, never over the bundled model in the package's models/ (whose
+    # ONNX form would then be stale); bundling a run is a deliberate copy (tools/train_bundled.sh).
+    out: Path = Path("runs/skinclf-mobilenet.keras")
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3

@@ -29,7 +29,7 @@ echo "$exp02_sha  runs/exp02.keras" | sha256sum --check --quiet
 # Prior correction, the melanoma decision weight and the temperature are fitted or chosen on
 # the validation split (model card: the weight is the largest validation balanced accuracy
 # with melanoma recall >= 0.75).
-skinclf ensemble runs/exp10.keras runs/exp02.keras --out "$model" --val data/prepared/val \
+skinclf ensemble runs/exp10.keras runs/exp02.keras --out "$model" --overwrite --val data/prepared/val \
   --prior-correction fit --decision-weight mel=1.75 --calibrate
 python bench/trust_report.py --model "$model" --val data/prepared/val --out reports/trust --docs docs --in-place
 skinclf export "$model" --format onnx --out models/skinclf-mobilenet.onnx

@@ -26,10 +26,13 @@ from skinclf.config import EVALUATE, TTA_CHOICES
 from skinclf.data.layout import default_model_path, list_labelled_images
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.seen import SeenImages, seen_images, seen_report
-from skinclf.files import atomic_write_json, check_output_dir, sha256_file, sha256_text
+from skinclf.files import JSON, PNG, atomic_write_json, check_output_dir, check_output_files, sha256_file, sha256_text
 from skinclf.metrics import classification_report
 from skinclf.options import at_least, one_of
 
+# What evaluate writes into --out.
+REPORT_FILES = {"report.json": JSON, "confusion_matrix.png": PNG, "roc.png": PNG, "history.png": PNG,
+                "reliability.png": PNG}
 ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
 
 
@@ -289,12 +292,15 @@ def run_evaluation(
     split: Path | None = None,
     engine: str = EVALUATE.engine,
     threads: int = EVALUATE.threads,
+    overwrite: bool = False,
 ) -> Evaluation:
     """The `evaluate` command: training curves only (`history`), a predictions CSV against
-    `truth`, or the model over the labelled folder `data`."""
+    `truth`, or the model over the labelled folder `data`. Files in `out` that an earlier
+    evaluate did not write are replaced only with `overwrite`."""
     at_least("--batch-size", batch_size, 1, example=EVALUATE.batch_size)
     one_of("--tta", tta, TTA_CHOICES)
     check_output_dir(Path(out))
+    check_output_files(Path(out), {"history.png": PNG} if history else REPORT_FILES, overwrite=overwrite)
     if history:
         return Evaluation(report={}, out=Path(out), files=[plot_history(model=model, out=out)])
     if (predictions is None) != (truth is None):

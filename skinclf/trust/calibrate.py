@@ -26,7 +26,7 @@ from skinclf import __version__, ui
 from skinclf.config import CALIBRATE
 from skinclf.data.layout import default_model_path, list_labelled_images
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_write_json
+from skinclf.files import JSON, MODEL, PNG, atomic_write_json, check_output_dir, check_output_file, check_output_files
 from skinclf.model.outlier import PASS_RATE
 from skinclf.model.posthoc import calibration_report, fit_temperature, softmax
 from skinclf.trust.ood import describe_sets, fit_ood, outlier_logits, reference_outliers
@@ -100,6 +100,7 @@ def calibrate_model(
     batch_size: int = CALIBRATE.batch_size,
     workers: int = CALIBRATE.workers,
     seed: int = 0,
+    overwrite: bool = False,
     show_progress: bool | None = None,
 ) -> CalibrationResult:
     """Refit the temperature and the OOD flag of the bundle `model` on the labelled folder `data`.
@@ -121,6 +122,12 @@ def calibrate_model(
     target = Path(out or source)
     if target.suffix != ".keras":
         raise SkinclfError(f"--out {target}: the model file must end in .keras")
+    if target.resolve() != source.resolve():  # replacing MODEL itself is what calibrate does by default
+        check_output_file(target, example="calibrated.keras", kind=MODEL, overwrite=overwrite)
+    if report is not None:
+        check_output_dir(Path(report), option="--report")
+        check_output_files(Path(report), {"calibration.json": JSON, "reliability.png": PNG}, overwrite=overwrite,
+                           option="--report")
     bundle = load_bundle(source)
     data = Path(data)
     fitted_on = _fitted_on(bundle.meta, data)
