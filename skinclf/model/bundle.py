@@ -63,6 +63,9 @@ def load_bundle(path: Path) -> Bundle:
     """Load a bundle; any problem with the file is a one-line SkinclfError."""
     path = Path(path)
     meta = read_bundle_meta(path)
+    # The bundle's custom layers (ShadesOfGray) are registered with Keras when their module is
+    # imported; without it, loading fails with "Could not locate class 'ShadesOfGray'".
+    import skinclf.model.network  # noqa: F401
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # a partial load is a corrupt model

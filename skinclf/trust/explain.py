@@ -112,9 +112,9 @@ def occlusion_map(
 
 def _display_image(path: Path, max_side: int) -> Image.Image:
     """The file as a person sees it (EXIF orientation, RGB), shrunk to `max_side` if larger."""
-    from skinclf.data.images import _to_rgb
+    from skinclf.data.images import _to_rgb, open_image
 
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.draft("RGB", (max_side, max_side))
         shown = _to_rgb(ImageOps.exif_transpose(im))
         if max(shown.size) > max_side:
