@@ -9,14 +9,13 @@ failed start never leaves a file that blocks the next run.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from skinclf.batch.results import header_options
+from skinclf.batch.results import header_options, read_csv, write_csv
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path
 
@@ -32,14 +31,14 @@ def _read_lines(path: Path) -> list[list[str]]:
     if data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]
     try:
-        return [line for line in csv.reader(io.StringIO(data.decode("utf-8"))) if line]
+        return read_csv(data.decode("utf-8"))
     except (UnicodeDecodeError, csv.Error):
         return [[]]
 
 
 def _write_lines(path: Path, lines: list[list[str]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh, lineterminator="\n").writerows(lines)
+        write_csv(fh, lines)
 
 
 def _options_text(options: dict) -> str:
@@ -76,7 +75,7 @@ class CsvOutput:
     written: int = 0
 
     def write(self, rows: list[list[str]]) -> None:
-        csv.writer(self.sink, lineterminator="\n").writerows(rows)
+        write_csv(self.sink, rows)
         self.sink.flush()
         self.written += len(rows)
 

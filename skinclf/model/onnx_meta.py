@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from skinclf.errors import SkinclfError
+from skinclf.model.meta import check_graph, check_meta
 from skinclf.parallel import usable_cpus
 
 META_KEY = "skinclf.json"
@@ -51,7 +52,15 @@ def read_meta(sess, path: Path) -> dict[str, Any]:
     if text is None:
         raise SkinclfError(f"{path} is an ONNX model but not a skinclf export (no {META_KEY} metadata); "
                            f"create one with: skinclf export MODEL.keras --format onnx --out {path}")
-    meta = json.loads(text)
-    if "classes" not in meta or "input_size" not in meta:
-        raise SkinclfError(f"{path}: its {META_KEY} metadata has no classes or input_size")
+    try:
+        meta = check_meta(json.loads(text), path)
+    except ValueError as exc:  # not JSON at all
+        raise SkinclfError(f"{path}: its {META_KEY} metadata is not valid JSON ({exc}); expected a JSON object "
+                           "with classes and input_size") from None
+    graph = {o.name: o.shape for o in sess.get_outputs()}
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    if "logits" not in graph or "image" not in inputs:
+        raise SkinclfError(f"{path}: the network has inputs {', '.join(inputs)} and outputs {', '.join(graph)}; "
+                           "expected input 'image' and output 'logits', as skinclf export writes them")
+    check_graph(path, meta, outputs=graph["logits"][-1], input_shape=inputs["image"][1:3])
     return meta
