@@ -144,10 +144,13 @@ def read_predictions(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise SkinclfError(f"predictions file not found: {path}")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        frame = pd.read_csv(path, dtype=object, keep_default_na=False, encoding="utf-8")
     except Exception as exc:  # noqa: BLE001 - any parse failure is the same user problem
         raise SkinclfError(f"cannot read {path}: {exc}") from None
-    frame = frame.map(cell_value)  # formula guards and escapes off: the paths predict saw
+    # Formula guards and escapes off: the paths predict saw. Plain Python strings (object), as
+    # pandas' Arrow strings cannot hold the surrogates of a name that is not UTF-8.
+    for column in frame.columns:
+        frame[column] = pd.Series([cell_value(c) for c in frame[column]], index=frame.index, dtype=object)
     missing = [c for c in ("path", "top1_class", "top1_prob", "error") if c not in frame.columns]
     if missing:
         raise SkinclfError(f"{path} is not a skinclf predictions CSV (missing {', '.join(missing)})")
