@@ -1,5 +1,6 @@
-"""Reading a model's metadata without Keras: the `.keras` bundle's `skinclf.json` member, or the
-same JSON carried by an exported `.onnx`. The light install (no TensorFlow) needs only this."""
+"""Reading a model's metadata without Keras: the `.keras` bundle's `skinclf.json` member, and
+checking any metadata (a bundle's or the same JSON carried by an exported `.onnx`, read in
+`onnx_meta`) before an engine or command relies on it. The light install needs only this."""
 
 from __future__ import annotations
 
@@ -86,16 +87,6 @@ def check_graph(path: Path, meta: dict[str, Any], *, outputs: Any, input_shape: 
     if any(d != size for d in fixed):
         raise SkinclfError(f"{path}: the network takes {'x'.join(map(str, input_shape))} images but its "
                            f"{META_MEMBER} metadata says input_size {meta['input_size']}; expected the same size")
-
-
-def read_model_meta(path: Path) -> dict[str, Any]:
-    """The metadata of a `.keras` bundle or of its `.onnx` export."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        from skinclf.model.onnx_meta import read_meta, session
-
-        return read_meta(session(path, threads=1), path)
-    return read_bundle_meta(path)
 
 
 def read_bundle_meta(path: Path) -> dict[str, Any]:

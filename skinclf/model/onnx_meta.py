@@ -1,6 +1,7 @@
 """ONNX Runtime sessions and the skinclf metadata stored in an ONNX file, with no engine in sight.
 
-The bundle reads an ONNX model's metadata through here, so `model/` never imports `engines/`.
+The bundle reads an ONNX model's metadata through here, so `model/` never imports `engines/`;
+`read_model_meta` reads either form (a `.keras` bundle or its `.onnx` export).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from skinclf.errors import SkinclfError
-from skinclf.model.meta import check_graph, check_meta
+from skinclf.model.meta import check_graph, check_meta, read_bundle_meta
 from skinclf.parallel import usable_cpus
 
 META_KEY = "skinclf.json"
@@ -31,6 +32,9 @@ def session(path: Path | bytes, *, threads: int | None = None):
         import onnxruntime as ort
     except ImportError:
         raise SkinclfError(f"the ONNX engine needs ONNX Runtime, which is not installed: {INSTALL_HINT}") from None
+    # The switch that counts is ORT_DISABLE_TELEMETRY, set when skinclf is imported (see
+    # skinclf/__init__.py); this call also mutes the events a build may still emit.
+    ort.disable_telemetry_events()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or usable_cpus()
     options.inter_op_num_threads = 1
@@ -64,3 +68,11 @@ def read_meta(sess, path: Path) -> dict[str, Any]:
                            "expected input 'image' and output 'logits', as skinclf export writes them")
     check_graph(path, meta, outputs=graph["logits"][-1], input_shape=inputs["image"][1:3])
     return meta
+
+
+def read_model_meta(path: Path) -> dict[str, Any]:
+    """The metadata of a `.keras` bundle or of its `.onnx` export, checked (no Keras needed)."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return read_meta(session(path, threads=1), path)
+    return read_bundle_meta(path)
