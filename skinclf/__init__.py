@@ -8,6 +8,7 @@ machine or lingers in the user's home or temporary folder.
 """
 
 import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -37,7 +38,14 @@ _NOWHERE = os.path.join(os.devnull, "skinclf-keras-home")
 def keep_private() -> None:
     """Set the switches above in this process (and so in every process it starts), before any
     dependency that reads them is imported. Called when skinclf is imported."""
+    already_off = os.environ.get("ORT_DISABLE_TELEMETRY") == "1"
     os.environ.update(NO_TELEMETRY)
+    if "onnxruntime" in sys.modules and not already_off:
+        # Too late for this process: ONNX Runtime read the variable when it was imported.
+        import warnings
+
+        warnings.warn("onnxruntime was imported before skinclf, so its telemetry is on in this process: import "
+                      "skinclf first, or set ORT_DISABLE_TELEMETRY=1 before starting Python", stacklevel=2)
     home_config = os.path.join(os.path.expanduser("~"), ".keras", "keras.json")
     if "KERAS_HOME" not in os.environ and not os.path.exists(home_config):
         os.environ["KERAS_HOME"] = _NOWHERE

@@ -192,3 +192,15 @@ def test_predict_makes_no_network_connection_from_native_code_either(sandbox) ->
     calls = [line for line in log.read_text().splitlines() if re.search(r"sin6?_(addr|port)", line)]
     remote = [line for line in calls if not re.search(r'inet_addr\("127\.|inet_pton\(AF_INET6, "::1"', line)]
     assert remote == []
+
+
+def test_importing_onnxruntime_before_skinclf_is_warned_about(sandbox) -> None:
+    """The one order skinclf cannot fix: ONNX Runtime read its switch before skinclf set it."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env.update(HOME=str(sandbox["home"]), TMPDIR=str(sandbox["tmp"]), PYTHONPATH=str(REPO))
+    late = subprocess.run([sys.executable, "-c", "import onnxruntime, skinclf"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert "onnxruntime was imported before skinclf" in late.stderr and "ORT_DISABLE_TELEMETRY=1" in late.stderr
+    first = subprocess.run([sys.executable, "-c", "import skinclf, onnxruntime"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert first.stderr == ""
