@@ -63,9 +63,9 @@ def check_meta(meta: Any, path: Path) -> dict[str, Any]:
             or not all(isinstance(n, int) and not isinstance(n, bool) and MIN_SIZE <= n <= MAX_SIZE for n in size)):
         raise _bad(path, "input_size", size, f"[N, N] with N a whole number from {MIN_SIZE} to {MAX_SIZE}")
     ood = meta.get("ood")
-    if ood and (not isinstance(ood, dict) or ood.get("score") not in SCORES
+    if ood and (not isinstance(ood, dict) or ood.get("score", "energy") not in SCORES
                 or not isinstance(ood.get("threshold"), (int, float)) or isinstance(ood.get("threshold"), bool)):
-        raise _bad(path, "ood", ood, f"an object with score (one of {', '.join(SCORES)}) and a numeric threshold")
+        raise _bad(path, "ood", ood, f"an object with a numeric threshold (and score: one of {', '.join(SCORES)})")
     for key in _OBJECTS:
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise _bad(path, key, meta[key], "a JSON object")
