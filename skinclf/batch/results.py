@@ -9,7 +9,8 @@ in '/'), with an error. `ood_score` is higher the less an image is like the trai
 the model, unlike the training images), joined by "; " (see `warning_cell`); warnings never count
 as errors. The rows hold nothing else, so the file opens as-is in pandas or a
 spreadsheet; the model's identity and the reminder that this is not a diagnosis go in a JSON
-sidecar next to it (`results.csv.json`).
+sidecar next to it (`results.csv.json`). Every cell is quoted, and a cell a spreadsheet would run
+as a formula starts with a single quote (`csv_cell`; `read_predictions` removes it).
 """
 
 from __future__ import annotations
