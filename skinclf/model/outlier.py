@@ -48,5 +48,5 @@ def flag(logits: np.ndarray, ood: Mapping[str, Any] | None) -> tuple[np.ndarray,
     Without a fitted record the score is the energy and nothing is flagged."""
     if not ood:
         return ood_scores(logits, "energy"), np.zeros(len(logits), dtype=bool)
-    scores = ood_scores(logits, ood["score"])
+    scores = ood_scores(logits, ood.get("score", "energy"))  # records without a score are energy
     return scores, scores > float(ood["threshold"])

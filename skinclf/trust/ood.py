@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from skinclf.data.images import open_image
 from skinclf.errors import SkinclfError
 from skinclf.model.outlier import PASS_RATE, SCORES, WARNING, ood_scores
 
@@ -149,7 +150,7 @@ def _package_photographs() -> dict[str, list[Image.Image]]:
 
         hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
         if hopper.is_file():
-            with Image.open(hopper) as im:
+            with open_image(hopper) as im:
                 photos.append(im.convert("RGB"))
     except Exception:  # noqa: BLE001
         pass
