@@ -7,6 +7,7 @@ Every output skinclf writes (models, CSVs, reports, images) goes through `atomic
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
@@ -148,7 +149,9 @@ def _head(path: Path, size: int = 64 * 1024) -> bytes:
 
 
 def _is_predict_csv(path: Path) -> bool:
-    first = _head(path).split(b"\n", 1)[0].decode("utf-8", "replace").strip().split(",")
+    # Parsed as CSV: skinclf quotes every cell (formula guard), older versions did not.
+    line = _head(path).split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    first = next(csv.reader([line]), [])
     return first[:1] == ["path"] and "error" in first
 
 
