@@ -147,14 +147,14 @@ def predict_directory(
     from skinclf.engines.load import load_engine
     from skinclf.engines.runner import engine_tta, predict_files
     from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
-    from skinclf.model.outlier import flag
+    from skinclf.model.outlier import active_record, flag
     from skinclf.parallel import usable_cpus
 
     started = time.perf_counter()
     runner = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size, threads=threads or None)
     classes = runner.classes
     top_k = _top_k(top_k, classes)
-    ood = runner.meta.get("ood")
+    ood = active_record(runner.meta.get("ood"), runner.features_dim > 0)  # what this engine can score
     # Prepare and run the engine once, before the clock of the images/s figure starts.
     size = runner.image_size
     engine_tta(runner, tta)(np.zeros((1, size, size, 3), dtype="float32"))
@@ -174,7 +174,7 @@ def predict_directory(
             count = 0
             for batch in predict_files(runner, [directory / f for f in todo], image_size=size,
                                        batch_size=batch_size, workers=workers, tta=tta):
-                scores, flagged = flag(batch.logits, ood)
+                scores, flagged = flag(batch.logits, ood, batch.features)
                 rows = []
                 for path, probs, error, notes, score, odd in zip(batch.paths, batch.probs, batch.errors,
                                                                  batch.warnings, scores, flagged):

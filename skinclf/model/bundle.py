@@ -63,6 +63,7 @@ def load_bundle(path: Path) -> Bundle:
     """Load a bundle; any problem with the file is a one-line SkinclfError."""
     path = Path(path)
     meta = read_bundle_meta(path)
+    import skinclf.model.network  # noqa: F401 - registers the custom layers (ShadesOfGray) the file names
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # a partial load is a corrupt model

@@ -73,6 +73,11 @@ class Classifier:
     def __init__(self, engine) -> None:
         self.engine = engine
         self._run = getattr(engine, "logits", engine)
+        # Engines with pooled features run `forward` once and hand back [logits | features] rows.
+        self.features_dim = int(getattr(engine, "features_dim", 0) or 0)
+        if self.features_dim and hasattr(engine, "forward"):
+            self._run = lambda x: np.concatenate(engine.forward(x), axis=1)
+        self._width = len(engine.classes) + self.features_dim
         self.batch_size = int(getattr(engine, "batch_size", 16))
         self.calls = 0  # engine calls made (tests check that requests were run together)
         self.busy_seconds = 0.0  # time spent in the engine (the load bench reports it)
@@ -82,11 +87,19 @@ class Classifier:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Logits (n, classes) for `images` (n, size, size, 3); blocks until done."""
+        return self.forward(images)[0]
+
+    def forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (n, classes) and pooled features (n, features_dim; None when the engine gives
+        none) of `images` from one forward pass; blocks until done."""
+        n_classes = len(self.engine.classes)
         if len(images) == 0:
-            return np.zeros((0, len(self.engine.classes)), dtype="float32")
-        job = _Job(np.asarray(images, dtype="float32"), len(self.engine.classes))
-        self._jobs.put(job)
-        return job.done.result()
+            out = np.zeros((0, self._width), dtype="float32")
+        else:
+            job = _Job(np.asarray(images, dtype="float32"), self._width)
+            self._jobs.put(job)
+            out = job.done.result()
+        return out[:, :n_classes], (out[:, n_classes:] if self.features_dim else None)
 
     def close(self) -> None:
         """Finish what is queued, then stop the worker."""
@@ -161,11 +174,15 @@ def classify_uploads(classifier: Classifier, uploads: Sequence[Upload], *, class
         upload.data = bytearray()  # the bytes are not needed past decoding
     ok = [j for j, e in enumerate(errors) if e is None]
     logits = np.full((len(uploads), len(classes)), np.nan, dtype="float32")
+    features = np.full((len(uploads), classifier.features_dim), np.nan, dtype="float32")
     if ok:
-        logits[ok] = classifier(x[ok])
+        logits[ok], f = classifier.forward(x[ok])
+        if f is not None:
+            features[ok] = f
     # The same arithmetic as predict's, so every cell matches its CSV to the last digit.
     probs = softmax(logits)
-    scores, flagged = flag(logits, getattr(classifier.engine, "meta", {}).get("ood"))
+    scores, flagged = flag(logits, getattr(classifier.engine, "meta", {}).get("ood"),
+                           features if classifier.features_dim else None)
     for j in np.nonzero(flagged)[0]:
         if errors[j] is None:
             notes[j].append(UNLIKE_TRAINING)
