@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASS_COLOURS, CLASSES, lesion_image
+from conftest import CLASS_COLOURS, CLASSES, lesion_image, make_tiny_bundle
 
 from skinclf.errors import SkinclfError
 from skinclf.model.outlier import WARNING, active_record, distances, feature_scores, fit_gaussian, flag, pack, unpack
@@ -61,27 +61,36 @@ def test_low_rank_form_is_the_full_precision_with_the_tail_averaged() -> None:
 # --- tiny models: features from every engine --------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def conv_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny seeded conv net (conv, global average pooling, classifier) whose pooled features
+    vary from image to image (a random MobileNet's are all ~1e-16: no test of anything)."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("conv") / "conv.keras", image_size=32, seed=3)
+
+
 def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.stack([np.asarray(lesion_image(CLASS_COLOURS[CLASSES[i % 7]], seed + i).resize((size, size)),
                                 dtype="float32") for i in range(n)])
 
 
-def test_keras_engine_gives_logits_and_features_from_one_pass(mobilenet_bundle) -> None:
+def test_keras_engine_gives_logits_and_features_from_one_pass(conv_bundle) -> None:
     from skinclf.engines.load import load_engine
     from skinclf.model.bundle import load_bundle
     from skinclf.backend import load_keras
 
-    engine = load_engine(mobilenet_bundle, engine="keras", batch_size=4)
-    x = _images(5, 64)
+    engine = load_engine(conv_bundle, engine="keras", batch_size=4)
+    x = _images(5, 32)
     logits, features = engine.forward(x)
-    assert logits.shape == (5, 7) and features.shape == (5, engine.features_dim) and engine.features_dim == 256
+    assert logits.shape == (5, 7) and features.shape == (5, engine.features_dim) and engine.features_dim == 8
+    assert features.std(axis=0).min() > 1e-3  # features that differ per image
     np.testing.assert_allclose(engine.logits(x), logits, atol=1e-6)  # callers without features: unchanged
-    model = load_bundle(mobilenet_bundle).model
-    pooled = load_keras().Model(model.inputs, model.get_layer("pool").output).predict(x, verbose=0)
+    model = load_bundle(conv_bundle).model
+    pool = next(layer for layer in model.layers if type(layer).__name__ == "GlobalAveragePooling2D")
+    pooled = load_keras().Model(model.inputs, pool.output).predict(x, verbose=0)
     np.testing.assert_allclose(features, pooled, atol=1e-4)
 
 
-def test_onnx_export_features_equal_keras_and_old_files_still_run(mobilenet_bundle, tmp_path) -> None:
+def test_onnx_export_features_equal_keras_and_old_files_still_run(conv_bundle, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     import onnx
 
@@ -89,12 +98,13 @@ def test_onnx_export_features_equal_keras_and_old_files_still_run(mobilenet_bund
     from skinclf.engines.load import load_engine
     from skinclf.engines.onnx import OnnxEngine
 
-    export_model(model=mobilenet_bundle, format="onnx", out=tmp_path / "m.onnx")
-    x = _images(6, 64, seed=3)
-    keras_z, keras_f = load_engine(mobilenet_bundle, engine="keras", batch_size=4).forward(x)
+    export_model(model=conv_bundle, format="onnx", out=tmp_path / "m.onnx")
+    x = _images(6, 32, seed=3)
+    keras_z, keras_f = load_engine(conv_bundle, engine="keras", batch_size=4).forward(x)
     onnx_engine = OnnxEngine(tmp_path / "m.onnx", batch_size=4)
     onnx_z, onnx_f = onnx_engine.forward(x)
     assert onnx_engine.features_dim == keras_f.shape[1]
+    assert keras_f.std(axis=0).min() > 1e-3
     np.testing.assert_allclose(onnx_f, keras_f, atol=1e-4)
     np.testing.assert_allclose(onnx_z, keras_z, atol=1e-4)
     # A file exported before the features output: logits only, and the flag falls back to logits.
@@ -111,57 +121,57 @@ def test_onnx_export_features_equal_keras_and_old_files_still_run(mobilenet_bund
 
 def test_ensemble_features_are_the_members_side_by_side_in_keras_and_onnx(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    from test_recipe import _tiny_bundle
-
     from skinclf.backend import load_keras
     from skinclf.engines.export import export_model
     from skinclf.engines.load import load_engine
     from skinclf.model.bundle import load_bundle
     from skinclf.training.ensemble import ensemble_bundles
 
-    members = [_tiny_bundle(tmp_path / f"m{i}.keras", i) for i in range(2)]
+    members = [make_tiny_bundle(tmp_path / f"m{i}.keras", seed=i) for i in range(2)]
     ensemble_bundles(members=members, out=tmp_path / "e.keras")
     export_model(model=tmp_path / "e.keras", format="onnx", out=tmp_path / "e.onnx")
     x = np.random.default_rng(6).uniform(0, 255, (5, 32, 32, 3)).astype("float32")
     keras = load_keras()
-    pooled = [keras.Model(m.inputs, m.get_layer("pool").output).predict(x, verbose=0)
-              for m in (load_bundle(p).model for p in members)]
+    models = [load_bundle(p).model for p in members]
+    pooled = [keras.Model(m.inputs, next(la for la in m.layers if type(la).__name__ == "GlobalAveragePooling2D"
+                                         ).output).predict(x, verbose=0) for m in models]
     _, keras_f = load_engine(tmp_path / "e.keras", engine="keras").forward(x)
     _, onnx_f = load_engine(tmp_path / "e.onnx", engine="onnx").forward(x)
+    assert keras_f.shape == (5, 16) and keras_f.std(axis=0).min() > 1e-3
     np.testing.assert_allclose(keras_f, np.concatenate(pooled, axis=1), atol=1e-4)
     np.testing.assert_allclose(onnx_f, keras_f, atol=1e-4)
 
 
-def test_runner_passes_features_through_and_averages_them_over_tta_views(mobilenet_bundle, tmp_path) -> None:
+def test_runner_passes_features_through_and_averages_them_over_tta_views(conv_bundle, tmp_path) -> None:
     from skinclf.engines.load import load_engine
     from skinclf.engines.runner import _VIEWS, predict_files
 
-    engine = load_engine(mobilenet_bundle, engine="keras", batch_size=4)
+    engine = load_engine(conv_bundle, engine="keras", batch_size=4)
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
-        lesion_image(CLASS_COLOURS[CLASSES[i]], i, size=(64, 64)).save(folder / f"{i}.png")
+        lesion_image(CLASS_COLOURS[CLASSES[i]], i, size=(32, 32)).save(folder / f"{i}.png")
     (folder / "3_bad.png").write_bytes(b"not an image")
     paths = sorted(folder.iterdir())
     batch = next(predict_files(engine, paths, workers=1, tta=2))
     assert batch.features.shape == (4, engine.features_dim) and np.isnan(batch.features[3]).all()
-    x = np.stack([np.asarray(lesion_image(CLASS_COLOURS[CLASSES[i]], i, size=(64, 64)), dtype="float32")
+    x = np.stack([np.asarray(lesion_image(CLASS_COLOURS[CLASSES[i]], i, size=(32, 32)), dtype="float32")
                   for i in range(3)])
     views = [engine.forward(np.ascontiguousarray(v(x)))[1] for v in _VIEWS[:2]]
     np.testing.assert_allclose(batch.features[:3], np.mean(views, axis=0), atol=1e-5)
 
 
-def test_a_constructed_outlier_scores_above_in_distribution_images(mobilenet_bundle) -> None:
+def test_a_constructed_outlier_scores_above_in_distribution_images(conv_bundle) -> None:
     from skinclf.engines.load import load_engine
 
-    engine = load_engine(mobilenet_bundle, engine="keras", batch_size=8)
-    train, held = _images(70, 64, seed=0), _images(21, 64, seed=500)
-    z_train, f_train = engine.forward(train)
-    stats = fit_feature_stats(f_train, np.arange(70) % 7, rank=16)
+    engine = load_engine(conv_bundle, engine="keras", batch_size=8)
+    train, held = _images(70, 32, seed=0), _images(21, 32, seed=500)
+    _, f_train = engine.forward(train)
+    stats = fit_feature_stats(f_train, np.arange(70) % 7, rank=4)
     rng = np.random.default_rng(9)
-    stripes = np.zeros((2, 64, 64, 3), dtype="float32")
+    stripes = np.zeros((2, 32, 32, 3), dtype="float32")
     stripes[0, :, ::4] = 255.0  # black and white stripes
-    stripes[1] = rng.integers(0, 256, (64, 64, 3))  # uniform colour noise
+    stripes[1] = rng.integers(0, 256, (32, 32, 3))  # uniform colour noise
     _, f_held = engine.forward(held)
     _, f_out = engine.forward(stripes)
     for score in ("mahalanobis", "relative_mahalanobis"):
@@ -221,28 +231,29 @@ def test_bundles_without_feature_statistics_keep_the_energy_flag(tiny_bundle, tm
     assert sidecar["ood"]["score"] == "energy"
 
 
-def test_predict_flags_with_the_feature_score(mobilenet_bundle, tmp_path, runner) -> None:
+def test_predict_flags_with_the_feature_score(conv_bundle, tmp_path, runner) -> None:
     from skinclf.cli import app
     from skinclf.engines.load import load_engine
     from skinclf.model.bundle import load_bundle, save_bundle
 
-    engine = load_engine(mobilenet_bundle, engine="keras", batch_size=8)
-    train = _images(70, 64)
-    stats = fit_feature_stats(engine.forward(train)[1], np.arange(70) % 7, rank=16)
+    engine = load_engine(conv_bundle, engine="keras", batch_size=8)
+    train = _images(70, 32)
+    stats = fit_feature_stats(engine.forward(train)[1], np.arange(70) % 7, rank=4)
     # Threshold between the inliers and a stripes picture, as calibrate would place it.
-    stripes = np.zeros((1, 64, 64, 3), dtype="float32")
+    stripes = np.zeros((1, 32, 32, 3), dtype="float32")
     stripes[0, :, ::4] = 255.0
-    threshold = float(feature_scores(engine.forward(_images(14, 64, seed=300))[1], stats, "mahalanobis").max())
+    inliers = _images(14, 32, seed=300)
+    threshold = float(feature_scores(engine.forward(inliers)[1], stats, "mahalanobis").max())
     assert feature_scores(engine.forward(stripes)[1], stats, "mahalanobis")[0] > threshold
     record = {"score": "mahalanobis", "threshold": threshold, "features": stats, "pass_rate": 0.95,
               "fitted_on": "validation split", "fallback": {"score": "energy", "threshold": 1e9}}
-    bundle = load_bundle(mobilenet_bundle)
+    bundle = load_bundle(conv_bundle)
     model = save_bundle(bundle.model, tmp_path / "feat.keras", {**bundle.meta, "ood": record})
     folder = tmp_path / "imgs"
     folder.mkdir()
-    lesion_image(CLASS_COLOURS["nv"], 301, size=(64, 64)).save(folder / "a_lesion.png")
     from PIL import Image
 
+    Image.fromarray(inliers[5].astype(np.uint8)).save(folder / "a_lesion.png")  # lossless: the same pixels
     Image.fromarray(stripes[0].astype(np.uint8)).save(folder / "b_stripes.png")
     out = tmp_path / "r.csv"
     result = runner.invoke(app, ["predict", str(folder), "--out", str(out), "--model", str(model),
@@ -252,8 +263,8 @@ def test_predict_flags_with_the_feature_score(mobilenet_bundle, tmp_path, runner
         rows = {r["path"]: r for r in csv.DictReader(fh)}
     assert rows["b_stripes.png"]["warning"] == WARNING and rows["a_lesion.png"]["warning"] == ""
     assert json.loads(Path(f"{out}.json").read_text())["ood"]["score"] == "mahalanobis"
-    with zipfile.ZipFile(model) as zf:  # the statistics are small (rank 16 of 256-d features here)
-        assert len(zf.read("skinclf.json")) < 200_000
+    with zipfile.ZipFile(model) as zf:  # the statistics travel in the bundle's metadata
+        assert json.loads(zf.read("skinclf.json"))["ood"]["features"]["class"]["rank"] == 4
 
 
 # --- explain: flat maps -----------------------------------------------------------------------
@@ -273,6 +284,7 @@ def test_explain_says_when_a_map_is_flat(tmp_path) -> None:
     from skinclf.trust.explain import FLAT_DROP, explain_files
 
     lesion_image((150, 100, 70), 1, size=(40, 40)).save(tmp_path / "a.png")
-    summary = explain_files(ConstantEngine(), [("a.png", tmp_path / "a.png")], tmp_path / "out", patch=8, stride=8)
+    summary = explain_files(ConstantEngine(), [("a.png", tmp_path / "a.png")], tmp_path / "out", patch=8, stride=8,
+                             top_k=2)
     [done] = summary.explained
     assert done.flat and done.max_drop < FLAT_DROP

@@ -271,7 +271,7 @@ def _matplotlib_samples() -> dict[str, list[Image.Image]]:
 
 def _plot(rng: np.random.Generator, size: int) -> Image.Image:
     """A line or bar chart drawn with Pillow: axes, ticks, a legend box, coloured series."""
-    w, h = size * 2, int(size * 1.5)
+    w, h = max(size * 2, 320), max(int(size * 1.5), 240)  # drawn at a chart's size, resized like any input
     im = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(im)
     left, bottom = 40, h - 30
