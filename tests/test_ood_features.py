@@ -267,6 +267,54 @@ def test_predict_flags_with_the_feature_score(conv_bundle, tmp_path, runner) -> 
         assert json.loads(zf.read("skinclf.json"))["ood"]["features"]["class"]["rank"] == 4
 
 
+def _feature_bundle(engine, source: Path, out: Path) -> tuple[Path, np.ndarray]:
+    """`source` with a Mahalanobis record whose threshold passes a set of lesion images and
+    catches a stripes picture; returns the bundle and the stripes."""
+    from skinclf.model.bundle import load_bundle, save_bundle
+
+    stats = fit_feature_stats(engine.forward(_images(70, 32))[1], np.arange(70) % 7, rank=4)
+    stripes = np.zeros((1, 32, 32, 3), dtype="float32")
+    stripes[0, :, ::4] = 255.0
+    threshold = float(feature_scores(engine.forward(_images(14, 32, seed=300))[1], stats, "mahalanobis").max())
+    record = {"score": "mahalanobis", "threshold": threshold, "features": stats, "pass_rate": 0.95,
+              "fitted_on": "validation split", "flag_rates": {"validation split": 0.05, "stripes": 1.0},
+              "held_out": {"flag_rate": 0.04}, "fallback": {"score": "energy", "threshold": 1e9, "flag_rates": {}}}
+    bundle = load_bundle(source)
+    metrics = {"validation": {"n": 9, "balanced_accuracy": 0.9}, "test": {"n": 8, "balanced_accuracy": 0.7,
+                                                                          "note": "second look"}}
+    return save_bundle(bundle.model, out, {**bundle.meta, "ood": record, "metrics": metrics}), stripes
+
+
+def test_serve_flags_with_features_and_api_model_shows_test_figures_and_flag_rates(conv_bundle, tmp_path) -> None:
+    import io
+
+    from PIL import Image
+
+    from skinclf.engines.load import load_engine
+    from skinclf.web.app import model_info
+    from skinclf.web.classifier import Classifier, Limits, Upload, classify_uploads
+
+    model, stripes = _feature_bundle(load_engine(conv_bundle, engine="keras"), conv_bundle, tmp_path / "f.keras")
+    engine = load_engine(model, engine="keras", batch_size=4)
+    uploads = []
+    for name, array in (("lesion.png", _images(14, 32, seed=300)[2]), ("stripes.png", stripes[0])):
+        buf = io.BytesIO()
+        Image.fromarray(array.astype(np.uint8)).save(buf, format="PNG")
+        uploads.append(Upload(name, bytearray(buf.getvalue())))
+    classifier = Classifier(engine)
+    try:
+        rows = classify_uploads(classifier, uploads, classes=engine.classes, image_size=32, top_k=1, all_probs=False)
+    finally:
+        classifier.close()
+    assert [r[-1] for r in rows] == ["", WARNING]
+    info = model_info(engine, Limits(), 1)
+    assert info["accepted_with"]["split"] == "test" and info["accepted_with"]["balanced_accuracy"] == 0.7
+    assert info["metrics"]["validation"]["balanced_accuracy"] == 0.9
+    assert info["ood"]["score"] == "mahalanobis" and info["ood"]["flag_rates"]["stripes"] == 1.0
+    assert info["ood"]["held_out"] == {"flag_rate": 0.04}
+    json.dumps(info)
+
+
 # --- explain: flat maps -----------------------------------------------------------------------
 
 
