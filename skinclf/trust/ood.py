@@ -1,22 +1,28 @@
 """Out-of-distribution flags: "this image is unlike the training images".
 
 A classifier names one of its classes for any picture, a landscape or a page of text included.
-An out-of-distribution (OOD) score computed from the model's own logits says how unlike the
-training images an input is; a threshold fitted on held-out dermoscopic images (the validation
-split) so that `pass_rate` (95%) of them pass flags the rest. Higher scores are more unusual:
+An out-of-distribution (OOD) score says how unlike the training images an input is; a
+threshold fitted on held-out dermoscopic images (the validation split) so that `pass_rate`
+(95%) of them pass flags the rest. Higher scores are more unusual. Candidates
+(`skinclf.model.outlier`, computed in numpy from every engine's outputs):
 
-- `energy`: -logsumexp(z) (Liu et al., "Energy-based out-of-distribution detection", 2020);
-- `max_logit`: -max(z) (Hendrycks et al., "Scaling out-of-distribution detection", 2022);
-- `max_prob`: -max softmax(z) (Hendrycks & Gimpel, 2017, the baseline).
+- from the logits: `energy` (Liu et al. 2020), `max_logit` (Hendrycks et al. 2022), `max_prob`
+  (Hendrycks & Gimpel 2017);
+- from the pooled features of the same forward pass (`engine.forward`): `mahalanobis` (Lee et
+  al. 2018: class means and a shared covariance of the training features) and
+  `relative_mahalanobis` (Ren et al. 2021: minus the distance under one background Gaussian),
+  fitted on the training split by `fit_feature_stats`.
 
-Logits come from every engine (`engine.logits`), so the flag works with Keras and ONNX alike.
-Which score a bundle uses is chosen by `fit_ood` on how well each separates the validation
-split from `reference_outliers()` (mean ROC-AUC over the outlier sets), and recorded in the
-bundle's metadata (`meta["ood"]`) with its threshold and the flag rate on every set.
+`fit_ood` picks the candidate with the best (mean ROC-AUC + worst set's flag rate) / 2 between
+the validation split and `reference_outliers()`, and records it in the bundle's metadata
+(`meta["ood"]`) with its threshold, the flag rate on every set, every candidate's separation,
+the feature statistics it needs and a logit-score fallback for engines without features.
 
 `reference_outliers` builds non-dermoscopic images from what installed packages ship
-(scikit-learn's and matplotlib's sample photographs, scikit-image's `skimage.data` when
-installed) plus generated ones (flat colours, noise, text, tiny images, screenshot-like UI).
+(scikit-learn's and matplotlib's sample photographs, an MRI slice and terrain maps,
+scikit-image's `skimage.data` when installed) plus generated ones (flat colours, gradients,
+noise, textures, text pages, charts, tiny images, screenshot-like UI), all resized to the
+model's input like any real input.
 """
 
 from __future__ import annotations
@@ -426,11 +432,14 @@ def reference_outliers(*, size: int = 224, seed: int = 0, per_set: int = 24) -> 
     """Non-dermoscopic images by set, each an array (n, size, size, 3) of float32 0..255.
 
     Sets: photographs (scikit-learn, matplotlib and, when installed, scikit-image samples, each
-    whole and as four quadrant crops), other medical images (scikit-image's retina and
-    immunohistochemistry, when installed), textures, pages of text (scanned pages from
-    scikit-image plus pages drawn with Pillow), flat colours, noise, tiny images and
-    screenshot-like UI pictures. Deterministic for a given `seed` and installed packages;
-    empty sets are left out.
+    whole and as four quadrant crops), other medical images (matplotlib's MRI slice, and
+    scikit-image's retina and immunohistochemistry when installed), textures (scikit-image's,
+    plus generated stripes, checks, fractal noise, bricks, weaves), pages of text (scanned pages
+    from scikit-image plus pages drawn with Pillow), charts (matplotlib's terrain maps in three
+    colour maps, generated line and bar charts), flat colours, gradients, noise, tiny images and
+    screenshot-like UI pictures. Every picture is drawn or loaded at its own size and resized
+    to `size` as `images.load_image` resizes real inputs, so no set stands out by size alone.
+    Deterministic for a given `seed` and installed packages; empty sets are left out.
     """
     if size < 8 or per_set < 1:
         raise SkinclfError(f"reference outliers need size >= 8 and per_set >= 1 (got {size}, {per_set})")
