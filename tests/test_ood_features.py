@@ -43,6 +43,16 @@ def test_mahalanobis_and_relative_mahalanobis_against_a_hand_computed_example() 
         distances(np.zeros((1, 3)), stats["class"])
 
 
+def test_shared_covariance_weighs_each_class_the_same() -> None:
+    # Class 0: 8 points spread (+-1, 0); class 1: 2 points spread (0, +-3). Per-class covariances
+    # diag(1, 0) and diag(0, 9); each class weighs 1/2: diag(0.5, 4.5) (pooled by count it
+    # would be diag(0.8, 1.8)). From class 0's mean, (1, 3) is 1 / 0.5 + 9 / 4.5 = 4.
+    a = np.array([[-1.0, 0.0], [1.0, 0.0]] * 4)
+    b = np.array([[10.0, -3.0], [10.0, 3.0]])
+    g = fit_gaussian(np.concatenate([a, b]), np.array([0] * 8 + [1] * 2), rank=1)
+    assert distances(np.array([[1.0, 3.0]]), g)[0, 0] == pytest.approx(4.0, rel=1e-6)
+
+
 def test_low_rank_form_is_the_full_precision_with_the_tail_averaged() -> None:
     rng = np.random.default_rng(0)
     f = rng.normal(size=(400, 6)) @ np.diag([5, 3, 2, 1, 0.5, 0.2])

@@ -234,6 +234,7 @@ def test_calibrate_command_folds_the_temperature_and_fits_the_ood_flag(runner, m
     assert cal["validation_after"]["nll"] <= cal["validation_before"]["nll"] + 1e-9
     assert ood["score"] in SCORES and ood["pass_rate"] == 0.95
     assert {"mahalanobis", "relative_mahalanobis", "energy"} <= set(ood["separation"])  # features were candidates
+    assert set(ood["flag_rates_per_class"]) == set(CLASSES)
     assert ood["flag_rates"][str(labelled_folder)] <= 0.05 + 1e-9 and "text" in ood["flag_rates"]
     assert (tmp_path / "rep" / "reliability.png").is_file()
     assert json.loads((tmp_path / "rep" / "calibration.json").read_text())["ood"]["threshold"] == ood["threshold"]

@@ -11,7 +11,11 @@ Feature scores, on the global-average-pooled features f (an ensemble's members' 
 
 - `mahalanobis` (Lee et al. 2018): min over classes c of MD_c(f) = (f - mu_c)^T P (f - mu_c),
   mu_c the class means of the training features and P the precision of their shared (tied,
-  within-class) covariance;
+  within-class) covariance. Each class weighs the same in that covariance (the mean of the
+  per-class covariances), not its share of the images: pooled by count, nevi (67% of the
+  training split) set the shape, and on validation 35% of dermatofibromas and 27% of vascular
+  lesions were flagged; class-balanced, at most 9% of any class, every reference set still
+  flagged in full;
 - `relative_mahalanobis` (Ren et al. 2021): min over c of MD_c(f) - MD_0(f), MD_0 the distance
   under one background Gaussian fitted to all training features (mean and covariance).
 
@@ -100,20 +104,25 @@ def _unpacked(b64: str, shape: tuple[int, ...]) -> np.ndarray:
 def fit_gaussian(features: np.ndarray, labels: np.ndarray | None = None, *, rank: int) -> dict[str, Any]:
     """Means and a low-rank + isotropic covariance of `features` (n, d), packed for the bundle.
 
-    With `labels`: one mean per label 0..max (a label with no rows is left out and named in
-    `labels`) and the tied covariance of the features about their own class mean; without:
-    the background Gaussian (one mean, the plain covariance)."""
+    With `labels`: one mean per label present (named in `labels`) and the shared covariance, the
+    mean of the per-class covariances about their own class means (each class weighs the same);
+    without: the background Gaussian (one mean, the plain covariance)."""
     f = np.asarray(features, dtype="float64")
     if f.ndim != 2 or len(f) < 2:
         raise SkinclfError(f"features must be (images, width) with at least 2 rows, got shape {f.shape}")
     if labels is None:
-        present, means, centred = [0], f.mean(axis=0, keepdims=True), f - f.mean(axis=0)
+        present, means = [0], f.mean(axis=0, keepdims=True)
+        centred = f - means[0]
+        cov = centred.T @ centred / len(f)
     else:
         y = np.asarray(labels)
         present = [int(c) for c in np.unique(y)]
         means = np.stack([f[y == c].mean(axis=0) for c in present])
-        centred = f - means[np.searchsorted(present, y)]
-    eigenvalues, vectors = np.linalg.eigh(centred.T @ centred / len(f))
+        cov = np.zeros((f.shape[1], f.shape[1]))
+        for c, mean in zip(present, means):
+            centred = f[y == c] - mean
+            cov += centred.T @ centred / len(centred) / len(present)
+    eigenvalues, vectors = np.linalg.eigh(cov)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues, vectors = np.clip(eigenvalues[order], 0, None), vectors[:, order]
     rank = int(min(rank, f.shape[1] - 1, len(f) - 1))

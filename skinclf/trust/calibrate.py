@@ -29,7 +29,7 @@ from skinclf.config import CALIBRATE
 from skinclf.data.layout import default_model_path, list_labelled_images
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_write_json
-from skinclf.model.outlier import PASS_RATE
+from skinclf.model.outlier import PASS_RATE, flag
 from skinclf.model.posthoc import calibration_report, fit_temperature, softmax
 from skinclf.trust.ood import describe_sets, fit_feature_stats, fit_ood, outlier_outputs, reference_outliers
 
@@ -174,6 +174,11 @@ def calibrate_model(
 
     ood = _fit_flag(engine, z / factor, features, factor=factor, training=training, pass_rate=pass_rate,
                     score=ood_score, fitted_on=fitted_on, seed=seed, workers=workers, show_progress=show_progress)
+    # Where the flag's false alarms fall: a class flagged far above 1 - pass_rate is a class the
+    # statistics do not describe well.
+    flagged = flag(z / factor, ood, features)[1]
+    ood["flag_rates_per_class"] = {c: round(float(flagged[labels == i].mean()), 4)
+                                   for i, c in enumerate(bundle.classes) if (labels == i).any()}
 
     fold_logit_transform(bundle.model, temperature=factor)
     save_bundle(bundle.model, target, {**bundle.meta, "calibration": calibration, "ood": ood})
