@@ -19,9 +19,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from skinclf.data.layout import list_labelled_images  # noqa: E402
-from skinclf.engines.load import load_engine  # noqa: E402
-from skinclf.engines.runner import predict_files  # noqa: E402
+from skinclf.data.layout import list_labelled_images
+from skinclf.engines.load import load_engine
+from skinclf.engines.runner import predict_files
 
 
 def main() -> int:

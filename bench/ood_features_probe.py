@@ -24,8 +24,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from skinclf.engines.load import load_engine  # noqa: E402
-from skinclf.trust.ood import fit_feature_stats, fit_ood, outlier_outputs, reference_outliers  # noqa: E402
+from skinclf.engines.load import load_engine
+from skinclf.trust.ood import (
+    fit_feature_stats,
+    fit_ood,
+    outlier_outputs,
+    reference_outliers,
+)
 
 
 def main() -> int:

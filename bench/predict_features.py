@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from skinclf.data.walk import walk_images  # noqa: E402
-from skinclf.engines.load import load_engine  # noqa: E402
-from skinclf.engines.runner import predict_files  # noqa: E402
-from skinclf.model.outlier import active_record, flag  # noqa: E402
-from skinclf.parallel import usable_cpus  # noqa: E402
+from skinclf.data.walk import walk_images
+from skinclf.engines.load import load_engine
+from skinclf.engines.runner import predict_files
+from skinclf.model.outlier import active_record, flag
+from skinclf.parallel import usable_cpus
 
 
 def logits_only(engine):

@@ -3,8 +3,9 @@
     python bench/serve_screenshot.py --out docs/serve.png
 
 Serves the bundled model on a free loopback port, uploads a few of the full-size HAM10000
-samples beside the repository plus one corrupt file, sorts by melanoma probability, waits for
-every row, and saves the page (palette PNG, small enough for the repository).
+samples beside the repository plus one corrupt file and one 28x28 thumbnail (far too small for
+the model: its row shows a warning), sorts by melanoma probability, waits for every row, and
+saves the page (palette PNG, small enough for the repository).
 Needs `pip install ".[serve,test]"` and Debian's chromium + chromium-driver.
 """
 
@@ -52,6 +53,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corrupt = Path(tmp) / "scan_0001.jpg"
         corrupt.write_bytes(samples[0].read_bytes()[:2000])
+        thumbnail = Path(tmp) / "thumbnail_28x28.jpg"
+        Image.open(samples[-1]).convert("RGB").resize((28, 28)).save(thumbnail, quality=95)
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
@@ -63,10 +66,11 @@ def main() -> None:
                 driver.get(url + "/")
                 wait = WebDriverWait(driver, 300)
                 wait.until(lambda d: d.find_element(By.ID, "model-sha").text not in ("", "\u2013"))
-                files = [str(p) for p in samples] + [str(corrupt)]
+                files = [str(p) for p in samples] + [str(corrupt), str(thumbnail)]
                 driver.find_element(By.ID, "files").send_keys("\n".join(files))
                 done = "li.result[data-state='done'], li.result[data-state='error']"
                 wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, done)) == len(files))
+                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "li.result[data-warning='true']"))
                 Select(driver.find_element(By.ID, "sort")).select_by_value("mel")
                 driver.execute_script("document.activeElement.blur()")
                 height = driver.execute_script("return document.documentElement.scrollHeight")

@@ -127,7 +127,9 @@ def main() -> int:
     identity = before_engine.identity()
     del before_engine
 
-    result = calibrate_model(model=args.model, data=args.val, out=target, report=args.out, train=args.train)
+    # The report's own calibrated bundle: regenerated on every run.
+    result = calibrate_model(model=args.model, data=args.val, out=target, report=args.out, train=args.train,
+                             overwrite=True)
     engine = load_engine(target)
     after = describe(engine, issue, engine.meta.get("ood"))
 

@@ -28,7 +28,9 @@ class PrepareDefaults:
 @dataclass(frozen=True)
 class TrainDefaults:
     data: Path = Path("data/prepared")
-    out: Path = Path("models/skinclf-mobilenet.keras")
+    # A new run goes to runs/, never over the bundled model in the package's models/ (whose
+    # ONNX form would then be stale); bundling a run is a deliberate copy (tools/train_bundled.sh).
+    out: Path = Path("runs/skinclf-mobilenet.keras")
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
@@ -118,6 +120,8 @@ class ExportDefaults:
 # Test-time augmentation: how many flips/rotations may be averaged (see `skinclf.inference`).
 TTA_CHOICES = (1, 2, 4, 8)
 
+
+@dataclass(frozen=True)
 class ServeDefaults:
     # Loopback only: the page has no authentication, so other machines must be let in on purpose.
     host: str = "127.0.0.1"
@@ -130,6 +134,17 @@ class ServeDefaults:
     max_file_mb: float = 25.0
     max_files: int = 64
     max_request_mb: float = 256.0
+    # Decoding is where a small upload can claim gigabytes (a 175 KB PNG of 8900x8900 16-bit
+    # pixels peaks near 1 GB while it decodes): at most this many images decode at once, holding
+    # at most this many pixels between them; one image over max_image_pixels is a row with an
+    # error (the same limit `predict` applies, data.images.MAX_PIXELS), a decode that does not fit
+    # waits up to decode_wait_s, then the request is answered 503 with Retry-After.
+    max_decodes: int = 2
+    max_image_pixels: int = 80_000_000
+    max_decode_pixels: int = 100_000_000
+    decode_wait_s: float = 30.0
+    # On Ctrl-C/SIGTERM, requests still running get this long before the server stops anyway.
+    shutdown_s: int = 10
 
 
 @dataclass(frozen=True)

@@ -119,13 +119,114 @@ def _check_can_create_in(folder: Path, option: str, target: Path) -> None:
         raise SkinclfError(f"{option} {target}: cannot write in {existing} (permission denied); choose another place")
 
 
-def check_output_file(path: Path, *, option: str = "--out", example: str = "results.csv") -> None:
-    """Refuse, before any work, an output file that could not be written: the path is a
-    folder, or its folder can neither be made nor written in."""
+def check_output_file(path: Path, *, option: str = "--out", example: str = "results.csv", kind: str | None = None,
+                      overwrite: bool = False) -> None:
+    """Refuse, before any work, an output file that could not be written (the path is a folder,
+    or its folder can neither be made nor written in) or must not be: an existing file that is
+    not this command's own earlier output of `kind` (see `check_replace`)."""
     path = Path(path)
     if path.is_dir():
         raise SkinclfError(f"{option} {path} is a folder: give a file name, e.g. {option} {path / example}")
     _check_can_create_in(path.parent, option, path)
+    if kind is not None:
+        check_replace(path, kind=kind, overwrite=overwrite, option=option)
+
+
+# --- never replace what the user needs ------------------------------------------------------
+# Each kind of output skinclf writes, and how an earlier one is recognised by its content (never
+# by its name alone: `--out scan.jpg` names an image, whatever the user meant). MODEL is never
+# recognised: a model file took hours to make, so replacing one always needs --overwrite.
+CSV, JSON, PNG, ONNX, MODEL = "predict CSV", "skinclf JSON report", "PNG picture", "skinclf ONNX export", "model"
+
+
+def _head(path: Path, size: int = 64 * 1024) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(size)
+    except OSError:
+        return b""
+
+
+def _is_predict_csv(path: Path) -> bool:
+    first = _head(path).split(b"\n", 1)[0].decode("utf-8", "replace").strip().split(",")
+    return first[:1] == ["path"] and "error" in first
+
+
+def _is_skinclf_json(path: Path) -> bool:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    for candidate in (text, text.split("\n", 1)[0]):  # a JSON document, or JSON lines (a run record)
+        try:
+            data = json.loads(candidate)
+        except ValueError:
+            continue
+        return isinstance(data, dict) and ("model" in data or "skinclf" in data)
+    return False
+
+
+def _is_skinclf_onnx(path: Path) -> bool:
+    # The bundle's metadata is stored under this key (see `skinclf.model.onnx_meta`).
+    try:
+        with open(path, "rb") as fh:
+            return b"skinclf.json" in fh.read()
+    except OSError:
+        return False
+
+
+_RECOGNISE = {
+    CSV: _is_predict_csv,
+    JSON: _is_skinclf_json,
+    # A picture skinclf drew carries a "Software: skinclf" text chunk: never a patient's PNG image.
+    PNG: lambda path: _head(path, 8) == b"\x89PNG\r\n\x1a\n" and b"skinclf" in _head(path, 4096),
+    ONNX: _is_skinclf_onnx,
+    MODEL: lambda path: False,
+}
+
+
+def is_own_output(path: Path, kind: str) -> bool:
+    """Whether the existing file at `path` is an earlier skinclf output of `kind`."""
+    return _RECOGNISE[kind](Path(path))
+
+
+def check_replace(path: Path, *, kind: str, overwrite: bool, option: str = "--out") -> None:
+    """Refuse to replace an existing file unless it is this command's own earlier output of
+    `kind` or `overwrite` says so. Called before any work, so nothing is lost and no time wasted."""
+    path = Path(path)
+    if overwrite or not (path.exists() or path.is_symlink()) or is_own_output(path, kind):
+        return
+    what = "a model" if kind == MODEL else f"not a {kind} written by skinclf"
+    raise SkinclfError(f"{option} {path} already exists and is {what}: refusing to replace it; choose another "
+                       f"path, or add --overwrite to replace it")
+
+
+def check_output_files(folder: Path, names: dict[str, str], *, overwrite: bool, option: str = "--out") -> None:
+    """`check_replace` for the files (name -> kind) a command writes into an output folder."""
+    for name, kind in names.items():
+        check_replace(Path(folder) / name, kind=kind, overwrite=overwrite, option=option)
+
+
+@contextlib.contextmanager
+def new_folders(path: Path) -> Iterator[Path]:
+    """Make the folder `path` (and missing parents); if the block fails, the folders it made are
+    removed again where they are still empty, so a failed run leaves no empty folder behind."""
+    path = Path(path)
+    made: list[Path] = []
+    probe = Path(os.path.abspath(path))
+    while not probe.exists() and probe != probe.parent:
+        made.append(probe)
+        probe = probe.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): keep it and everything above it
+                break
+        raise
 
 
 def check_output_dir(path: Path, *, option: str = "--out") -> None:

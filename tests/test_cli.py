@@ -38,9 +38,10 @@ def test_python_dash_m() -> None:
     assert done.returncode == 0 and done.stdout.strip() == f"skinclf {__version__}"
 
 
-def test_unknown_option_is_a_usage_error(runner) -> None:
+def test_unknown_option_is_one_line_and_exit_1(runner) -> None:
     result = runner.invoke(app, ["prepare", "--no-such-option"])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: No such option: --no-such-option") and result.output.count("\n") == 1
 
 
 def test_environmental_failure_is_one_line(runner, monkeypatch, tmp_path) -> None:

@@ -204,7 +204,9 @@ def test_an_interrupted_run_can_be_resumed_or_overwritten(small, tiny_bundle, tm
         predict_directory(directory=small, out=out, model=tiny_bundle, resume=True, show_progress=False)
     summary = predict_directory(directory=small, out=out, model=tiny_bundle, top_k=1, resume=True,
                                 show_progress=False)
-    assert summary.resumed == 1 and summary.classified == 2
+    # Written by hand (no record of its model, options and file): redone rather than trusted.
+    assert summary.resumed == 0 and summary.classified == 3
+    assert summary.redone == {"no record of what they were computed from": 1}
     partial.write_text("junk\n")
     predict_directory(directory=small, out=out, model=tiny_bundle, overwrite=True, show_progress=False)
     assert len(read(out)) == 3 and not partial.exists()
@@ -213,10 +215,12 @@ def test_an_interrupted_run_can_be_resumed_or_overwritten(small, tiny_bundle, tm
 def test_resuming_onto_a_file_that_is_not_a_csv(small, tiny_bundle, tmp_path) -> None:
     out = tmp_path / "notes.csv"
     out.write_bytes(b"\x89PNG\r\n\x1a\n not a csv at all")
-    with pytest.raises(SkinclfError, match="not a CSV written by skinclf predict; run without --resume to replace it"):
-        predict_directory(directory=small, out=out, model=tiny_bundle, resume=True, show_progress=False)
-    assert not (tmp_path / "notes.csv.partial").exists()
-    predict_directory(directory=small, out=out, model=tiny_bundle, show_progress=False)
+    for resume in (True, False):  # never replaced without --overwrite, resuming or not
+        with pytest.raises(SkinclfError, match="already exists and is not a predict CSV written by skinclf: refusing "
+                                               "to replace it; choose another path, or add --overwrite"):
+            predict_directory(directory=small, out=out, model=tiny_bundle, resume=resume, show_progress=False)
+    assert out.read_bytes().startswith(b"\x89PNG") and not (tmp_path / "notes.csv.partial").exists()
+    predict_directory(directory=small, out=out, model=tiny_bundle, overwrite=True, show_progress=False)
     assert len(read(out)) == 3
 
 
@@ -377,7 +381,7 @@ def test_resume_drops_rows_of_deleted_files_and_says_so(runner, small, tiny_bund
     result = runner.invoke(app, ["predict", str(small), "--out", str(out), "--model", str(tiny_bundle), "--resume"])
     assert result.exit_code == 0, result.output
     assert list(read(out)["path"]) == ["0.jpg", "2.jpg", "3.jpg"]
-    assert "3 files: 3 classified" in result.output and "1 rows dropped: their files are no longer in the folder" \
+    assert "3 files: 3 classified" in result.output and "1 row dropped: their files are no longer in the folder" \
         in result.output
 
 

@@ -14,7 +14,16 @@ import pytest
 from conftest import CLASS_COLOURS, CLASSES, lesion_image, make_tiny_bundle
 
 from skinclf.errors import SkinclfError
-from skinclf.model.outlier import WARNING, active_record, distances, feature_scores, fit_gaussian, flag, pack, unpack
+from skinclf.model.outlier import (
+    WARNING,
+    active_record,
+    distances,
+    feature_scores,
+    fit_gaussian,
+    flag,
+    pack,
+    unpack,
+)
 from skinclf.trust.ood import fit_feature_stats, fit_ood
 
 # --- the scores by hand -----------------------------------------------------------------------
@@ -84,9 +93,9 @@ def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def test_keras_engine_gives_logits_and_features_from_one_pass(conv_bundle) -> None:
+    from skinclf.backend import load_keras
     from skinclf.engines.load import load_engine
     from skinclf.model.bundle import load_bundle
-    from skinclf.backend import load_keras
 
     engine = load_engine(conv_bundle, engine="keras", batch_size=4)
     x = _images(5, 32)
@@ -190,7 +199,7 @@ def test_a_constructed_outlier_scores_above_in_distribution_images(conv_bundle) 
     z_held, _ = engine.forward(held)
     record = fit_ood(z_held, {"stripes": engine.forward(stripes)[0]}, pass_rate=0.9, inlier_features=f_held,
                      outlier_features={"stripes": f_out}, stats=stats, score="mahalanobis")
-    scores, flagged = flag(np.concatenate([z_held[:2], engine.logits(stripes)]), record,
+    _, flagged = flag(np.concatenate([z_held[:2], engine.logits(stripes)]), record,
                            np.concatenate([f_held[:2], f_out]))
     assert flagged.tolist() == [False, False, True, True] and record["fallback"]["score"] in ("energy", "max_logit",
                                                                                                 "max_prob")
@@ -331,7 +340,7 @@ def test_serve_flags_with_features_and_api_model_shows_test_figures_and_flag_rat
 class ConstantEngine:
     """The same probabilities whatever is covered: occlusion moves nothing."""
 
-    classes = ["a", "b"]
+    classes = ("a", "b")
     image_size = 32
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

@@ -256,18 +256,35 @@ def test_ensemble_fits_prior_correction_and_temperature_on_validation(prepared, 
     assert got == pytest.approx(_softmax((mean + expected_shift) / post["temperature"]), abs=1e-4)
 
 
-def test_ensemble_history_names_a_member(tmp_path) -> None:
+def test_ensemble_history_plots_its_members_curves_or_says_where_they_are(tmp_path) -> None:
+    import zipfile
+
     from typer.testing import CliRunner
 
     from skinclf.cli import app
+    from skinclf.model.bundle import load_bundle, save_bundle
 
     members = [_tiny_bundle(tmp_path / f"m{i}.keras", i) for i in range(2)]
     runner = CliRunner()
-    assert runner.invoke(app, ["ensemble", *map(str, members), "--out", str(tmp_path / "e.keras")]).exit_code == 0
+    assert runner.invoke(app, ["ensemble", *map(str, members), "--out", str(tmp_path / "bare.keras")]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "bare.keras"), "--history",
+                                 "--out", str(tmp_path / "h")])
+    # Members without curves: no command that needs files a clone lacks, the model card's figure instead.
+    assert result.exit_code == 1 and "an ensemble of 2 networks (m0.keras, m1.keras)" in result.output
+    assert "models/training_curves.png" in result.output and "runs/" not in result.output
+    assert "Traceback" not in result.output
+
+    history = [{"epoch": 1, "loss": 1.0, "val_loss": 1.2}, {"epoch": 2, "loss": 0.8, "val_loss": 1.1}]
+    with_history = load_bundle(members[0])
+    save_bundle(with_history.model, tmp_path / "h0.keras", {**with_history.meta, "history": history})
+    assert runner.invoke(app, ["ensemble", str(tmp_path / "h0.keras"), str(members[1]),
+                               "--out", str(tmp_path / "e.keras")]).exit_code == 0
+    meta = __import__("json").loads(zipfile.ZipFile(tmp_path / "e.keras").read("skinclf.json"))
+    assert meta["members"][0]["history"] == history
     result = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "e.keras"), "--history",
                                  "--out", str(tmp_path / "h")])
-    assert result.exit_code == 1 and "an ensemble of 2 networks (m0.keras, m1.keras)" in result.output
-    assert "skinclf evaluate --history --model runs/m0.keras" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "h" / "history.png").stat().st_size > 0
 
 
 def test_ensemble_fitting_needs_a_validation_folder(tmp_path) -> None:

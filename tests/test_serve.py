@@ -152,7 +152,9 @@ def test_healthz_and_model(client: TestClient) -> None:
     assert info["metrics"]["validation"]["balanced_accuracy"] == 0.4321
     assert "confusion_matrix" not in info["metrics"]["validation"]
     assert info["disclaimer"] == DISCLAIMER
-    assert info["limits"] == {"max_file_bytes": 25 * 1024 * 1024, "max_files": 64, "max_request_bytes": 256 * 1024 * 1024}
+    assert info["limits"] == {"max_file_bytes": 25 * 1024 * 1024, "max_files": 64, "max_request_bytes": 256 * 1024 * 1024,
+                              "max_decodes": 2, "max_image_pixels": 80_000_000, "max_decode_pixels": 100_000_000,
+                              "decode_wait_s": 30.0}
     assert info["columns"] == columns(TINY_CLASSES, 3, False)
 
 

@@ -23,17 +23,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from skinclf.data.layout import list_labelled_images  # noqa: E402
-from skinclf.engines.keras import KerasEngine  # noqa: E402
-from skinclf.metrics import balanced_accuracy  # noqa: E402
-from skinclf.model.bundle import load_bundle, save_bundle  # noqa: E402
-from skinclf.model.outlier import flag  # noqa: E402
-from skinclf.trust.calibrate import folder_outputs  # noqa: E402
+from skinclf.data.layout import list_labelled_images
+from skinclf.engines.keras import KerasEngine
+from skinclf.metrics import balanced_accuracy
+from skinclf.model.bundle import load_bundle, save_bundle
+from skinclf.model.outlier import flag
+from skinclf.trust.calibrate import folder_outputs
 
 
 def figures(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
     pred = logits.argmax(axis=1)
-    out = {"n": int(len(labels)), "accuracy": round(float(np.mean(pred == labels)), 6),
+    out = {"n": len(labels), "accuracy": round(float(np.mean(pred == labels)), 6),
            "balanced_accuracy": round(float(balanced_accuracy(labels, pred)), 6)}
     if "mel" in classes:
         m = classes.index("mel")

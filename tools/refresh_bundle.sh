@@ -34,7 +34,7 @@ if [ "${1:-}" != "--from-bundled" ]; then
   # Prior correction, the melanoma decision weight and the temperature are fitted or chosen on
   # the validation split (model card: the weight is the largest validation balanced accuracy
   # with melanoma recall >= 0.75).
-  skinclf ensemble runs/exp10.keras runs/exp02.keras --out "$model" --val data/prepared/val \
+  skinclf ensemble runs/exp10.keras runs/exp02.keras --out "$model" --overwrite --val data/prepared/val \
     --prior-correction fit --decision-weight mel=1.75 --calibrate
 fi
 # Step 2 starts here with --from-bundled: everything below reads only models/skinclf-mobilenet.keras.

@@ -12,11 +12,20 @@ import csv
 import io
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from skinclf.batch.results import header_options
+from skinclf.batch.results import header_options, sidecar_path
+from skinclf.batch.resume import (
+    FileKey,
+    RowRecord,
+    read_finished_record,
+    read_partial_record,
+    record_path,
+    still_valid,
+)
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path
 
@@ -65,7 +74,8 @@ def _mismatch(source: Path, old: list[str], new: list[str], finished: bool) -> S
 
 @dataclass
 class CsvOutput:
-    """An open predict CSV: `done` holds the paths already written (when resuming)."""
+    """An open predict CSV: `done` holds the paths already written (when resuming), `redone` why
+    rows of the earlier run were not kept; `record` notes what each row was computed from."""
 
     sink: TextIO
     partial: Path | None = None
@@ -74,26 +84,37 @@ class CsvOutput:
     dropped: list[str] = field(default_factory=list)
     created: bool = False  # this run created the .partial file
     written: int = 0
+    record: RowRecord | None = None
+    files: dict[str, FileKey | None] = field(default_factory=dict)
+    redone: Counter = field(default_factory=Counter)
 
     def write(self, rows: list[list[str]]) -> None:
         csv.writer(self.sink, lineterminator="\n").writerows(rows)
         self.sink.flush()
         self.written += len(rows)
+        if self.record is not None:  # after the rows: a row without a record is redone, never the reverse
+            self.record.add({r[0]: self.files.get(r[0]) for r in rows})
 
     def abandon(self) -> None:
         """Close after a failure; a `.partial` this run created and never wrote a row to is removed."""
         if self.partial is None:
             return
         self.sink.close()
-        if self.created and not self.written:
+        unused = self.created and not self.written
+        if self.record is not None:
+            self.record.close(remove=unused)
+        if unused:
             self.partial.unlink(missing_ok=True)
 
     def finish(self) -> list[list[str]]:
-        """Sort the rows by path, move `.partial` onto the target; returns the rows (header first)."""
+        """Sort the rows by path, move `.partial` onto the target; returns the rows (header first).
+        The record stays until `forget_record`, once the sidecar holds it."""
         if self.partial is None:
             return []
         os.fsync(self.sink.fileno())
         self.sink.close()
+        if self.record is not None:
+            self.record.close()
         lines = _read_lines(self.partial)
         rows = sorted(lines[1:], key=lambda r: r[0])
         if rows != lines[1:]:
@@ -101,22 +122,31 @@ class CsvOutput:
         os.replace(self.partial, self.target)
         return [lines[0], *rows]
 
+    def forget_record(self) -> None:
+        if self.record is not None:
+            self.record.path.unlink(missing_ok=True)
 
-def _resume_rows(target: Path, partial: Path, header: list[str], keep: set[str]) -> tuple[list[list[str]], list[str]]:
-    """The rows to keep from an interrupted run (or a finished CSV), and the paths dropped
-    because they are no longer in the folder. Raises, creating nothing, if the file does not fit."""
+
+def _resume_rows(target: Path, partial: Path, header: list[str], *, run: dict,
+                 files: dict[str, FileKey | None]) -> tuple[list[list[str]], list[str], Counter]:
+    """The rows to keep from an interrupted run (or a finished CSV), the paths dropped because
+    they are no longer in the folder, and why other rows are redone (see `skinclf.batch.resume`).
+    Raises, creating nothing, if the file does not fit."""
     source = partial if partial.exists() else target
     lines = _read_lines(source)
     if not lines or lines[0] != header:
         raise _mismatch(source, lines[0] if lines else [], header, finished=source == target)
-    rows = [r for r in lines[1:] if r[0] in keep]
-    return rows, sorted(r[0] for r in lines[1:] if r[0] not in keep)
+    was, keys = read_partial_record(target) if source == partial else read_finished_record(target, sidecar_path(target))
+    kept, redone = still_valid(lines[1:], was=was, keys=keys, now=run, current=files)
+    return kept, sorted(r[0] for r in lines[1:] if r[0] not in files), redone
 
 
-def open_output(out: Path | None, header: list[str], *, resume: bool, overwrite: bool, keep: set[str]) -> CsvOutput:
-    """Open the CSV for this run (`out` None: stdout). With `resume`, rows already written for
-    paths in `keep` are kept (rows of other paths are dropped and listed); `overwrite` discards
-    an interrupted run's `.partial`."""
+def open_output(out: Path | None, header: list[str], *, resume: bool, overwrite: bool,
+                files: dict[str, FileKey | None], run: dict) -> CsvOutput:
+    """Open the CSV for this run (`out` None: stdout). `files` maps each file to classify to its
+    key (`resume.file_key`) and `run` is `resume.run_record`. With `resume`, rows still valid
+    for them are kept (rows of other paths are dropped and listed, stale rows are redone);
+    `overwrite` discards an interrupted run's `.partial`."""
     if out is None:
         sink = CsvOutput(sink=sys.stdout)
         sink.write([header])
@@ -124,11 +154,13 @@ def open_output(out: Path | None, header: list[str], *, resume: bool, overwrite:
     partial = partial_path(out)
     if overwrite:
         partial.unlink(missing_ok=True)
+        record_path(out).unlink(missing_ok=True)
     rows: list[list[str]] = []
     dropped: list[str] = []
+    redone: Counter = Counter()
     if resume and (partial.exists() or out.exists()):
         created = not partial.exists()  # continuing a finished CSV: add new files
-        rows, dropped = _resume_rows(out, partial, header, keep)
+        rows, dropped, redone = _resume_rows(out, partial, header, run=run, files=files)
         _write_lines(partial, [header, *rows])  # also cuts a torn last line
     elif partial.exists():
         count = max(0, len(_read_lines(partial)) - 1)
@@ -137,7 +169,7 @@ def open_output(out: Path | None, header: list[str], *, resume: bool, overwrite:
     else:
         created = True
         _write_lines(partial, [header])
+    record = RowRecord(out, run, {r[0]: files.get(r[0]) for r in rows})
     sink = open(partial, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed by finish/abandon
-    output = CsvOutput(sink=sink, partial=partial, target=out, done={r[0] for r in rows}, dropped=dropped,
-                       created=created)
-    return output
+    return CsvOutput(sink=sink, partial=partial, target=out, done={r[0] for r in rows}, dropped=dropped,
+                     created=created, record=record, files=files, redone=redone)

@@ -11,7 +11,7 @@ an `error`, and the batch goes on; an image the model cannot judge well gets a `
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,14 @@ import numpy as np
 
 from skinclf import __version__, ui
 from skinclf.batch.output import open_output, partial_path
-from skinclf.batch.results import DISCLAIMER, columns, row, sidecar_path
+from skinclf.batch.results import DISCLAIMER, class_names, columns, row, sidecar_path
+from skinclf.batch.resume import file_key, record_path, run_record, sidecar_record
 from skinclf.config import PREDICT, TTA_CHOICES
 from skinclf.data.images import IMAGE_EXTENSIONS
 from skinclf.data.layout import default_model_path
 from skinclf.data.walk import Walk, walk_images
-from skinclf.errors import SkinclfError
-from skinclf.files import atomic_write_json, check_output_file
+from skinclf.errors import Interrupted, SkinclfError
+from skinclf.files import CSV, JSON, atomic_write_json, check_output_file
 from skinclf.options import at_least, one_of
 
 
@@ -46,6 +47,7 @@ class PredictSummary:
     warnings: int = 0  # classified rows with a warning
     dropped: int = 0  # rows of a resumed CSV whose files are no longer in the folder
     unlike_training: int = 0  # images flagged by the model's out-of-distribution threshold (warnings)
+    redone: dict[str, int] = field(default_factory=dict)  # rows of a resumed CSV reclassified, by reason
 
     @property
     def images_per_second(self) -> float:
@@ -86,8 +88,10 @@ def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, worke
             raise SkinclfError("--resume needs a file for --out, not stdout")
         return None
     target = Path(out)
-    for path in (target, partial_path(target), sidecar_path(target)):
-        check_output_file(path, example="results.csv")
+    # Never over an image, a model or anything else the user has: only an earlier predict output.
+    for path, kind in ((target, CSV), (partial_path(target), CSV), (sidecar_path(target), JSON),
+                       (record_path(target), JSON)):
+        check_output_file(path, example="results.csv", kind=kind, overwrite=overwrite)
     return target
 
 
@@ -105,6 +109,13 @@ def _count(lines: list[list[str]], header: list[str]) -> tuple[int, int]:
     return sum(1 for r in lines if r[error]), sum(1 for r in lines if r[warning])
 
 
+def _active(runner) -> dict[str, Any] | None:
+    """The model's OOD record this engine can score (a feature score needs its features)."""
+    from skinclf.model.outlier import active_record
+
+    return active_record(runner.meta.get("ood"), runner.features_dim > 0)
+
+
 def _ood_note(ood: dict[str, Any] | None, flagged: int) -> dict[str, Any]:
     """What the ood_score column means for this model, for the sidecar."""
     if not ood:
@@ -114,6 +125,80 @@ def _ood_note(ood: dict[str, Any] | None, flagged: int) -> dict[str, Any]:
     return {"score": ood["score"], "threshold": ood["threshold"], "pass_rate": ood.get("pass_rate"),
             "fitted_on": ood.get("fitted_on"), "flagged": flagged,
             "note": "ood_score above the threshold: the image is unlike the training images (warning column)"}
+
+
+@dataclass
+class _Tally:
+    """Rows with an error, with a warning, and flagged unlike the training images."""
+
+    errors: int = 0
+    warned: int = 0
+    unlike: int = 0
+
+    def add(self, rows: list[list[str]], header: list[str]) -> None:
+        from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
+
+        errors, warned = _count(rows, header)
+        warning = header.index("warning")
+        self.errors += errors
+        self.warned += warned
+        self.unlike += sum(1 for r in rows if UNLIKE_TRAINING in r[warning])
+
+
+def _load(model: Path | None, *, engine: str, batch_size: int, threads: int, tta: int, top_k: int | None):
+    """The engine, ready to run (prepared once, before the clock of the images/s figure starts),
+    the top-k it will write, and the seconds that took."""
+    from skinclf.engines.load import load_engine
+    from skinclf.engines.runner import engine_tta
+
+    started = time.perf_counter()
+    runner = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size, threads=threads or None)
+    top_k = _top_k(top_k, runner.classes)
+    size = runner.image_size
+    engine_tta(runner, tta)(np.zeros((1, size, size, 3), dtype="float32"))
+    return runner, top_k, time.perf_counter() - started
+
+
+def _merged(pending: list[list[str]], rows: list[list[str]], *, last: bool = False) -> list[list[str]]:
+    """`rows` (in path order) with the rows of unreadable places that sort before their last path
+    (all of them if `last`) taken from `pending`, so even a streamed CSV comes out sorted."""
+    until = None if last or not rows else rows[-1][0]
+    take = [p for p in pending if until is None or p[0] < until]
+    del pending[: len(take)]
+    return sorted([*take, *rows], key=lambda r: r[0])
+
+
+def _classify(runner, output, *, directory: Path, todo: list[str], problems: list[list[str]], top_k: int,
+              all_probs: bool, batch_size: int, workers: int, tta: int, show_progress: bool | None) -> _Tally:
+    """Classify `todo` into `output` batch by batch; returns the tally of the rows written."""
+    from skinclf.engines.runner import predict_files
+    from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
+    from skinclf.model.outlier import flag
+
+    classes, ood, header = runner.classes, _active(runner), columns(runner.classes, top_k, all_probs)
+    tally, pending = _Tally(), sorted(problems, key=lambda r: r[0])
+    t0 = time.perf_counter()
+    with ui.progress(enabled=show_progress) as progress:
+        task = progress.add_task("Classifying", total=len(todo), rate="")
+        count = 0
+        for batch in predict_files(runner, [directory / f for f in todo], image_size=runner.image_size,
+                                   batch_size=batch_size, workers=workers, tta=tta):
+            scores, flagged = flag(batch.logits, ood, batch.features)
+            rows = []
+            for path, probs, error, notes, score, odd in zip(batch.paths, batch.probs, batch.errors,
+                                                             batch.warnings, scores, flagged):
+                notes = [*notes, UNLIKE_TRAINING] if odd and error is None else notes
+                rows.append(row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs,
+                                notes, ood_score=score))
+            written = _merged(pending, rows)
+            output.write(written)
+            tally.add(written, header)
+            count += len(rows)
+            progress.update(task, advance=len(rows), rate=ui.rate_text(count, time.perf_counter() - t0))
+    rest = _merged(pending, [], last=True)
+    output.write(rest)
+    tally.add(rest, header)
+    return tally
 
 
 def predict_directory(
@@ -143,86 +228,73 @@ def predict_directory(
                             overwrite=overwrite, threads=threads)
     directory = Path(directory)
     found = list_images(directory, recursive=recursive)
-
-    from skinclf.engines.load import load_engine
-    from skinclf.engines.runner import engine_tta, predict_files
-    from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
-    from skinclf.model.outlier import active_record, flag
     from skinclf.parallel import usable_cpus
 
-    started = time.perf_counter()
-    runner = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size, threads=threads or None)
-    classes = runner.classes
-    top_k = _top_k(top_k, classes)
-    ood = active_record(runner.meta.get("ood"), runner.features_dim > 0)  # what this engine can score
-    # Prepare and run the engine once, before the clock of the images/s figure starts.
-    size = runner.image_size
-    engine_tta(runner, tta)(np.zeros((1, size, size, 3), dtype="float32"))
-    workers = workers or usable_cpus()
-    startup = time.perf_counter() - started
-    header = columns(classes, top_k, all_probs)
-
-    output = open_output(target, header, resume=resume, overwrite=overwrite, keep=set(found.files))
-    problems = {p.path for p in found.problems}
+    runner, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k)
+    header = columns(runner.classes, top_k, all_probs)
+    run = run_record(identity=runner.identity(), engine=runner.name, top_k=top_k, all_probs=all_probs, tta=tta,
+                     directory=directory)
+    files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
+    output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run)
     todo = [f for f in found.files if f not in output.done]
-    errors = warned = unlike = 0  # this run's rows; recounted over the whole file at the end
+    problems = [row(p.path, None, p.reason, runner.classes, top_k, all_probs) for p in found.problems]
     t0 = time.perf_counter()
     try:
-        output.write([row(p.path, None, p.reason, classes, top_k, all_probs) for p in found.problems])
-        with ui.progress(enabled=show_progress) as progress:
-            task = progress.add_task("Classifying", total=len(todo), rate="")
-            count = 0
-            for batch in predict_files(runner, [directory / f for f in todo], image_size=size,
-                                       batch_size=batch_size, workers=workers, tta=tta):
-                scores, flagged = flag(batch.logits, ood, batch.features)
-                rows = []
-                for path, probs, error, notes, score, odd in zip(batch.paths, batch.probs, batch.errors,
-                                                                 batch.warnings, scores, flagged):
-                    notes = [*notes, UNLIKE_TRAINING] if odd and error is None else notes
-                    rows.append(row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs,
-                                    notes, ood_score=score))
-                output.write(rows)
-                batch_errors, batch_warned = _count(rows, header)
-                errors, warned = errors + batch_errors, warned + batch_warned
-                count += len(rows)
-                progress.update(task, advance=len(rows), rate=ui.rate_text(count, time.perf_counter() - t0))
+        tally = _classify(runner, output, directory=directory, todo=todo, problems=problems, top_k=top_k,
+                          all_probs=all_probs, batch_size=batch_size, workers=workers or usable_cpus(), tta=tta,
+                          show_progress=show_progress)
     except KeyboardInterrupt:
         output.abandon()
         if output.partial is not None and output.partial.exists():
-            ui.stderr.print(f"Interrupted: finished rows are in {output.partial}; run again with --resume to complete it.")
+            raise Interrupted(f"finished rows are in {output.partial}; run again with --resume to complete it") from None
         raise
     except BaseException:
         output.abandon()
         raise
     seconds = time.perf_counter() - t0
-    lines = output.finish()
-    if lines:
-        errors, warned = _count(lines[1:], header)
-        warning = header.index("warning")
-        unlike = sum(1 for r in lines[1:] if UNLIKE_TRAINING in r[warning])
-        _write_sidecar(target, bundle=runner, directory=directory, files=len(found.files), errors=errors,
-                       warnings=warned, options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive,
-                                                 "tta": tta, "engine": runner.name}, ood=_ood_note(ood, unlike))
+    if target is not None:
+        tally = _finish(output, runner=runner, directory=directory, header=header, files=len(found.files), run=run,
+                        options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive, "tta": tta,
+                                 "engine": runner.name})
+    problem_paths = {p.path for p in found.problems}
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
-                             errors=errors, seconds=seconds, model=runner.identity(), startup_seconds=startup,
-                             unreadable=len(problems), warnings=warned,
-                             dropped=len([p for p in output.dropped if p not in problems]), unlike_training=unlike)
-    if strict and errors:
+                             errors=tally.errors, seconds=seconds, model=runner.identity(), startup_seconds=startup,
+                             unreadable=len(problem_paths), warnings=tally.warned,
+                             dropped=len([p for p in output.dropped if p not in problem_paths]),
+                             unlike_training=tally.unlike, redone=dict(output.redone))
+    if strict and tally.errors:
         raise SkinclfError(_strict_message(summary, out))
     return summary
 
 
+def _finish(output, *, runner, directory: Path, header: list[str], files: int, run: dict,
+            options: dict[str, Any]) -> _Tally:
+    """Move the CSV into place and write its sidecar; returns the tally over every row (kept ones too)."""
+    lines = output.finish()
+    tally = _Tally()
+    tally.add(lines[1:], header)
+    resume = sidecar_record(target=output.target, run=run, keys=output.record.keys, paths=[r[0] for r in lines[1:]],
+                            kept=len(output.done), redone=output.redone)
+    _write_sidecar(output.target, bundle=runner, directory=directory, files=files, errors=tally.errors,
+                   warnings=tally.warned, options=options, ood=_ood_note(_active(runner), tally.unlike),
+                   resume=resume)
+    output.forget_record()
+    return tally
+
+
 def _strict_message(summary: PredictSummary, out: Path | str) -> str:
     where = f"see the error column of {out}"
-    if not summary.unreadable:
-        return f"{summary.errors} of {summary.files} files could not be classified ({where})"
     failed = summary.errors - summary.unreadable
-    return (f"{summary.errors} rows are errors: {failed} of {summary.files} files could not be classified and "
-            f"{summary.unreadable} folders or links could not be read, so their images are missing ({where})")
+    if not summary.unreadable:
+        return f"{failed} of {summary.files} files could not be classified ({where})"
+    rows = "1 row is an error" if summary.errors == 1 else f"{summary.errors} rows are errors"
+    places = "1 folder or link" if summary.unreadable == 1 else f"{summary.unreadable} folders or links"
+    return (f"{rows}: {failed} of {summary.files} files could not be classified and {places} could not be read, "
+            f"so their images are missing ({where})")
 
 
 def _write_sidecar(target: Path, *, bundle, directory: Path, files: int, errors: int, warnings: int,
-                   options: dict[str, Any], ood: dict[str, Any]) -> None:
+                   options: dict[str, Any], ood: dict[str, Any], resume: dict[str, Any]) -> None:
     atomic_write_json(sidecar_path(target), {
         "note": DISCLAIMER,
         "model": bundle.identity(),
@@ -234,4 +306,6 @@ def _write_sidecar(target: Path, *, bundle, directory: Path, files: int, errors:
         "errors": errors,
         "warnings": warnings,
         "ood": ood,
+        "classes": class_names(bundle.classes),
+        "resume": resume,
     })

@@ -30,6 +30,22 @@ DISCLAIMER = (
 
 WARNING_SEPARATOR = "; "
 
+# What the HAM10000 class abbreviations stand for (as in models/README.md), for the sidecar.
+CLASS_NAMES = {
+    "akiec": "actinic keratosis / Bowen's disease",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
+}
+
+
+def class_names(classes: Sequence[str]) -> dict[str, str]:
+    """Each of a model's classes and what it stands for (a class of a custom model: itself)."""
+    return {c: CLASS_NAMES.get(c, c) for c in classes}
+
 
 def columns(classes: Sequence[str], top_k: int, all_probs: bool) -> list[str]:
     """The CSV header for a model's classes."""

@@ -16,20 +16,76 @@ import typer
 from rich.console import Console
 
 from skinclf import __version__
-from skinclf.errors import SkinclfError
+from skinclf.errors import Interrupted, SkinclfError
+
+# What an option's value looks like in help when it names none itself: never `<int>`, `<path>`.
+_METAVARS = {"int": "N", "float": "X", "Path": "PATH", "str": "TEXT", "bool": ""}
+
+
+def _plain_help(params: list) -> list:
+    """Give every parameter a plain metavar (`N`, `PATH`, none for a flag) and drop the type
+    column typer adds after an argument's name (`DIR <path>`, `MODEL <list[Path]>`)."""
+    for param in params:
+        if param.param_type_name == "argument":
+            if param.metavar is None:
+                param.metavar = param.name.upper()
+            param.display_type_rich = lambda ctx: None
+        elif param.metavar is None:
+            flag = getattr(param, "is_flag", False) or getattr(param, "count", False)
+            kind = param.bare_type() if hasattr(param, "bare_type") else ""
+            param.metavar = "" if flag else _METAVARS.get(kind.removeprefix("Optional[").rstrip("]"), "VALUE")
+    return params
 
 
 class Command(typer.core.TyperCommand):
-    """Help without type noise: no `<bool>` beside --help, `DIR` rather than `{DIR}` in usage."""
+    """Help without type noise: no `<bool>`, `<int>`, `<path>`; `DIR` rather than `{DIR}` in usage."""
 
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
+    def get_params(self, ctx) -> list:
+        return _plain_help(super().get_params(ctx))
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         return [piece.replace("{", "").replace("}", "") for piece in super().collect_usage_pieces(ctx)]
+
+
+def _one_line(exc: Exception) -> str:
+    """A click usage error as one line, with where to read more."""
+    ctx = getattr(exc, "ctx", None)
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    message = " ".join(message.split())
+    where = f"; see {ctx.command_path} --help" if ctx is not None else ""
+    return f"Error: {message.rstrip('.')}{where}"
+
+
+class Group(typer.core.TyperGroup):
+    """The root: the same plain help, and argument errors (missing argument, bad value, unknown
+    option or command) as one line `Error: ...` on stderr with exit status 1, as every other error."""
+
+    def get_params(self, ctx) -> list:
+        return _plain_help(super().get_params(ctx))
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        import sys
+
+        from typer import _click as click
+
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `skinclf` alone: the help, not an error
+            typer.echo(exc.ctx.get_help())
+            code = 0
+        except click.exceptions.ClickException as exc:
+            if not standalone_mode:
+                raise
+            typer.echo(_one_line(exc), err=True)
+            code = 1
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("Interrupted.", err=True)
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(
@@ -40,6 +96,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
+    cls=Group,
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -95,9 +152,15 @@ def user_errors() -> Iterator[None]:
             raise
         typer.echo(f"Error: {message}", err=True)
         raise typer.Exit(1) from None
+    except Interrupted as exc:  # the library says what to do next
+        typer.echo(f"Interrupted: {exc.hint}", err=True)
+        raise typer.Exit(130) from None
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # `skinclf predict DIR --out - | head`: the reader has all it wanted
+        _quiet_stdout()
+        raise typer.Exit(141) from None
     except MemoryError:
         typer.echo("Error: out of memory; try a smaller --batch-size", err=True)
         raise typer.Exit(1) from None
@@ -105,6 +168,19 @@ def user_errors() -> Iterator[None]:
         where = f": {exc.filename}" if exc.filename else ""
         typer.echo(f"Error: {exc.strerror or exc}{where}", err=True)
         raise typer.Exit(1) from None
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again (and print a
+    traceback) on the closed pipe; 141 is the status a shell gives a process ended by SIGPIPE."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test runner's buffer)
+        pass
 
 
 def examples(*lines: str) -> str:

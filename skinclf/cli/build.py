@@ -27,7 +27,8 @@ from skinclf.config import CALIBRATE, ENSEMBLE, EXPORT, TRAIN
 )
 def train(
     data: Path = typer.Option(TRAIN.data, "--data", metavar="PATH", help="Prepared data with train/ and val/ class folders."),
-    out_model: Path = typer.Option(TRAIN.out, "--out", metavar="PATH", help="Model bundle to write (.keras)."),
+    out_model: Path = typer.Option(TRAIN.out, "--out", metavar="PATH", help="Model bundle to write (.keras); an "
+                                   "existing one is replaced only with --overwrite."),
     epochs: int = typer.Option(TRAIN.epochs, "--epochs", metavar="N", help="Maximum number of epochs."),
     batch_size: int = typer.Option(TRAIN.batch_size, "--batch-size", metavar="N", help="Images per training step."),
     lr: float = typer.Option(TRAIN.lr, "--lr", metavar="X", help="Initial learning rate (Adam); halved on plateaus down to 1e-5."),
@@ -104,6 +105,9 @@ def train(
         None, "--run-dir", metavar="PATH", help="Checkpoints, history and feature cache [default: runs/<model name>]."
     ),
     resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the interrupted run in --run-dir."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", metavar="", help="Replace an existing --out model and start --run-dir's checkpoints over."
+    ),
 ) -> None:
     """Fine-tune ImageNet MobileNet (1.0, 224) on the prepared images, class-weighted and augmented.
 
@@ -123,7 +127,7 @@ def train(
             crop_scale=crop_scale, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
             train_size=train_size, fixres_epochs=fixres_epochs, colour_constancy=colour_constancy,
             prior_correction=prior_correction, calibrate=calibrate, workers=workers, run_dir=run_dir,
-            resume=resume,
+            resume=resume, overwrite=overwrite,
         )
     val = result.val_metrics
     mel = val.get("melanoma", {}).get("at_decision", {})
@@ -149,10 +153,11 @@ def train(
 )
 def export(
     model: Optional[Path] = typer.Argument(None, help="Model bundle (.keras) [default: the bundled model]."),
-    fmt: str = typer.Option(
-        EXPORT.format, "--format", metavar="FORMAT",
+    fmt: Optional[str] = typer.Option(
+        None, "--format", metavar="FORMAT",
         help="onnx (float32), onnx-int8 (static int8, calibrated), tflite (float32) or tfjs (not available: its "
-        "converter cannot be installed beside TensorFlow 2.21 / Keras 3).",
+        "converter cannot be installed beside TensorFlow 2.21 / Keras 3) [default: what --out's suffix names, "
+        f"else {EXPORT.format}].",
     ),
     out_path: Optional[Path] = typer.Option(
         None, "--out", help="File to write [default: beside the model: .onnx, .int8.onnx or .tflite]."
@@ -170,6 +175,7 @@ def export(
         EXPORT.validation, "--validation",
         help="onnx-int8: labelled folder to compare int8 and float balanced accuracy on (skipped if absent).",
     ),
+    overwrite: options.Overwrite = False,
 ) -> None:
     """Convert a model bundle to ONNX (float32 or int8) or TensorFlow Lite, checked before it is written.
 
@@ -183,7 +189,7 @@ def export(
         from skinclf.engines.export import export_model
 
         result = export_model(model=model, format=fmt, out=out_path, probes=probes, calibration=calibration,
-                              calibration_images=calibration_images, validation=validation)
+                              calibration_images=calibration_images, validation=validation, overwrite=overwrite)
     line = (f"Wrote {result.out} ({result.format}, {result.size_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
             f"max abs difference of probabilities from Keras {result.max_abs_diff:.2g} on {result.probes} probe images")
     if result.top1_agreement is not None:
@@ -217,6 +223,7 @@ def ensemble(
     calibrate: bool = typer.Option(ENSEMBLE.calibrate, "--calibrate/--no-calibrate", metavar="",
                                    help="Fit a temperature on --val (changes no decision)."),
     workers: int = typer.Option(ENSEMBLE.workers, "--workers", metavar="N", help="Image-decoding threads for --val."),
+    overwrite: options.Overwrite = False,
 ) -> None:
     """Average trained bundles (other seeds, crops or recipes) into one bundle: the softmax of the
     mean of their logits (a geometric mean of their probabilities).
@@ -229,7 +236,8 @@ def ensemble(
         from skinclf.training.ensemble import ensemble_bundles
 
         meta = ensemble_bundles(members=members, out=out_model, val=val, prior_correction=prior_correction,
-                                decision_weight=decision_weight, calibrate=calibrate, workers=workers)
+                                decision_weight=decision_weight, calibrate=calibrate, workers=workers,
+                                overwrite=overwrite)
     fitted = meta.get("metrics", {}).get("validation")
     summary = f"; validation balanced accuracy {fitted['balanced_accuracy']:.3f}" if fitted else ""
     out.print(f"Wrote {out_model}: the mean of {len(meta['members'])} models over {', '.join(meta['classes'])}"
@@ -262,6 +270,7 @@ def calibrate(
                                "features' class means and covariance for the Mahalanobis scores."),
     batch_size: options.BatchSize = CALIBRATE.batch_size,
     workers: options.Workers = CALIBRATE.workers,
+    overwrite: options.Overwrite = False,
 ) -> None:
     """Refit a bundle's temperature (confidence) and its 'unlike the training images' threshold on a
     labelled folder, so probabilities mean what they say and odd inputs are flagged.
@@ -276,7 +285,8 @@ def calibrate(
         from skinclf.trust.calibrate import calibrate_model
 
         result = calibrate_model(model=model, data=data, out=out_model, report=report, pass_rate=pass_rate,
-                                 ood_score=ood_score, train=train, batch_size=batch_size, workers=workers)
+                                 ood_score=ood_score, train=train, batch_size=batch_size, workers=workers,
+                                 overwrite=overwrite)
     cal, ood = result.calibration, result.ood
     table = Table(title=f"Calibration on {cal['fitted_on']} ({cal['images']} images)")
     for column in ("", "ECE (15 bins)", "NLL", "Brier"):

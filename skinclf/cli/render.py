@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from rich.table import Table
 
 from skinclf.cli.app import out
@@ -71,21 +73,30 @@ def render_seen(seen: dict | None) -> None:
         out.print("[yellow]No scored image is held out: these figures say little about new patients.[/yellow]")
 
 
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """'1 error', '2 errors', '1 folder or link' ..."""
+    return f"{count} {noun if count == 1 else (many or noun + 's')}"
+
+
 def predict_summary(summary) -> str:
     """One line: what was classified, what failed, what deserves caution, what was kept or dropped."""
-    classified = summary.files - (summary.errors - summary.unreadable)
-    parts = [f"{summary.files} files: {classified} classified, {summary.errors - summary.unreadable} errors"]
+    from skinclf.batch.resume import redone_text
+
+    failed = summary.errors - summary.unreadable
+    parts = [f"{plural(summary.files, 'file')}: {summary.files - failed} classified, {plural(failed, 'error')}"]
     if summary.unreadable:
-        parts.append(f"{summary.unreadable} folders or links could not be read (rows with an error; their images "
-                     "are missing)")
+        parts.append(f"{plural(summary.unreadable, 'folder or link', 'folders or links')} could not be read (rows "
+                     "with an error; their images are missing)")
     if summary.warnings:
         parts.append(f"{summary.warnings} with warnings (see the warning column)")
     if summary.unlike_training:
         parts.append(f"{summary.unlike_training} unlike the training images (check they are dermoscopic images)")
     if summary.resumed:
-        parts.append(f"{summary.resumed} rows kept from the earlier run")
+        parts.append(f"{plural(summary.resumed, 'row')} kept from the earlier run")
+    if getattr(summary, "redone", None):
+        parts.append(redone_text(Counter(summary.redone)))
     if summary.dropped:
-        parts.append(f"{summary.dropped} rows dropped: their files are no longer in the folder")
+        parts.append(f"{plural(summary.dropped, 'row')} dropped: their files are no longer in the folder")
     return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s ({summary.model.get('engine', 'keras')} "
             f"engine) after {summary.startup_seconds:.1f} s start-up"
             + (f"; wrote {summary.out}" if summary.out else "") + ". Decision support, not a diagnosis.")

@@ -50,6 +50,7 @@ def evaluate(
     engine: options.Engine = EVALUATE.engine,
     threads: options.Threads = EVALUATE.threads,
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the report as JSON on stdout (no tables)."),
+    overwrite: options.Overwrite = False,
 ) -> None:
     """Confusion matrix, per-class precision/recall/F1, balanced accuracy, top-k accuracy, ROC-AUC,
     melanoma sensitivity/specificity, and training curves.
@@ -62,7 +63,7 @@ def evaluate(
 
         result = run_evaluation(model=model, data=data, out=out_dir, predictions=predictions, truth=truth,
                                 history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta,
-                                split=split, engine=engine, threads=threads)
+                                split=split, engine=engine, threads=threads, overwrite=overwrite)
     if not result.report:  # --history: only the curves
         out.print("Wrote " + ", ".join(str(p) for p in result.files))
         return
@@ -100,7 +101,9 @@ def predict(
         False, "--resume", metavar="", help="Continue an interrupted run (same options): skip files already in the CSV."
     ),
     overwrite: bool = typer.Option(
-        False, "--overwrite", metavar="", help="Start over, discarding the rows of an interrupted run (`CSV.partial`)."
+        False, "--overwrite", metavar="",
+        help="Start over, discarding the rows of an interrupted run (`CSV.partial`); also needed to replace a file "
+        "that is not an earlier predict CSV.",
     ),
     strict: options.Strict = False,
     tta: options.Tta = 1,
@@ -191,6 +194,7 @@ def explain(
     max_side: int = typer.Option(EXPLAIN.max_side, "--max-side", help="Longest side of the picture's panels."),
     batch_size: options.BatchSize = EXPLAIN.batch_size,
     strict: options.Strict = False,
+    overwrite: options.Overwrite = False,
 ) -> None:
     """Heat maps of what drove each image's top class (occlusion sensitivity), beside the top-k bars.
 
@@ -202,7 +206,8 @@ def explain(
         from skinclf.trust.explain import explain_images
 
         summary = explain_images(source=source, out=out_dir, model=model, top_k=top_k, patch=patch, stride=stride,
-                                 fill=fill, max_side=max_side, batch_size=batch_size, strict=strict)
+                                 fill=fill, max_side=max_side, batch_size=batch_size, strict=strict,
+                                 overwrite=overwrite)
     for item in summary.explained:
         top = ", ".join(f"{c} {p:.2f}" for c, p in item.top)
         odd = "  [unlike the training images]" if item.unlike_training else ""

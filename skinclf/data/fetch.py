@@ -26,7 +26,7 @@ from typing import Any
 from skinclf import ui
 from skinclf.config import FETCH
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_path, check_output_dir, link_or_copy
+from skinclf.files import atomic_path, check_output_dir, link_or_copy, new_folders
 from skinclf.data.images import ImageError, load_image
 from skinclf.data.layout import IMAGE_DIRS, METADATA_FILE, read_metadata
 
@@ -338,21 +338,22 @@ def fetch_dataset(
     """
     dest = Path(dest)
     check_output_dir(dest, option="--dest")
-    if source is not None:
-        added, present = import_local(Path(source), dest, show_progress=show_progress)
-        origin = str(source)
-    else:
-        workdir = dest / _DOWNLOAD_DIR
-        archive = download_from_kaggle(dataset, workdir, api=api, show_progress=show_progress)
-        added, present = import_local(archive, dest, show_progress=show_progress, downloaded=True)
-        if not keep_archive:
-            archive.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                workdir.rmdir()
-        origin = f"kaggle:{dataset}"
-    meta = read_metadata(dest)  # every metadata row must have its image
-    if verify:
-        verify_images(dest, show_progress=show_progress)
+    with new_folders(dest):  # a failed first fetch leaves no empty --dest behind
+        if source is not None:
+            added, present = import_local(Path(source), dest, show_progress=show_progress)
+            origin = str(source)
+        else:
+            workdir = dest / _DOWNLOAD_DIR
+            archive = download_from_kaggle(dataset, workdir, api=api, show_progress=show_progress)
+            added, present = import_local(archive, dest, show_progress=show_progress, downloaded=True)
+            if not keep_archive:
+                archive.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    workdir.rmdir()
+            origin = f"kaggle:{dataset}"
+        meta = read_metadata(dest)  # every metadata row must have its image
+        if verify:
+            verify_images(dest, show_progress=show_progress)
     return FetchResult(
         dest=dest, source=origin, images=len(meta), added=added, already_present=present, verified=verify
     )

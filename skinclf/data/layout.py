@@ -28,7 +28,12 @@ def default_model_path() -> Path:
     checkout has it beside the package. Either way it is found from any working directory.
     """
     if os.environ.get(MODEL_ENV):
-        return Path(os.environ[MODEL_ENV])
+        path = Path(os.environ[MODEL_ENV])
+        if not path.is_file():  # the user may not know the variable is set: name it
+            what = "is a folder, not a model file" if path.is_dir() else "does not exist"
+            raise SkinclfError(f"{MODEL_ENV}={path}: {what}; point it at a .keras or .onnx model, unset it to use "
+                               "the bundled model, or pass --model")
+        return path
     here = Path(__file__).resolve().parents[1]  # the skinclf package
     candidates = (here / "models" / BUNDLED_MODEL, here.parent / "models" / BUNDLED_MODEL)
     for candidate in candidates:

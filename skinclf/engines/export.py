@@ -24,7 +24,7 @@ from skinclf import __version__
 from skinclf.config import EXPORT
 from skinclf.data.layout import default_model_path
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_path
+from skinclf.files import MODEL, ONNX, atomic_path, check_output_file
 
 FORMATS = ("onnx", "onnx-int8", "tflite", "tfjs")
 SUFFIX = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "tflite": ".tflite", "tfjs": ""}
@@ -148,7 +148,12 @@ def _quantize(float_onnx: bytes, calibration: np.ndarray) -> bytes:
     """Static int8 quantization (QDQ, per-channel weights), calibrated on `calibration` images."""
     import tempfile
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -177,7 +182,9 @@ def _tflite_bytes(folded) -> tuple[bytes, Any]:
     """A TensorFlow Lite flatbuffer (float32) with outputs logits and probabilities, and a runner."""
     try:
         import tensorflow as tf
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2,
+        )
     except ImportError:
         raise SkinclfError('--format tflite needs TensorFlow: pip install "skinclf[train]"') from None
     size = int(folded.inputs[0].shape[1])
@@ -232,10 +239,27 @@ def _class_figures(probs: np.ndarray, labels: np.ndarray, classes: list[str]) ->
     return out
 
 
+def _format_for(format: str | None, out: Path | None) -> str:  # noqa: A002 - the CLI option's name
+    """The format to write: `format`, else the one `out`'s suffix names, else onnx; a suffix that
+    contradicts `format` is refused (predict chooses the runtime by suffix)."""
+    name = Path(out).name.lower() if out is not None else ""
+    named = ("onnx-int8" if name.endswith(".int8.onnx") else "onnx" if name.endswith(".onnx")
+             else "tflite" if name.endswith(".tflite") else None)
+    chosen = format or named or EXPORT.format
+    if chosen not in FORMATS:
+        raise SkinclfError(f"--format {chosen!r}: choose one of {', '.join(FORMATS)}")
+    if chosen == "tfjs":
+        raise SkinclfError(TFJS_UNAVAILABLE)
+    if named is not None and named.split("-")[0] != chosen.split("-")[0]:
+        raise SkinclfError(f"--out {out}: its suffix says {named} but --format {chosen} was given; name it "
+                           f"{Path(out).name.split('.')[0]}{SUFFIX[chosen]}, or leave out --format")
+    return chosen
+
+
 def export_model(
     *,
     model: Path | None = None,
-    format: str = EXPORT.format,  # noqa: A002 - the CLI option's name
+    format: str | None = None,  # noqa: A002 - the CLI option's name
     out: Path | None = None,
     probes: Path | None = None,
     calibration: Path = EXPORT.calibration,
@@ -243,23 +267,25 @@ def export_model(
     validation: Path | None = EXPORT.validation,
     tolerance: float = EXPORT.tolerance,
     min_agreement: float = EXPORT.min_agreement,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Convert the bundle at `model` to `format`, check it against Keras, and write it to `out`.
 
     `out` defaults to the bundle's path with the format's suffix (`.onnx`, `.int8.onnx`,
-    `.tflite`). int8 needs `calibration` (a labelled folder, e.g. data/prepared/train) and is
+    `.tflite`); `format` None: the one `out`'s suffix names, else onnx. int8 needs `calibration` (a labelled folder, e.g. data/prepared/train) and is
     refused if its top-1 agreement with Keras falls below `min_agreement`.
     """
-    if format not in FORMATS:
-        raise SkinclfError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
-    if format == "tfjs":
-        raise SkinclfError(TFJS_UNAVAILABLE)
+    format = _format_for(format, out)
     path = Path(model or default_model_path())
     if path.suffix != ".keras":
         raise SkinclfError(f"{path}: export converts a .keras bundle (e.g. models/skinclf-mobilenet.keras)")
     out = Path(out) if out is not None else path.with_name(path.stem + SUFFIX[format])
     if out.resolve() == path.resolve():
         raise SkinclfError(f"--out {out} would overwrite the model itself; choose another path")
+    # Before the minutes of converting: a folder, an unwritable place, or a file that is not an
+    # earlier export of ours (a TFLite file has no metadata to tell: replaced only with --overwrite).
+    check_output_file(out, example=path.stem + SUFFIX[format], kind=ONNX if format.startswith("onnx") else MODEL,
+                      overwrite=overwrite)
     if format.startswith("onnx"):
         from skinclf.model.onnx_meta import onnxruntime_available
 

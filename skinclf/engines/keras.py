@@ -27,7 +27,7 @@ class KerasEngine(Engine):
 
     @classmethod
     def from_model(cls, model, *, batch_size: int, image_size: int | None = None,
-                   meta: dict[str, Any] | None = None) -> "KerasEngine":
+                   meta: dict[str, Any] | None = None) -> KerasEngine:
         """An engine around an in-memory Keras model (training's final validation, tests)."""
         from skinclf.model.bundle import Bundle
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from skinclf import ui
 from skinclf.engines.base import ENGINES, Engine
 from skinclf.engines.keras import KerasEngine, keras_available
 from skinclf.errors import SkinclfError
@@ -19,8 +21,32 @@ def load_engine(path: Path, *, engine: str = "auto", batch_size: int = 16, threa
 
     auto: ONNX Runtime when the model has an ONNX form (a `.onnx` passed as `path`, or the
     `.onnx` beside the `.keras` whose metadata names this bundle's SHA-256) and onnxruntime
-    is installed, else Keras. `threads`: ONNX Runtime intra-op threads (default: usable CPUs).
+    is installed, else Keras (with a warning when that ONNX form cannot be loaded). `threads`:
+    ONNX Runtime intra-op threads (default: usable CPUs). A model named by $SKINCLF_MODEL that
+    cannot be loaded says so, since the user may not know the variable is set.
     """
+    from skinclf.data.layout import MODEL_ENV
+
+    from_env = os.environ.get(MODEL_ENV)
+    try:
+        return _load(Path(path), engine=engine, batch_size=batch_size, threads=threads)
+    except SkinclfError as exc:
+        if from_env and Path(from_env) == Path(path):
+            raise SkinclfError(f"{MODEL_ENV}={from_env}: {exc} (unset {MODEL_ENV} to use the bundled model, or pass "
+                               "--model)") from None
+        raise
+
+
+def _check_model_file(path: Path) -> None:
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".keras", ".onnx"))
+        inside = f"; it holds {', '.join(found)}: pass one of them" if found else "; it holds no .keras or .onnx model"
+        raise SkinclfError(f"model {path} is a folder, not a model file{inside}")
+    if not path.is_file():
+        raise SkinclfError(f"model file not found: {path}")
+
+
+def _load(path: Path, *, engine: str, batch_size: int, threads: int | None) -> Engine:
     if engine not in ENGINES:
         raise SkinclfError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if batch_size < 1:
@@ -31,9 +57,7 @@ def load_engine(path: Path, *, engine: str = "auto", batch_size: int = 16, threa
     from skinclf.files import sha256_file
     from skinclf.model.onnx_meta import onnxruntime_available, session
 
-    path = Path(path)
-    if not path.is_file():
-        raise SkinclfError(f"model file not found: {path}")
+    _check_model_file(path)
     if path.suffix.lower() == ".onnx":
         if engine == "keras":
             raise SkinclfError(f"--engine keras runs a .keras bundle, not {path}: pass --model "
@@ -50,11 +74,19 @@ def load_engine(path: Path, *, engine: str = "auto", batch_size: int = 16, threa
         elif not onnxruntime_available():
             reason = "onnxruntime is not installed"
         else:
-            onnx = OnnxEngine(candidate, batch_size=batch_size, threads=threads or None,
-                              sess=session(candidate, threads=threads or None), model_path=path)
-            if onnx.source_sha256 == sha256_file(path):
+            try:
+                onnx = OnnxEngine(candidate, batch_size=batch_size, threads=threads or None,
+                                  sess=session(candidate, threads=threads or None), model_path=path)
+            except SkinclfError as exc:  # corrupt or foreign: the .keras still works
+                if engine == "onnx" or not keras_available():
+                    raise
+                ui.stderr.print(f"Warning: {exc}; using {path.name} with Keras instead (re-export it: {export})",
+                                markup=False, highlight=False, soft_wrap=True)
+                onnx, reason = None, f"{candidate.name} cannot be loaded"
+            if onnx is not None and onnx.source_sha256 == sha256_file(path):
                 return onnx
-            reason = f"{candidate.name} was exported from another version of {path.name}"
+            if onnx is not None:
+                reason = f"{candidate.name} was exported from another version of {path.name}"
         if engine == "onnx":
             raise SkinclfError(f"--engine onnx: {path} has no up-to-date ONNX form ({reason}); create it: {export}")
         if not keras_available():

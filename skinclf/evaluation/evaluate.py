@@ -26,10 +26,13 @@ from skinclf.config import EVALUATE, TTA_CHOICES
 from skinclf.data.layout import default_model_path, list_labelled_images
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.seen import SeenImages, seen_images, seen_report
-from skinclf.files import atomic_write_json, check_output_dir, sha256_file, sha256_text
+from skinclf.files import JSON, PNG, atomic_write_json, check_output_dir, check_output_files, sha256_file, sha256_text
 from skinclf.metrics import classification_report
 from skinclf.options import at_least, one_of
 
+# What evaluate writes into --out.
+REPORT_FILES = {"report.json": JSON, "confusion_matrix.png": PNG, "roc.png": PNG, "history.png": PNG,
+                "reliability.png": PNG}
 ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
 
 
@@ -256,17 +259,23 @@ def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path
 
     path = model or default_model_path()
     meta = read_bundle_meta(path)
-    history = meta.get("history")
+    history = meta.get("history") or _first_member_history(meta)
     if not history and meta.get("members"):
         names = ", ".join(str(m.get("path")) for m in meta["members"])
-        raise SkinclfError(f"{path} is an ensemble of {len(meta['members'])} networks ({names}) and has no training "
-                           f"history of its own: plot a member's, e.g. skinclf evaluate --history --model "
-                           f"runs/{meta['members'][0].get('path')}")
+        raise SkinclfError(f"{path} is an ensemble of {len(meta['members'])} networks ({names}) bundled before "
+                           "ensembles kept their members' histories; its model card shows their curves "
+                           "(models/training_curves.png), or plot a member bundle you have: "
+                           "skinclf evaluate --history --model MEMBER.keras")
     if not history:
         raise SkinclfError(f"{path} carries no training history")
     from skinclf.evaluation.plots import history_png
 
     return history_png(history, Path(out) / "history.png")
+
+
+def _first_member_history(meta: dict[str, Any]) -> list:
+    """An ensemble's curves: those of its first member that kept a history (`skinclf ensemble` stores them)."""
+    return next((m["history"] for m in meta.get("members", []) if m.get("history")), [])
 
 
 def run_evaluation(
@@ -283,12 +292,15 @@ def run_evaluation(
     split: Path | None = None,
     engine: str = EVALUATE.engine,
     threads: int = EVALUATE.threads,
+    overwrite: bool = False,
 ) -> Evaluation:
     """The `evaluate` command: training curves only (`history`), a predictions CSV against
-    `truth`, or the model over the labelled folder `data`."""
+    `truth`, or the model over the labelled folder `data`. Files in `out` that an earlier
+    evaluate did not write are replaced only with `overwrite`."""
     at_least("--batch-size", batch_size, 1, example=EVALUATE.batch_size)
     one_of("--tta", tta, TTA_CHOICES)
     check_output_dir(Path(out))
+    check_output_files(Path(out), {"history.png": PNG} if history else REPORT_FILES, overwrite=overwrite)
     if history:
         return Evaluation(report={}, out=Path(out), files=[plot_history(model=model, out=out)])
     if (predictions is None) != (truth is None):

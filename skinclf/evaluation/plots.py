@@ -20,7 +20,8 @@ from skinclf.metrics import roc_curve
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        # The marker lets a later run tell its own picture from a user's PNG (`files.check_replace`).
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png", metadata={"Software": "skinclf"})
     return path
 
 

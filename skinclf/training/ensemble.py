@@ -20,7 +20,7 @@ import numpy as np
 from skinclf.backend import load_keras
 from skinclf.config import ENSEMBLE
 from skinclf.errors import SkinclfError
-from skinclf.files import check_output_file
+from skinclf.files import MODEL, check_output_file
 from skinclf.model.bundle import load_bundle, save_bundle
 from skinclf.model.ensemble import ensemble_of
 from skinclf.model.network import logits_model
@@ -87,6 +87,7 @@ def ensemble_bundles(
     decision_weight: str = ENSEMBLE.decision_weight,
     calibrate: bool = ENSEMBLE.calibrate,
     workers: int = ENSEMBLE.workers,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Average the bundles at `members` into one bundle at `out`; returns its metadata.
 
@@ -97,7 +98,7 @@ def ensemble_bundles(
     out = Path(out)
     if out.suffix != ".keras":
         raise SkinclfError(f"--out {out}: the model file must end in .keras")
-    check_output_file(out, example="models/ensemble.keras")
+    check_output_file(out, example="models/ensemble.keras", kind=MODEL, overwrite=overwrite)
     from skinclf.training.posthoc import prior_tau
 
     prior_tau(prior_correction)  # a bad value fails here, before any model is loaded
@@ -120,7 +121,8 @@ def ensemble_bundles(
         "members": [{"path": Path(b.path).name, "sha256": b.sha256, "name": b.meta.get("name"),
                      "validation": b.meta.get("metrics", {}).get("validation", {}).get("balanced_accuracy"),
                      "architecture": b.meta.get("architecture"), "preprocessing": b.meta.get("preprocessing"),
-                     "post_hoc": b.meta.get("post_hoc"), "training": b.meta.get("training")} for b in bundles],
+                     "post_hoc": b.meta.get("post_hoc"), "training": b.meta.get("training"),
+                     "history": b.meta.get("history", [])} for b in bundles],
         "metrics": {},
     })
     model = ensemble_model([b.model for b in bundles])

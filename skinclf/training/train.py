@@ -17,6 +17,7 @@ callback state and history, each written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -30,9 +31,9 @@ from skinclf import ui
 from skinclf.backend import accelerator, load_keras, versions
 from skinclf.config import TRAIN
 from skinclf.data.layout import LabelledImages, list_labelled_images
-from skinclf.errors import SkinclfError
+from skinclf.errors import Interrupted, SkinclfError
 from skinclf.evaluation.seen import split_image_ids
-from skinclf.files import atomic_path, check_output_file, sha256_file, sha256_text
+from skinclf.files import MODEL, atomic_path, check_output_file, new_folders, sha256_file, sha256_text
 from skinclf.metrics import classification_report
 from skinclf.model.bundle import save_bundle
 from skinclf.model.network import (
@@ -264,13 +265,15 @@ def train_model(
     workers: int = TRAIN.workers,
     run_dir: Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     show_progress: bool | None = None,
 ) -> TrainResult:
     """Train a model on `data/train`, select the best epoch on `data/val`, save a bundle at `out`.
 
     `weights` is 'imagenet' (Keras' download), 'none', or the path of a MobileNet weights file.
     `run_dir` (default `runs/<out stem>`) keeps the checkpoints and the feature cache; with
-    `resume`, training continues from its last completed epoch. After training, the decision
+    `resume`, training continues from its last completed epoch. An existing `out`, or checkpoints
+    in `run_dir`, are replaced only with `overwrite` (or `resume`). After training, the decision
     weights, the prior correction and the temperature are fitted on validation and folded in.
     """
     _validate(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, monitor=monitor, cache_views=cache_views,
@@ -280,7 +283,7 @@ def train_model(
               fixres_epochs=fixres_epochs, patience=patience, workers=workers, prior_correction=prior_correction,
               focal_gamma=focal_gamma, seed=seed)
     check_trainable_layers(trainable_layers)
-    out, data = _check_out(Path(out)), Path(data)
+    out, data = _check_out(Path(out), overwrite=overwrite, resume=resume), Path(data)
     train_set = _labelled(data, "train")
     val_set = _labelled(data, "val", classes=train_set.classes)
     classes = train_set.classes
@@ -301,72 +304,95 @@ def train_model(
     if schedule == "cosine":
         settings["epochs_planned"] = epochs  # the curve depends on the total, so resume must keep it
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / out.stem
+    _check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     state = resume_state(run_dir, settings, resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with new_folders(run_dir), _interrupt_hint(run_dir):
+        augment = AugmentSpec(color=color_jitter, crop_scale=(crop_scale, 1.0) if crop_scale else None)
+        phases = _phase_sizes(epochs=epochs, image_size=image_size, train_size=train_size, fixres_epochs=fixres_epochs)
+        keras.utils.set_random_seed(seed)
+        model = build_model(num_classes=len(classes), image_size=image_size if len(phases) == 1 and phases[0][2] == image_size else None,
+                            alpha=alpha, weights=weights_arg, dropout=dropout, seed=seed, colour_constancy=colour_constancy)
+        start = set_trainable(model, trainable_layers)
+        sample_weights = [weight_of[classes[label]] for label in train_set.labels]
+        trainable, make_train, val_ds = _datasets(
+            model, start, train_set, val_set, settings=settings, augment=augment, sample_weights=sample_weights,
+            run_dir=run_dir, workers=workers, show_progress=show_progress)
+        steps = math.ceil(len(train_set.paths) / batch_size)
+        trainable.compile(optimizer=_optimizer(lr=lr, weight_decay=weight_decay, schedule=schedule,
+                                               warmup_epochs=warmup_epochs, epochs=epochs, steps=steps),
+                          loss=_loss(loss, focal_gamma, label_smoothing), metrics=_metrics(len(classes)))
+        if state:
+            restore(trainable, run_dir)
+        callbacks, run_state = training_callbacks(schedule=schedule, monitor=monitor, patience=patience, run_dir=run_dir,
+                                                  settings=settings, state=state, epochs=epochs, steps=steps,
+                                                  images=len(train_set.paths), show_progress=show_progress)
+        initial_epoch = state["epoch"] if state else 0
+        device = _announce(trainable, phases, trainable_layers=trainable_layers, train=len(train_set.paths),
+                           val=len(val_set.paths), initial_epoch=initial_epoch)
+        t0 = time.perf_counter()
+        if initial_epoch < epochs and not (state and state.get("stopped_early")):
+            _fit(trainable, phases, make_train=make_train, val_ds=val_ds, initial_epoch=initial_epoch,
+                 callbacks=callbacks, batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+        history = run_state.state["history"]
+        epochs_trained = max(0, len(history) - initial_epoch)
+        best_epoch = run_state.state["best_epoch"]
+        trainable.load_weights(run_dir / "best.weights.h5")
+        if model.inputs[0].shape[1] is None:
+            model = with_input_size(model, image_size)
 
-    augment = AugmentSpec(color=color_jitter, crop_scale=(crop_scale, 1.0) if crop_scale else None)
-    phases = _phase_sizes(epochs=epochs, image_size=image_size, train_size=train_size, fixres_epochs=fixres_epochs)
-    keras.utils.set_random_seed(seed)
-    model = build_model(num_classes=len(classes), image_size=image_size if len(phases) == 1 and phases[0][2] == image_size else None,
-                        alpha=alpha, weights=weights_arg, dropout=dropout, seed=seed, colour_constancy=colour_constancy)
-    start = set_trainable(model, trainable_layers)
-    sample_weights = [weight_of[classes[label]] for label in train_set.labels]
-    trainable, make_train, val_ds = _datasets(
-        model, start, train_set, val_set, settings=settings, augment=augment, sample_weights=sample_weights,
-        run_dir=run_dir, workers=workers, show_progress=show_progress)
-    steps = math.ceil(len(train_set.paths) / batch_size)
-    trainable.compile(optimizer=_optimizer(lr=lr, weight_decay=weight_decay, schedule=schedule,
-                                           warmup_epochs=warmup_epochs, epochs=epochs, steps=steps),
-                      loss=_loss(loss, focal_gamma, label_smoothing), metrics=_metrics(len(classes)))
-    if state:
-        restore(trainable, run_dir)
-    callbacks, run_state = training_callbacks(schedule=schedule, monitor=monitor, patience=patience, run_dir=run_dir,
-                                              settings=settings, state=state, epochs=epochs, steps=steps,
-                                              images=len(train_set.paths), show_progress=show_progress)
-    initial_epoch = state["epoch"] if state else 0
-    device = _announce(trainable, phases, trainable_layers=trainable_layers, train=len(train_set.paths),
-                       val=len(val_set.paths), initial_epoch=initial_epoch)
-    t0 = time.perf_counter()
-    if initial_epoch < epochs and not (state and state.get("stopped_early")):
-        _fit(trainable, phases, make_train=make_train, val_ds=val_ds, initial_epoch=initial_epoch,
-             callbacks=callbacks, batch_size=batch_size)
-    seconds = time.perf_counter() - t0
-    history = run_state.state["history"]
-    epochs_trained = max(0, len(history) - initial_epoch)
-    best_epoch = run_state.state["best_epoch"]
-    trainable.load_weights(run_dir / "best.weights.h5")
-    if model.inputs[0].shape[1] is None:
-        model = with_input_size(model, image_size)
-
-    # After checkpoint selection, so a finished run can be re-bundled with other post-hoc
-    # choices (`--resume`) without training again; the validation figures below include them.
-    raw = validation_probs(model, val_set, image_size=image_size, batch_size=batch_size, workers=workers)
-    labels = np.asarray(val_set.labels)
-    probs, fitted = post_hoc(model, raw, labels, classes=classes, prior_counts=train_set.counts(),
-                             decision_of=decision_of, prior_correction=prior_correction, calibrate=calibrate)
-    val_report = classification_report(labels, probs, list(classes))
-    val_report.get("melanoma", {}).pop("roc", None)
-    val_report["calibration"] = fitted["validation_after"]
-    training = {**settings, "epochs": epochs, "epochs_run": len(history), "best_epoch": best_epoch,
-                "best_value": run_state.state["best"], "class_weights": weight_of,
-                "decision_weight": decision_weight, "decision_weights": decision_of, "augmentation": asdict(augment),
-                "phases": [{"epochs": [first + 1, end], "image_size": size} for first, end, size in phases],
-                "device": device, "seconds": round(run_state.state.get("seconds", seconds), 1)}
-    save_bundle(model, out, _bundle_meta(model, out=out, start=start, training=training, post_hoc=fitted,
-                                         val_report=val_report, history=history, data=data,
-                                         train_set=train_set, val_set=val_set))
-    return TrainResult(
-        model_path=out, run_dir=run_dir, epochs_run=len(history), best_epoch=best_epoch or 0, monitor=monitor,
-        best_value=float(run_state.state["best"] or float("nan")), val_metrics=val_report, seconds=seconds,
-        images_per_second=epochs_trained * len(train_set.paths) / seconds if seconds > 0 and epochs_trained else 0.0,
-    )
+        # After checkpoint selection, so a finished run can be re-bundled with other post-hoc
+        # choices (`--resume`) without training again; the validation figures below include them.
+        raw = validation_probs(model, val_set, image_size=image_size, batch_size=batch_size, workers=workers)
+        labels = np.asarray(val_set.labels)
+        probs, fitted = post_hoc(model, raw, labels, classes=classes, prior_counts=train_set.counts(),
+                                 decision_of=decision_of, prior_correction=prior_correction, calibrate=calibrate)
+        val_report = classification_report(labels, probs, list(classes))
+        val_report.get("melanoma", {}).pop("roc", None)
+        val_report["calibration"] = fitted["validation_after"]
+        training = {**settings, "epochs": epochs, "epochs_run": len(history), "best_epoch": best_epoch,
+                    "best_value": run_state.state["best"], "class_weights": weight_of,
+                    "decision_weight": decision_weight, "decision_weights": decision_of, "augmentation": asdict(augment),
+                    "phases": [{"epochs": [first + 1, end], "image_size": size} for first, end, size in phases],
+                    "device": device, "seconds": round(run_state.state.get("seconds", seconds), 1)}
+        save_bundle(model, out, _bundle_meta(model, out=out, start=start, training=training, post_hoc=fitted,
+                                             val_report=val_report, history=history, data=data,
+                                             train_set=train_set, val_set=val_set))
+        return TrainResult(
+            model_path=out, run_dir=run_dir, epochs_run=len(history), best_epoch=best_epoch or 0, monitor=monitor,
+            best_value=float(run_state.state["best"] or float("nan")), val_metrics=val_report, seconds=seconds,
+            images_per_second=epochs_trained * len(train_set.paths) / seconds if seconds > 0 and epochs_trained else 0.0,
+        )
 
 
-def _check_out(out: Path) -> Path:
+def _check_out(out: Path, *, overwrite: bool, resume: bool) -> Path:
     if out.suffix != ".keras":
         raise SkinclfError(f"--out {out}: the model file must end in .keras")
-    check_output_file(out, example="model.keras")
+    if resume and overwrite:
+        raise SkinclfError("--resume continues the run in --run-dir and --overwrite starts it over: choose one")
+    # An existing model is replaced only when asked (--resume re-bundles this run's own model).
+    check_output_file(out, example="model.keras", kind=MODEL, overwrite=overwrite or resume)
     return out
+
+
+def _check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to start over on the checkpoints of an earlier run unless asked (--overwrite)."""
+    if resume or overwrite or not (run_dir / "state.json").is_file():
+        return
+    raise SkinclfError(f"{run_dir} holds the checkpoints of an earlier run: add --resume to continue it, --overwrite "
+                       "to start over (its checkpoints are replaced), or choose another --out or --run-dir")
+
+
+@contextlib.contextmanager
+def _interrupt_hint(run_dir: Path):
+    """Ctrl-C: say how to continue, once (the CLI prints it)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (run_dir / "state.json").is_file():
+            raise Interrupted(f"the finished epochs are saved in {run_dir}; continue with the same command plus "
+                              "--resume (skinclf train ... --resume)") from None
+        raise Interrupted("no epoch had finished, so nothing was saved; run the same command again") from None
 
 
 def _datasets(model, start: int, train_set: LabelledImages, val_set: LabelledImages, *, settings: dict,

@@ -28,10 +28,24 @@ from skinclf import __version__, ui
 from skinclf.config import CALIBRATE
 from skinclf.data.layout import default_model_path, list_labelled_images
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_write_json
+from skinclf.files import (
+    JSON,
+    MODEL,
+    PNG,
+    atomic_write_json,
+    check_output_dir,
+    check_output_file,
+    check_output_files,
+)
 from skinclf.model.outlier import PASS_RATE, flag
 from skinclf.model.posthoc import calibration_report, fit_temperature, softmax
-from skinclf.trust.ood import describe_sets, fit_feature_stats, fit_ood, outlier_outputs, reference_outliers
+from skinclf.trust.ood import (
+    describe_sets,
+    fit_feature_stats,
+    fit_ood,
+    outlier_outputs,
+    reference_outliers,
+)
 
 TRAIN = Path("data/prepared/train")  # where `skinclf prepare` puts the training split
 
@@ -118,6 +132,7 @@ def calibrate_model(
     batch_size: int = CALIBRATE.batch_size,
     workers: int = CALIBRATE.workers,
     seed: int = 0,
+    overwrite: bool = False,
     show_progress: bool | None = None,
 ) -> CalibrationResult:
     """Refit the temperature and the OOD flag of the bundle `model` on the labelled folder `data`.
@@ -130,7 +145,6 @@ def calibrate_model(
     from skinclf.engines.keras import KerasEngine
     from skinclf.model.bundle import load_bundle, save_bundle
     from skinclf.model.network import fold_logit_transform
-    from skinclf.model.posthoc import reliability
 
     if not 0.5 <= pass_rate < 1:
         raise SkinclfError(f"--pass-rate {pass_rate}: must be in [0.5, 1), e.g. 0.95")
@@ -140,6 +154,12 @@ def calibrate_model(
     target = Path(out or source)
     if target.suffix != ".keras":
         raise SkinclfError(f"--out {target}: the model file must end in .keras")
+    if target.resolve() != source.resolve():  # replacing MODEL itself is what calibrate does by default
+        check_output_file(target, example="calibrated.keras", kind=MODEL, overwrite=overwrite)
+    if report is not None:
+        check_output_dir(Path(report), option="--report")
+        check_output_files(Path(report), {"calibration.json": JSON, "reliability.png": PNG}, overwrite=overwrite,
+                           option="--report")
     bundle = load_bundle(source)
     data = Path(data)
     fitted_on = _fitted_on(bundle.meta, data)
@@ -155,23 +175,8 @@ def calibrate_model(
     features = features[ok] if features is not None else None
 
     factor = fit_temperature(softmax(z), labels)
-    before, after = calibration_report(softmax(z), labels), calibration_report(softmax(z / factor), labels)
-    previous = bundle.meta.get("calibration") or {}
-    old_t = float(previous.get("temperature", 1.0))
-    calibration = {
-        "temperature": old_t * factor,
-        "fitted_on": fitted_on,
-        "data": str(data),
-        "images": int(ok.sum()),
-        "validation_before": {k: before[k] for k in SUMMARY_KEYS},
-        "validation_after": {k: after[k] for k in SUMMARY_KEYS},
-        "validation_after_cross_fitted": cross_fitted(z, labels, seed=seed),
-        "bins": before["bins"],
-        "refit": {"by": f"skinclf calibrate {__version__}", "previous_temperature": old_t, "factor": factor,
-                  "at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-        **({"previous": previous} if previous else {}),
-    }
-
+    calibration = _calibration(z, labels, factor, previous=bundle.meta.get("calibration") or {},
+                               fitted_on=fitted_on, data=data, seed=seed)
     ood = _fit_flag(engine, z / factor, features, factor=factor, training=training, pass_rate=pass_rate,
                     score=ood_score, fitted_on=fitted_on, seed=seed, workers=workers, show_progress=show_progress)
     # Where the flag's false alarms fall: a class flagged far above 1 - pass_rate is a class the
@@ -185,18 +190,46 @@ def calibrate_model(
     unreadable = [{"path": str(p), "error": e} for p, e in zip(images.paths, errors) if e]
     files: list[Path] = [target]
     if report is not None:
-        from skinclf.evaluation.plots import reliability_png
-
-        report = Path(report)
-        tables = {"before": reliability(softmax(z), labels), "after": reliability(softmax(z / factor), labels)}
-        atomic_write_json(report / "calibration.json", {"model": str(target), "calibration": calibration,
-                                                        "reliability": tables, "ood": ood, "unreadable": unreadable})
-        files += [report / "calibration.json",
-                  reliability_png({f"before (T = {old_t:.3g})": tables["before"],
-                                   f"after (T = {old_t * factor:.3g})": tables["after"]},
-                                  report / "reliability.png", title=f"Reliability on {fitted_on}")]
+        files += _write_report(Path(report), z, labels, target=target, calibration=calibration, ood=ood,
+                               unreadable=unreadable)
     return CalibrationResult(model=target, calibration=calibration, ood=ood, unreadable=unreadable, files=files,
                              logits=z / factor, labels=labels, features=features)
+
+
+def _write_report(report: Path, z: np.ndarray, labels: np.ndarray, *, target: Path, calibration: dict[str, Any],
+                  ood: dict[str, Any], unreadable: list[dict[str, str]]) -> list[Path]:
+    """calibration.json and reliability.png (before and after) in `report`."""
+    from skinclf.evaluation.plots import reliability_png
+    from skinclf.model.posthoc import reliability
+
+    factor, old_t = calibration["refit"]["factor"], calibration["refit"]["previous_temperature"]
+    tables = {"before": reliability(softmax(z), labels), "after": reliability(softmax(z / factor), labels)}
+    atomic_write_json(report / "calibration.json", {"model": str(target), "calibration": calibration,
+                                                    "reliability": tables, "ood": ood, "unreadable": unreadable})
+    return [report / "calibration.json",
+            reliability_png({f"before (T = {old_t:.3g})": tables["before"],
+                             f"after (T = {old_t * factor:.3g})": tables["after"]},
+                            report / "reliability.png", title=f"Reliability on {calibration['fitted_on']}")]
+
+
+def _calibration(z: np.ndarray, labels: np.ndarray, factor: float, *, previous: dict[str, Any], fitted_on: str,
+                 data: Path, seed: int) -> dict[str, Any]:
+    """The `meta["calibration"]` record: the composed temperature, figures before and after."""
+    before, after = calibration_report(softmax(z), labels), calibration_report(softmax(z / factor), labels)
+    old_t = float(previous.get("temperature", 1.0))
+    return {
+        "temperature": old_t * factor,
+        "fitted_on": fitted_on,
+        "data": str(data),
+        "images": len(labels),
+        "validation_before": {k: before[k] for k in SUMMARY_KEYS},
+        "validation_after": {k: after[k] for k in SUMMARY_KEYS},
+        "validation_after_cross_fitted": cross_fitted(z, labels, seed=seed),
+        "bins": before["bins"],
+        "refit": {"by": f"skinclf calibrate {__version__}", "previous_temperature": old_t, "factor": factor,
+                  "at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        **({"previous": previous} if previous else {}),
+    }
 
 
 def _training_images(bundle, train: Path | None, data: Path):

@@ -22,16 +22,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, PngImagePlugin
 
 from skinclf import ui
 from skinclf.config import EXPLAIN
 from skinclf.data.images import ImageError, load_image
 from skinclf.data.walk import walk_images
 from skinclf.errors import SkinclfError
-from skinclf.files import atomic_path, atomic_write_json
+from skinclf.files import (
+    JSON,
+    PNG,
+    atomic_path,
+    atomic_write_json,
+    check_output_dir,
+    check_output_files,
+)
 
 FILLS = ("blur", "grey", "mean")
+# Marks a picture as skinclf's, so a later run may replace it and nothing else (`files.check_replace`).
+_MARKER = PngImagePlugin.PngInfo()
+_MARKER.add_text("Software", "skinclf")
 GAP = 6  # pixels between panels
 BAR_PANEL = 260
 FLAT_DROP = 0.05  # below this largest drop of p(top class), a map says nothing: it is reported flat
@@ -222,7 +232,7 @@ def explain_files(
             picture = render(shown, scaled, probs, classes, top_k=top_k, max_drop=max_drop, note="\n".join(notes))
             target = out / name
             with atomic_path(target) as tmp:
-                picture.save(tmp, format="PNG", optimize=True)
+                picture.save(tmp, format="PNG", optimize=True, pnginfo=_MARKER)
             peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
             order = np.argsort(-probs, kind="stable")[:top_k]
             summary.explained.append(Explained(
@@ -269,6 +279,7 @@ def explain_images(
     max_side: int = EXPLAIN.max_side,
     batch_size: int = EXPLAIN.batch_size,
     strict: bool = False,
+    overwrite: bool = False,
     show_progress: bool | None = None,
 ) -> ExplainSummary:
     """The `explain` command: a heat-map picture per image of `source` (a file or a folder) in
@@ -278,7 +289,11 @@ def explain_images(
 
     if fill not in FILLS:
         raise SkinclfError(f"--fill {fill!r}: choose one of {', '.join(FILLS)}")
+    check_output_dir(Path(out))  # before the model loads and the maps are computed
     files = list_inputs(source)
+    # Never over a user's picture (e.g. --out the image folder itself), only over earlier maps.
+    check_output_files(Path(out), {**dict.fromkeys(_output_names([rel for rel, _ in files]), PNG),
+                                   "explain.json": JSON}, overwrite=overwrite)
     loaded = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size)
     if not 1 <= stride <= patch <= loaded.image_size:
         raise SkinclfError(f"--patch {patch} / --stride {stride}: need 1 <= stride <= patch <= {loaded.image_size} "

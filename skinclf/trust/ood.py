@@ -35,8 +35,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from skinclf.errors import SkinclfError
-from skinclf.model.outlier import (FEATURE_SCORES, LOGIT_SCORES, PASS_RATE, SCORES, WARNING, feature_scores,
-                                   fit_gaussian, ood_scores)
+from skinclf.model.outlier import (
+    FEATURE_SCORES,
+    LOGIT_SCORES,
+    PASS_RATE,
+    SCORES,
+    WARNING,
+    feature_scores,
+    fit_gaussian,
+    ood_scores,
+)
 
 
 def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
@@ -157,7 +165,7 @@ def fit_ood(
 
 def _record(chosen, best, inlier_logits, inlier_features, stats, fitted_on, sets, outlier_logits) -> dict[str, Any]:
     inside = _scores(chosen, inlier_logits, inlier_features, stats)
-    counts = {fitted_on: int(np.isfinite(inside).sum()), **{k: int(len(outlier_logits[k])) for k in sets}}
+    counts = {fitted_on: int(np.isfinite(inside).sum()), **{k: len(outlier_logits[k]) for k in sets}}
     rates = {fitted_on: float(np.mean(inside[np.isfinite(inside)] > best["threshold"])), **best["flag_rates"]}
     record = {"score": chosen, "formula": SCORES[chosen], "threshold": best["threshold"], "flag_rates": rates,
               "counts": counts}
@@ -462,7 +470,7 @@ def reference_outliers(*, size: int = 224, seed: int = 0, per_set: int = 24) -> 
 
 def describe_sets(sets: Mapping[str, np.ndarray]) -> dict[str, int]:
     """Images per set, for reports."""
-    return {name: int(len(v)) for name, v in sets.items()}
+    return {name: len(v) for name, v in sets.items()}
 
 
 def outlier_logits(logits_fn: Callable[[np.ndarray], np.ndarray], sets: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

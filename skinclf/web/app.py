@@ -5,7 +5,7 @@
                          same fields and cells as a `skinclf predict` CSV row (?format=csv: the CSV)
     GET  /api/model      classes, identity, the held-out test figures the model was accepted with
                          (validation's when the bundle has none) and the OOD flag's measured rates
-    GET  /healthz        liveness
+    GET  /healthz        liveness: 503 with the reason once the model thread has stopped
     GET  /docs           the API, rendered from /openapi.json without any external script
 
 Patient images stay in memory: the multipart body is parsed here, into bytes (never a spooled
@@ -13,6 +13,10 @@ temporary file), decoded by `images.decode_image` (the code path `predict` uses 
 dropped with the request. Nothing logs file names; uvicorn's access log is off. One engine is
 loaded once and owned by one worker thread (`Classifier`): concurrent requests queue their
 decoded images and are run together, so there is never a second copy of the model.
+
+Every POST must come from the server's own page or from no page at all (curl, scripts): another
+site's `Origin` or `Sec-Fetch-Site` is a 403 (see `guards.cross_origin_refusal`). Decoding goes
+through `guards.DecodeGate`, which bounds the decodes and the pixels in flight.
 
 FastAPI, uvicorn and python-multipart are the optional extra `skinclf[serve]`; they are imported
 only when the app is built, so a missing extra is one clear `SkinclfError`.
@@ -32,8 +36,15 @@ from skinclf import __version__
 from skinclf.batch.results import DISCLAIMER, columns
 from skinclf.config import SERVE
 from skinclf.errors import SkinclfError
-from skinclf.web.classifier import MISSING_EXTRA, Classifier, Limits, classify_uploads
-from skinclf.web.uploads import Rejected, read_uploads
+from skinclf.web.classifier import (
+    MISSING_EXTRA,
+    Classifier,
+    Limits,
+    ModelUnavailable,
+    classify_uploads,
+)
+from skinclf.web.guards import Rejected, cross_origin_refusal
+from skinclf.web.uploads import drain, read_uploads
 
 # Validation metrics shown on the page and by /api/model (the confusion matrices stay in the model).
 METRIC_KEYS = ("n", "accuracy", "balanced_accuracy", "top_k_accuracy", "macro_auc", "melanoma", "per_class")
@@ -56,7 +67,10 @@ UPLOAD_SCHEMA = {
     "responses": {
         "413": {"description": "Too many files, a file too large, or the request too large (see GET /api/model "
                                "for the limits)."},
+        "403": {"description": "Sent by another site's page (an Origin other than this server's, or "
+                               "Sec-Fetch-Site cross-site/same-site)."},
         "422": {"description": "Not a multipart upload, no files, a malformed body or a bad option."},
+        "503": {"description": "Busy decoding (with Retry-After: try again), or the model thread has stopped."},
     },
 }
 
@@ -116,9 +130,8 @@ def create_app(engine, *, limits: Limits = Limits(), top_k: int = SERVE.top_k,
     """The FastAPI application around a loaded `engine` (see `skinclf.engines.load.load_engine`)."""
     try:
         import python_multipart  # noqa: F401 - read_uploads' parser: a missing extra is one line here
-        from fastapi import FastAPI, Query, Request
-        from fastapi.responses import HTMLResponse, Response
-        from starlette.concurrency import run_in_threadpool
+        from fastapi import FastAPI
+        from fastapi.responses import HTMLResponse, JSONResponse
     except ImportError:
         raise SkinclfError(MISSING_EXTRA) from None
 
@@ -138,45 +151,28 @@ def create_app(engine, *, limits: Limits = Limits(), top_k: int = SERVE.top_k,
     )
     app.state.classifier = classifier
     app.state.limits = limits
+    app.state.decode_gate = limits.gate()
+    app.state.refused = 0  # requests refused as coming from another site's page
 
-    _add_guards(app, allowed_hosts)
+    _add_guards(app, allowed_hosts, limits)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/healthz", summary="Liveness: the model is loaded and the server answers")
-    def healthz() -> dict[str, str]:
+    @app.get("/healthz", summary="Liveness: the model thread runs and the server answers (503 with the reason if not)")
+    def healthz():
+        try:
+            classifier.check()
+        except ModelUnavailable as exc:
+            return JSONResponse({"status": "error", "detail": str(exc)}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/api/model", summary="The model: classes, identity, validation metrics, disclaimer and upload limits")
     def api_model() -> dict[str, Any]:
         return info
 
-
-
-    @app.post("/api/predict", summary="Classify uploaded images: one result per file, as in a predict CSV row",
-              openapi_extra=UPLOAD_SCHEMA,
-              description="Each result has the fields of a `skinclf predict` CSV row (`path`, `topN_class`, "
-                          "`topN_prob`, optionally `prob_<class>`, `error`, ...), the cells formatted exactly as "
-                          "predict writes them; a file that cannot be read is a result with an `error`. "
-                          "`format=csv` answers with the CSV `skinclf predict` would write for these files.")
-    async def api_predict(
-        request: Request,
-        format: str = Query("json", pattern="^(json|csv)$", description="json, or csv for the predict CSV"),
-        top_k: int = Query(top_k, ge=1, le=len(classes), description="How many most-probable classes per image"),
-        all_probs: bool = Query(False, description="Add a prob_<class> field for every class (--all-probs)"),
-    ):
-        uploads = await read_uploads(request, limits)
-        rows = await run_in_threadpool(classify_uploads, classifier, uploads, classes=classes,
-                                       image_size=engine.image_size, top_k=top_k, all_probs=all_probs)
-        header = columns(classes, top_k, all_probs)
-        if format == "csv":
-            return Response(csv_text(header, rows), media_type="text/csv; charset=utf-8",
-                            headers={"Content-Disposition": 'attachment; filename="results.csv"'})
-        results = [dict(zip(header, cells)) for cells in rows]
-        return {"model": {k: info["identity"][k] for k in ("name", "sha256", "engine")}, "disclaimer": DISCLAIMER,
-                "columns": header, "errors": sum(1 for r in results if r["error"]), "results": results}
+    _add_predict(app, engine, info, top_k)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def docs() -> HTMLResponse:
@@ -185,8 +181,42 @@ def create_app(engine, *, limits: Limits = Limits(), top_k: int = SERVE.top_k,
     return app
 
 
-def _add_guards(app, allowed_hosts: Sequence[str] | None) -> None:
-    """Host check, security headers on every answer, and errors as one-line JSON."""
+def _add_predict(app, engine, info: dict[str, Any], top_k: int) -> None:
+    """POST /api/predict: read the upload within the limits, decode within the gate, classify."""
+    from fastapi import Query, Request
+    from fastapi.responses import Response
+    from starlette.concurrency import run_in_threadpool
+
+    classes, limits, classifier = engine.classes, app.state.limits, app.state.classifier
+
+    @app.post("/api/predict", summary="Classify uploaded images: one result per file, as in a predict CSV row",
+              openapi_extra=UPLOAD_SCHEMA,
+              description="Each result has the fields of a `skinclf predict` CSV row (`path`, `topN_class`, "
+                          "`topN_prob`, optionally `prob_<class>`, `error`, `warning`, ...), the cells formatted "
+                          "exactly as predict writes them; a file that cannot be read is a result with an `error`. "
+                          "`format=csv` answers with the CSV `skinclf predict` would write for these files. "
+                          "Requests from another site's page (an `Origin` other than this server's) are refused.")
+    async def api_predict(
+        request: Request,
+        format: str = Query("json", pattern="^(json|csv)$", description="json, or csv for the predict CSV"),
+        top_k: int = Query(top_k, ge=1, le=len(classes), description="How many most-probable classes per image"),
+        all_probs: bool = Query(False, description="Add a prob_<class> field for every class (--all-probs)"),
+    ):
+        uploads = await read_uploads(request, limits)
+        rows = await run_in_threadpool(classify_uploads, classifier, uploads, classes=classes,
+                                       image_size=engine.image_size, top_k=top_k, all_probs=all_probs,
+                                       gate=app.state.decode_gate, max_image_pixels=limits.max_image_pixels)
+        header = columns(classes, top_k, all_probs)
+        if format == "csv":
+            return Response(csv_text(header, rows), media_type="text/csv; charset=utf-8",
+                            headers={"Content-Disposition": 'attachment; filename="results.csv"'})
+        results = [dict(zip(header, cells)) for cells in rows]
+        return {"model": {k: info["identity"][k] for k in ("name", "sha256", "engine")}, "disclaimer": DISCLAIMER,
+                "columns": header, "errors": sum(1 for r in results if r["error"]), "results": results}
+
+
+def _add_guards(app, allowed_hosts: Sequence[str] | None, limits: Limits) -> None:
+    """Host and origin checks, security headers on every answer, and errors as one-line JSON."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
@@ -197,7 +227,13 @@ def _add_guards(app, allowed_hosts: Sequence[str] | None) -> None:
             host = host[1:].split("]")[0] if host.startswith("[") else host.split(":")[0]
             if host not in allowed_hosts:
                 return JSONResponse({"detail": "unknown host"}, status_code=400)
-        response = await call_next(request)
+        refusal = cross_origin_refusal(request.method, request.url.scheme, request.headers)
+        if refusal is not None:
+            app.state.refused += 1
+            await drain(request.stream(), limits.max_request_bytes)  # so that a client still sending reads the 403
+            response = JSONResponse({"detail": refusal}, status_code=403, headers={"Connection": "close"})
+        else:
+            response = await call_next(request)
         response.headers["Content-Security-Policy"] = CSP
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["X-Content-Type-Options"] = "nosniff"
@@ -211,9 +247,11 @@ def _add_guards(app, allowed_hosts: Sequence[str] | None) -> None:
     @app.exception_handler(Rejected)
     async def rejected(request: Request, exc: Rejected):
         # Close the connection: the client may still be sending a body we will not read.
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers={"Connection": "close"})
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers={"Connection": "close", **exc.headers})
 
-
+    @app.exception_handler(ModelUnavailable)
+    async def model_unavailable(request: Request, exc: ModelUnavailable):
+        return JSONResponse({"detail": str(exc)}, status_code=503)
 
 
 def docs_html(spec: dict[str, Any]) -> str:

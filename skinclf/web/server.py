@@ -8,12 +8,10 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
-
 from skinclf.config import SERVE
 from skinclf.errors import SkinclfError
 from skinclf.web.app import create_app
-from skinclf.web.classifier import MB, MISSING_EXTRA, Limits, ServeInfo
+from skinclf.web.classifier import MB, MISSING_EXTRA, Limits, ServeInfo, probe_engine
 
 
 def is_loopback(host: str) -> bool:
@@ -45,8 +43,7 @@ def background_server(app, host: str = "127.0.0.1") -> Iterator[str]:
     import uvicorn
 
     sock = _listen(host, 0)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False, date_header=False)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(_config(app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="skinclf-serve", daemon=True)
     thread.start()
     try:
@@ -61,8 +58,16 @@ def _run_server(app, sock: socket.socket) -> None:
     """Serve `app` on `sock` until Ctrl-C; no access log, so no request paths or names are logged."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False, date_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(_config(app)).run(sockets=[sock])
+
+
+def _config(app):
+    """uvicorn's settings: no access log (no request paths or names logged), no server banner, and a
+    bounded graceful shutdown, so Ctrl-C/SIGTERM stops the server even while a request still runs."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level="warning", access_log=False, server_header=False, date_header=False,
+                          timeout_graceful_shutdown=SERVE.shutdown_s)
 
 
 def serve(
@@ -97,8 +102,7 @@ def serve(
     from skinclf.engines.load import load_engine
 
     loaded = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size)
-    size = loaded.image_size
-    loaded(np.zeros((1, size, size, 3), dtype="float32"))  # compile before the first visitor waits for it
+    probe_engine(loaded)  # a model whose outputs do not match its classes is refused before the port opens
     sock = _listen(host, port)
     loopback = is_loopback(host)
     allowed = sorted({"127.0.0.1", "localhost", "::1", host.strip("[]")}) if loopback else None
@@ -113,8 +117,13 @@ def serve(
                      port=bound, model=loaded.identity(), limits=limits, warnings=warnings)
     if on_ready is not None:
         on_ready(info)
+    serve_until_stopped(app, sock)
+
+
+def serve_until_stopped(app, sock: socket.socket) -> None:
+    """Serve until Ctrl-C/SIGTERM, then stop the model thread without waiting on it for ever."""
     try:
         _run_server(app, sock)
     finally:
-        app.state.classifier.close()
+        app.state.classifier.close(SERVE.shutdown_s)
         sock.close()

@@ -3,14 +3,9 @@
 from typing import Any
 
 from skinclf.web.classifier import Limits, Upload
+from skinclf.web.guards import Rejected
 
-
-class Rejected(Exception):
-    """A request refused before any work: an HTTP status and one line saying why."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail = status, detail
+__all__ = ["Rejected", "drain", "read_uploads", "upload_name"]
 
 
 def upload_name(raw: str, index: int) -> str:
@@ -74,18 +69,40 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
     })
+    await _feed(request.stream(), parser, limits)
+    if not uploads:
+        raise Rejected(422, "no files in the request: send one or more images as multipart field 'files'")
+    return uploads
+
+
+async def _feed(stream, parser, limits: Limits) -> None:
+    """Write the body into `parser` within the request limit; a refused body is drained first (see `drain`)."""
     received = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in stream:
             received += len(chunk)
             if received > limits.max_request_bytes:
                 raise Rejected(413, f"request over the limit of {limits.max_request_bytes:,} bytes (--max-request-mb)")
             parser.write(chunk)
         parser.finalize()
     except Rejected:
+        await drain(stream, limits.max_request_bytes - received)
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed body is the client's problem, not a 500
+        await drain(stream, limits.max_request_bytes - received)
         raise Rejected(422, f"malformed multipart body: {' '.join(str(exc).split())[:200]}") from None
-    if not uploads:
-        raise Rejected(422, "no files in the request: send one or more images as multipart field 'files'")
-    return uploads
+
+
+async def drain(stream, budget: int) -> None:
+    """Read and drop the rest of a refused body, up to `budget` bytes, before the answer is sent.
+
+    A client still sending when the server closes gets a reset connection and never reads the
+    answer (curl shows nothing); once its body is read, it gets the status and the JSON detail.
+    A body beyond `budget` (the most a request may carry) is cut off: the reset is then the answer."""
+    try:
+        async for chunk in stream:
+            budget -= len(chunk)
+            if budget < 0:
+                return
+    except Exception:  # noqa: BLE001 - the client went away: nobody is left to answer
+        return

@@ -1,0 +1,121 @@
+"""What `skinclf serve` refuses before or while it works: other sites' pages, and decodes beyond a memory budget.
+
+A page the user happens to have open in the same browser can post to the loopback server (a
+plain HTML form or `fetch(..., {mode: "no-cors"})` needs no CORS permission to *send*), so every
+request that changes anything or runs the model must come from the server's own page or from
+no page at all (curl, scripts send no `Origin`). Decoding is the one step whose memory grows with
+what the client sends (a 175 KB PNG can claim 8900x8900 16-bit pixels), so it goes through a gate
+that bounds how many images decode at once and how many pixels they hold between them.
+"""
+
+import contextlib
+import ctypes
+import io
+import threading
+from collections.abc import Iterator, Mapping
+
+from PIL import Image
+
+# Methods a browser lets any page send without asking; none of these routes changes or runs anything.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# `Sec-Fetch-Site` values of the server's own page (`same-origin`) and of a typed URL or bookmark
+# (`none`). `same-site` is refused too: on loopback it means another port of this machine, i.e.
+# another program's page (a dev server, a local tool), which has no business driving this one.
+OWN_FETCH_SITES = frozenset({"same-origin", "none"})
+RETRY_AFTER_S = 5  # what a busy answer tells the client to wait before trying again
+# A decode this big hands its freed memory back to the system when it ends (see `_give_back_memory`).
+TRIM_PIXELS = 4_000_000
+try:  # glibc only; elsewhere the allocator's own policy stands
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
+
+
+class Rejected(Exception):
+    """A request refused: an HTTP status, one line saying why, and any headers the answer needs."""
+
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, dict(headers or {})
+
+
+def cross_origin_refusal(method: str, scheme: str, headers: Mapping[str, str]) -> str | None:
+    """Why a request must be refused as coming from another site's page, or None to let it through.
+
+    Refused: any unsafe method whose `Origin` is present and not this server's own origin (the
+    scheme and the `Host` the client used, which the host check has already vetted on loopback;
+    `Origin: null` from sandboxed frames and files included), or whose `Sec-Fetch-Site` is not
+    `same-origin`/`none`. A request with neither header (curl, scripts) is let through."""
+    if method.upper() in SAFE_METHODS:
+        return None
+    own = f"{scheme}://{headers.get('host', '')}".lower()
+    origin = headers.get("origin")
+    if origin is not None and origin.strip().lower() != own:
+        return (f"cross-origin request refused: Origin {_shown(origin)} is not this server ({own}); "
+                f"use the page at {own}/, or send no Origin header (curl, scripts)")
+    site = headers.get("sec-fetch-site")
+    if site is not None and site.strip().lower() not in OWN_FETCH_SITES:
+        return (f"cross-origin request refused: Sec-Fetch-Site {_shown(site)} (only this server's own page "
+                f"at {own}/ may send it; curl and scripts send no such header)")
+    return None
+
+
+def _shown(value: str) -> str:
+    """A header value as it may appear in a one-line message: printable, bounded."""
+    return repr("".join(ch for ch in value if ch.isprintable())[:100])
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image's header, without decoding a pixel (Pillow's `open` is lazy);
+    None when Pillow cannot even read the header (decoding then reports why, at no cost)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - the decode that follows gives the file its error row
+        return None
+
+
+class DecodeGate:
+    """At most `max_decodes` images decoding at once, holding at most `max_pixels` pixels between them.
+
+    A decode that does not fit waits up to `wait_s` seconds for others to finish, then the
+    request is answered 503 with Retry-After (busy), never decoded beyond the budget. One image
+    above the budget on its own can never fit: callers refuse it first (see `Limits.max_image_pixels`,
+    which is at most the budget)."""
+
+    def __init__(self, *, max_decodes: int, max_pixels: int, wait_s: float) -> None:
+        self.max_decodes, self.max_pixels, self.wait_s = max_decodes, max_pixels, wait_s
+        self.decoding = 0  # images being decoded now
+        self.pixels = 0  # their pixels, as their headers claim
+        self._changed = threading.Condition()
+
+    def _fits(self, pixels: int) -> bool:
+        return self.decoding < self.max_decodes and self.pixels + pixels <= self.max_pixels
+
+    @contextlib.contextmanager
+    def admit(self, pixels: int) -> Iterator[None]:
+        """Hold a decode slot and `pixels` of the budget for the `with` block; Rejected(503) if busy."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._fits(pixels), timeout=self.wait_s):
+                raise Rejected(503, f"busy: {self.decoding} image(s) of {self.pixels:,} pixels are being decoded "
+                                    f"(at most {self.max_decodes} at once, {self.max_pixels:,} pixels in all); "
+                                    f"try again in {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+            self.decoding += 1
+            self.pixels += pixels
+        try:
+            yield
+        finally:
+            if pixels >= TRIM_PIXELS:
+                _give_back_memory()
+            with self._changed:
+                self.decoding -= 1
+                self.pixels -= pixels
+                self._changed.notify_all()
+
+
+def _give_back_memory() -> None:
+    """Return the memory a big decode freed to the system. glibc keeps freed blocks in the arena of
+    the thread that used them, and requests run on many threads: without this, four sequential
+    decodes of one 80-megapixel 16-bit PNG left the server 1.8 GB high instead of 1 GB (measured)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
