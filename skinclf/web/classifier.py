@@ -204,10 +204,10 @@ class Classifier:
                     pending.remove(job)
                     job.done.set_exception(exc)
                 continue
-            if out.shape != (len(x), self.n_classes):
+            if out.shape != (len(x), self._width):
                 # Not this batch's fault: a model whose outputs do not match its classes is wrong for every request.
                 raise RuntimeError(f"the model gave an output of shape {out.shape} for {len(x)} image(s) and "
-                                   f"{self.n_classes} classes")
+                                   f"{self.n_classes} classes" + (f" + {self.features_dim} features" if self.features_dim else ""))
             self._deliver(parts, out)
 
     def _next_batch(self) -> list[tuple[_Job, int, int]]:
