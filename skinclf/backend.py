@@ -38,6 +38,23 @@ def _quiet_fd2() -> Iterator[None]:
         os.close(devnull)
 
 
+@contextlib.contextmanager
+def _without_matplotlib() -> Iterator[None]:
+    """Keras imports matplotlib.pyplot if it can (for a plotting helper skinclf never calls), and
+    that import writes ~/.config/matplotlib and a font cache under ~/.cache: hide matplotlib
+    while Keras is imported, so predict and serve leave nothing in the user's home. Commands
+    that draw import it themselves later, and a process that already has it keeps it."""
+    if "matplotlib" in sys.modules:
+        yield
+        return
+    sys.modules["matplotlib"] = None  # type: ignore[assignment]  # `import matplotlib` -> ImportError
+    try:
+        yield
+    finally:
+        if sys.modules.get("matplotlib", 0) is None:
+            del sys.modules["matplotlib"]
+
+
 def load_keras() -> ModuleType:
     """Import and return `keras`, with its backend initialised and its start-up noise hidden."""
     global _keras
@@ -45,7 +62,7 @@ def load_keras() -> ModuleType:
         return _keras
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        with _quiet_fd2():
+        with _quiet_fd2(), _without_matplotlib():
             import keras
 
             if keras.backend.backend() == "tensorflow":

@@ -166,3 +166,32 @@ def make_tiny_bundle(path: Path, *, image_size: int = 32, fingerprint: str | Non
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny.keras")
+
+
+def make_tiny_onnx(path: Path, *, meta: object = None, outputs: int = len(CLASSES), image_size: int = 32) -> Path:
+    """A skinclf-style ONNX (input `image` NHWC, outputs `logits` and `probabilities`) of a few
+    nodes, written without Keras: mean colour times a fixed matrix. `meta` (any JSON value)
+    replaces the usual `skinclf.json` metadata, for tests of malformed models."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.random.default_rng(0).normal(0, 0.05, (3, outputs)).astype("float32")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["image"], ["mean"], axes=[1, 2], keepdims=0),
+         helper.make_node("MatMul", ["mean", "w"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", image_size, image_size, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", outputs]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", outputs])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    if meta is None:
+        meta = {"format": "skinclf-bundle/1", "name": "tiny-onnx", "classes": list(CLASSES)[:outputs],
+                "input_size": [image_size, image_size], "export": {"format": "onnx", "source_sha256": ""}}
+    helper.set_model_props(model, {"skinclf.json": json.dumps(meta)})
+    onnx.save(model, str(path))
+    return path

@@ -196,7 +196,8 @@ def test_bad_files_are_rows_with_errors_never_a_500(client: TestClient) -> None:
     assert r.status_code == 200
     results = r.json()["results"]
     assert r.json()["errors"] == 3
-    assert [x["error"] for x in results] == ["empty file (0 bytes)", results[1]["error"], "not a recognised image file"]
+    assert [x["error"] for x in results] == ["empty file (0 bytes)", results[1]["error"],
+                                             "not a recognised image file (skinclf reads JPEG, PNG, BMP and TIFF only)"]
     assert results[1]["error"].startswith(("cannot decode image", "not a recognised image file"))
     assert all(x["top1_class"] == "" and x["top1_prob"] == "" for x in results)
 

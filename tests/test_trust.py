@@ -327,3 +327,29 @@ def test_explain_command_success_and_strict_failure(runner, tiny_bundle, tmp_pat
     assert strict.exit_code == 1 and "Error: 1 of 3 files could not be explained" in strict.output
     bad = runner.invoke(app, ["explain", str(src), "--out", str(out), "--model", str(tiny_bundle), "--fill", "pink"])
     assert bad.exit_code == 1 and "choose one of blur, grey, mean" in bad.output
+
+
+def _blank_runs(strip: np.ndarray) -> list[int]:
+    """Widths of the runs of blank columns between the first and last inked column."""
+    ink = (strip < 128).any(axis=(0, 2)) if strip.ndim == 3 else (strip < 128).any(axis=0)
+    cols = np.nonzero(ink)[0]
+    runs, blank = [], 0
+    for inked in ink[cols[0] : cols[-1] + 1]:
+        if inked:
+            runs, blank = (runs + [blank] if blank else runs), 0
+        else:
+            blank += 1
+    return runs
+
+
+def test_explain_labels_keep_their_spaces() -> None:
+    """The first label, "map: drop in p(nv)", has three spaces: three gaps wider than any gap
+    between letters (Pillow's built-in font drew 2-pixel spaces, so words ran together)."""
+    from skinclf.trust.explain import BAR_PANEL, GAP, render
+
+    shown = Image.new("RGB", (40, 40), (128, 128, 128))
+    canvas = render(shown, np.zeros((8, 8)), np.array([0.2, 0.8]), ["mel", "nv"], top_k=2, max_drop=0.5)
+    x0 = 2 * 40 + 2 * GAP
+    line = np.asarray(canvas)[2:17, x0 : x0 + BAR_PANEL]
+    gaps = _blank_runs(line)
+    assert sum(1 for g in gaps if g >= 4) == 3, gaps

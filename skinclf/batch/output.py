@@ -9,7 +9,6 @@ failed start never leaves a file that blocks the next run.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import sys
 from collections import Counter
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from skinclf.batch.results import header_options, sidecar_path
+from skinclf.batch.results import header_options, read_csv, sidecar_path, write_csv
 from skinclf.batch.resume import (
     FileKey,
     RowRecord,
@@ -41,14 +40,14 @@ def _read_lines(path: Path) -> list[list[str]]:
     if data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]
     try:
-        return [line for line in csv.reader(io.StringIO(data.decode("utf-8"))) if line]
+        return read_csv(data.decode("utf-8"))
     except (UnicodeDecodeError, csv.Error):
         return [[]]
 
 
 def _write_lines(path: Path, lines: list[list[str]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh, lineterminator="\n").writerows(lines)
+        write_csv(fh, lines)
 
 
 def _options_text(options: dict) -> str:
@@ -89,7 +88,7 @@ class CsvOutput:
     redone: Counter = field(default_factory=Counter)
 
     def write(self, rows: list[list[str]]) -> None:
-        csv.writer(self.sink, lineterminator="\n").writerows(rows)
+        write_csv(self.sink, rows)
         self.sink.flush()
         self.written += len(rows)
         if self.record is not None:  # after the rows: a row without a record is redone, never the reverse

@@ -9,13 +9,18 @@ in '/'), with an error. `ood_score` is higher the less an image is like the trai
 the model, unlike the training images), joined by "; " (see `warning_cell`); warnings never count
 as errors. The rows hold nothing else, so the file opens as-is in pandas or a
 spreadsheet; the model's identity and the reminder that this is not a diagnosis go in a JSON
-sidecar next to it (`results.csv.json`).
+sidecar next to it (`results.csv.json`). Every cell is quoted, and a cell a spreadsheet would run
+as a formula starts with a single quote (`csv_cell`; `read_predictions` removes it).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pandas as pd
@@ -45,6 +50,63 @@ CLASS_NAMES = {
 def class_names(classes: Sequence[str]) -> dict[str, str]:
     """Each of a model's classes and what it stands for (a class of a custom model: itself)."""
     return {c: CLASS_NAMES.get(c, c) for c in classes}
+
+
+# --- CSV cells: the one place that turns a value into what a CSV holds, and back ------------------
+# Formula injection (OWASP "CSV Injection"): a spreadsheet runs a cell starting with = + - @, tab
+# or carriage return as a formula, and a file name is chosen by whoever made the file. Such a
+# cell gets a leading single quote (shown as text, never run), every cell is quoted, and reading
+# a CSV back (evaluate --predictions, predict --resume) removes the guard. web/static/index.html
+# mirrors this rule in its download (csvCell); tests/test_hostile.py keeps the two alike.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")  # probabilities and scores are numbers, not formulas
+# A file name that is not valid UTF-8 reaches Python with each bad byte as a lone surrogate
+# (surrogateescape); UTF-8 cannot hold those, so they are written as \xNN, and backslashes as
+# \\, which reads back to the very same name (so --resume recognises the file).
+_ESCAPE = re.compile(r"[\\\ud800-\udfff]")
+_UNESCAPE = re.compile(r"\\(\\|x[89a-f][0-9a-f]|u[dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if char == "\\":
+        return "\\\\"
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def _unescape(match: re.Match) -> str:
+    token = match.group(1)
+    if token == "\\":
+        return "\\"
+    return chr(0xDC00 + int(token[1:], 16)) if token[0] == "x" else chr(int(token[1:], 16))
+
+
+def csv_cell(value: str) -> str:
+    """What the CSV holds for `value`: undecodable bytes and backslashes escaped, and a leading
+    quote on text a spreadsheet would run as a formula (also on text that already starts with
+    quotes before such a character, so that `cell_value` can always tell the guard apart)."""
+    text = _ESCAPE.sub(lambda m: _escape(m.group()), value) if _ESCAPE.search(value) else value
+    if text.lstrip("'").startswith(FORMULA_START) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def cell_value(cell: str) -> str:
+    """The value `csv_cell` wrote as `cell`: the inverse, for reading a CSV back."""
+    if cell.startswith("'") and cell.lstrip("'").startswith(FORMULA_START):
+        cell = cell[1:]
+    return _UNESCAPE.sub(_unescape, cell) if "\\" in cell else cell
+
+
+def write_csv(sink: TextIO, rows: Iterable[Sequence[str]]) -> None:
+    """Write rows (header included, if any) as skinclf's CSVs are written: every cell through
+    `csv_cell` and quoted, '\\n' line ends."""
+    csv.writer(sink, lineterminator="\n", quoting=csv.QUOTE_ALL).writerows([csv_cell(c) for c in r] for r in rows)
+
+
+def read_csv(text: str) -> list[list[str]]:
+    """The rows of a CSV written by `write_csv` (or by an older skinclf), cell values restored."""
+    return [[cell_value(c) for c in line] for line in csv.reader(io.StringIO(text, newline="")) if line]
 
 
 def columns(classes: Sequence[str], top_k: int, all_probs: bool) -> list[str]:
@@ -100,9 +162,13 @@ def read_predictions(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise SkinclfError(f"predictions file not found: {path}")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=object, keep_default_na=False, encoding="utf-8")
     except Exception as exc:  # noqa: BLE001 - any parse failure is the same user problem
         raise SkinclfError(f"cannot read {path}: {exc}") from None
+    # Formula guards and escapes off: the paths predict saw. Plain Python strings (object), as
+    # pandas' Arrow strings cannot hold the surrogates of a name that is not UTF-8.
+    for column in frame.columns:
+        frame[column] = pd.Series([cell_value(c) for c in frame[column]], index=frame.index, dtype=object)
     missing = [c for c in ("path", "top1_class", "top1_prob", "error") if c not in frame.columns]
     if missing:
         raise SkinclfError(f"{path} is not a skinclf predictions CSV (missing {', '.join(missing)})")

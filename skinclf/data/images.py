@@ -17,6 +17,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
+# The only Pillow decoders a file ever reaches. Pillow picks a plugin by content, not by name, so
+# without this list a PostScript file named lesion.jpg went to the EPS plugin and Ghostscript
+# (and a crafted file to any of some forty decoders). Content in one of these four formats is
+# read whatever its supported extension says (a PNG named .jpg is a PNG): the four are the same
+# decoders a renamed file would reach anyway, and refusing a mislabelled image would lose a
+# result without making anything safer. The extension only decides which is tried first.
+DECODERS = ("JPEG", "PNG", "BMP", "TIFF")
+_DECODER_OF = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+NOT_AN_IMAGE = "not a recognised image file (skinclf reads JPEG, PNG, BMP and TIFF only)"
+
 # Dermatoscope cameras produce at most a few tens of megapixels; a header claiming more is a
 # decompression bomb or a corrupt file, and decoding it could exhaust memory.
 MAX_PIXELS = 80_000_000
@@ -41,6 +51,20 @@ class ImageError(Exception):
 def is_image_file(path: Path) -> bool:
     """True for a visible file whose extension (any case) is a supported image format."""
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def decoders_for(name: str | Path | None) -> list[str]:
+    """The decoders `open_image` lets Pillow try for a file called `name`, likeliest first."""
+    first = _DECODER_OF.get(Path(name).suffix.lower()) if name else None
+    return [first, *(d for d in DECODERS if d != first)] if first else list(DECODERS)
+
+
+def open_image(source: Path | str | BinaryIO, name: str | Path | None = None) -> Image.Image:
+    """`Image.open` limited to JPEG, PNG, BMP and TIFF: the one way skinclf opens an image
+    file. Raises PIL.UnidentifiedImageError for anything else (PostScript, GIF, WebP, ...)."""
+    if name is None and isinstance(source, (str, Path)):
+        name = source
+    return Image.open(source, formats=decoders_for(name))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -108,21 +132,21 @@ def load_image(path: Path | str, size: int, *, notes: list[str] | None = None) -
         raise _image_error(exc) from None
     if empty:
         raise ImageError("empty file (0 bytes)")
-    return _open_and_decode(path, size, notes)
+    return _open_and_decode(path, size, notes, path.name)
 
 
-def decode_image(data: bytes, size: int, *, notes: list[str] | None = None) -> np.ndarray:
-    """`load_image` for a file held in memory (an upload): the same checks, decoding and
-    resizing, byte for byte, without the bytes ever touching the disk."""
+def decode_image(data: bytes, size: int, *, notes: list[str] | None = None, name: str | None = None) -> np.ndarray:
+    """`load_image` for a file held in memory (an upload called `name`): the same checks,
+    decoders, decoding and resizing, byte for byte, without the bytes ever touching the disk."""
     if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
-    return _open_and_decode(io.BytesIO(data), size, notes)
+    return _open_and_decode(io.BytesIO(data), size, notes, name)
 
 
-def _open_and_decode(source: Path | BinaryIO, size: int, notes: list[str] | None) -> np.ndarray:
+def _open_and_decode(source: Path | BinaryIO, size: int, notes: list[str] | None, name: str | None) -> np.ndarray:
     """The one path behind `load_image` and `decode_image`: header checks, then `_decode`."""
     try:
-        with Image.open(source) as im:  # reads the header only
+        with open_image(source, name) as im:  # reads the header only
             width, height = im.size
             if width * height > MAX_PIXELS:
                 raise ImageError(f"image too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})")
@@ -144,7 +168,7 @@ def _image_error(exc: BaseException) -> ImageError:
     if isinstance(exc, IsADirectoryError):
         return ImageError("is a directory")
     if isinstance(exc, UnidentifiedImageError):
-        return ImageError("not a recognised image file")
+        return ImageError(NOT_AN_IMAGE)
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return ImageError(f"image too large ({exc})")
     reason = " ".join(str(exc).split()) or type(exc).__name__

@@ -244,7 +244,7 @@ def evaluate_predictions(
 def _seen_for_predictions(model: Path | None, model_info: dict | None, split: Path | None) -> SeenImages | None:
     """The training images of the model behind a predictions CSV: `--model`, else the model its
     sidecar names if that file is still the same model."""
-    from skinclf.model.meta import read_model_meta
+    from skinclf.model.onnx_meta import read_model_meta
 
     if model is None and model_info and Path(model_info["path"]).is_file():
         if sha256_file(Path(model_info["path"])) == model_info.get("sha256"):

@@ -19,7 +19,7 @@ import numpy as np
 from skinclf.backend import load_keras
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path, sha256_file
-from skinclf.model.meta import BUNDLE_FORMAT, META_MEMBER, ModelInfo, read_bundle_meta
+from skinclf.model.meta import BUNDLE_FORMAT, META_MEMBER, ModelInfo, check_graph, read_bundle_meta
 
 keras = load_keras()
 
@@ -63,7 +63,9 @@ def load_bundle(path: Path) -> Bundle:
     """Load a bundle; any problem with the file is a one-line SkinclfError."""
     path = Path(path)
     meta = read_bundle_meta(path)
-    import skinclf.model.network  # noqa: F401 - registers the custom layers (ShadesOfGray) the file names
+    # The bundle's custom layers (ShadesOfGray) are registered with Keras when their module is
+    # imported; without it, loading fails with "Could not locate class 'ShadesOfGray'".
+    import skinclf.model.network  # noqa: F401
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # a partial load is a corrupt model
@@ -71,7 +73,5 @@ def load_bundle(path: Path) -> Bundle:
     except Exception as exc:  # noqa: BLE001 - corrupt weights, wrong Keras version, ...
         reason = " ".join(str(exc).split())[:200]
         raise SkinclfError(f"cannot load model {path}: {reason}") from None
-    n_out = int(model.outputs[0].shape[-1])
-    if n_out != len(meta["classes"]):
-        raise SkinclfError(f"{path}: model has {n_out} outputs but its metadata names {len(meta['classes'])} classes")
+    check_graph(path, meta, outputs=model.outputs[0].shape[-1], input_shape=tuple(model.inputs[0].shape[1:3]))
     return Bundle(model=model, meta=meta, path=path, sha256=sha256_file(path))

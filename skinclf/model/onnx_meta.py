@@ -1,6 +1,7 @@
 """ONNX Runtime sessions and the skinclf metadata stored in an ONNX file, with no engine in sight.
 
-The bundle reads an ONNX model's metadata through here, so `model/` never imports `engines/`.
+The bundle reads an ONNX model's metadata through here, so `model/` never imports `engines/`;
+`read_model_meta` reads either form (a `.keras` bundle or its `.onnx` export).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from skinclf.errors import SkinclfError
+from skinclf.model.meta import check_graph, check_meta, read_bundle_meta
 from skinclf.parallel import usable_cpus
 
 META_KEY = "skinclf.json"
@@ -30,6 +32,9 @@ def session(path: Path | bytes, *, threads: int | None = None):
         import onnxruntime as ort
     except ImportError:
         raise SkinclfError(f"the ONNX engine needs ONNX Runtime, which is not installed: {INSTALL_HINT}") from None
+    # The switch that counts is ORT_DISABLE_TELEMETRY, set when skinclf is imported (see
+    # skinclf/__init__.py); this call also mutes the events a build may still emit.
+    ort.disable_telemetry_events()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or usable_cpus()
     options.inter_op_num_threads = 1
@@ -51,7 +56,23 @@ def read_meta(sess, path: Path) -> dict[str, Any]:
     if text is None:
         raise SkinclfError(f"{path} is an ONNX model but not a skinclf export (no {META_KEY} metadata); "
                            f"create one with: skinclf export MODEL.keras --format onnx --out {path}")
-    meta = json.loads(text)
-    if "classes" not in meta or "input_size" not in meta:
-        raise SkinclfError(f"{path}: its {META_KEY} metadata has no classes or input_size")
+    try:
+        meta = check_meta(json.loads(text), path)
+    except ValueError as exc:  # not JSON at all
+        raise SkinclfError(f"{path}: its {META_KEY} metadata is not valid JSON ({exc}); expected a JSON object "
+                           "with classes and input_size") from None
+    graph = {o.name: o.shape for o in sess.get_outputs()}
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    if "logits" not in graph or "image" not in inputs:
+        raise SkinclfError(f"{path}: the network has inputs {', '.join(inputs)} and outputs {', '.join(graph)}; "
+                           "expected input 'image' and output 'logits', as skinclf export writes them")
+    check_graph(path, meta, outputs=graph["logits"][-1], input_shape=inputs["image"][1:3])
     return meta
+
+
+def read_model_meta(path: Path) -> dict[str, Any]:
+    """The metadata of a `.keras` bundle or of its `.onnx` export, checked (no Keras needed)."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return read_meta(session(path, threads=1), path)
+    return read_bundle_meta(path)

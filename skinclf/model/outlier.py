@@ -164,6 +164,8 @@ def active_record(ood: Mapping[str, Any] | None, has_features: bool) -> Mapping[
     ONNX file exported before the `features` output). None: no fitted flag."""
     if not ood:
         return None
+    if "score" not in ood:  # records without a score are energy
+        ood = {**ood, "score": "energy"}
     if ood["score"] in FEATURE_SCORES and not (has_features and ood.get("features")):
         fallback = ood.get("fallback")
         return {**fallback, "pass_rate": ood.get("pass_rate"), "fitted_on": ood.get("fitted_on")} if fallback else None

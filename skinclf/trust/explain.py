@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageOps, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, PngImagePlugin
 
 from skinclf import ui
 from skinclf.config import EXPLAIN
@@ -127,9 +127,9 @@ def occlusion_map(
 
 def _display_image(path: Path, max_side: int) -> Image.Image:
     """The file as a person sees it (EXIF orientation, RGB), shrunk to `max_side` if larger."""
-    from skinclf.data.images import _to_rgb
+    from skinclf.data.images import _to_rgb, open_image
 
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im.draft("RGB", (max_side, max_side))
         shown = _to_rgb(ImageOps.exif_transpose(im))
         if max(shown.size) > max_side:
@@ -141,6 +141,19 @@ def _colour(heat: np.ndarray) -> np.ndarray:
     from matplotlib import colormaps
 
     return colormaps["inferno"](heat)[..., :3] * 255
+
+
+def label_font(size: int = 11) -> ImageFont.ImageFont:
+    """DejaVu Sans, which ships with matplotlib (found without importing it): Pillow's built-in
+    font gives a space 2 pixels wide at this size, so labels read as one word."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("matplotlib")
+    if spec and spec.origin:
+        path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size=size)
 
 
 def render(shown: Image.Image, heat: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, top_k: int,
@@ -157,6 +170,7 @@ def render(shown: Image.Image, heat: np.ndarray, probs: np.ndarray, classes: Seq
     canvas.paste(shown, (0, 0))
     canvas.paste(overlay, (w + GAP, 0))
     draw = ImageDraw.Draw(canvas)
+    draw.font = label_font()
     x0 = 2 * w + 2 * GAP + 6
     order = np.argsort(-probs, kind="stable")[:top_k]
     draw.text((x0, 4), f"map: drop in p({classes[order[0]]})", fill=(0, 0, 0))

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from skinclf.data.images import open_image
 from skinclf.errors import SkinclfError
 from skinclf.model.outlier import (
     FEATURE_SCORES,
@@ -268,7 +269,7 @@ def _matplotlib_samples() -> dict[str, list[Image.Image]]:
     out: dict[str, list[Image.Image]] = {"photographs": [], "other medical images": [], "charts": []}
     for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
         if (folder / name).is_file():
-            with Image.open(folder / name) as im:
+            with open_image(folder / name) as im:
                 out["photographs"].append(im.convert("RGB"))
     if (folder / "s1045.ima.gz").is_file():  # a 256 x 256 16-bit MRI slice
         mri = np.frombuffer(gzip.decompress((folder / "s1045.ima.gz").read_bytes()), "<u2").reshape(256, 256)

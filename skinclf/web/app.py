@@ -23,7 +23,6 @@ only when the app is built, so a missing extra is one clear `SkinclfError`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations at run time.
-import csv
 import html
 import io
 import json
@@ -33,7 +32,7 @@ from importlib import resources
 from typing import Any
 
 from skinclf import __version__
-from skinclf.batch.results import DISCLAIMER, columns
+from skinclf.batch.results import DISCLAIMER, columns, write_csv
 from skinclf.config import SERVE
 from skinclf.errors import SkinclfError
 from skinclf.web.classifier import (
@@ -117,9 +116,7 @@ def model_info(engine, limits: Limits, top_k: int) -> dict[str, Any]:
 def csv_text(header: list[str], rows: list[list[str]]) -> str:
     """The CSV `skinclf predict` writes for these rows: header, rows sorted by path, '\\n' lines."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(sorted(rows, key=lambda r: r[0]))
+    write_csv(buf, [header, *sorted(rows, key=lambda r: r[0])])  # cells guarded as predict's are
     return buf.getvalue()
 
 
