@@ -53,9 +53,9 @@ def issue_images(size: int) -> dict[str, np.ndarray]:
 
 def describe(engine, images: dict[str, np.ndarray], ood: dict | None) -> list[dict]:
     names, x = list(images), np.stack(list(images.values()))
-    logits = engine.logits(x)
+    logits, features = engine.forward(x)  # one pass: the flag may score the pooled features
     probs = softmax(logits)
-    scores, flagged = flag(logits, ood)
+    scores, flagged = flag(logits, ood, features)
     return [{"image": n, "top1": engine.classes[int(p.argmax())], "top1_prob": round(float(p.max()), 4),
              "ood_score": round(float(s), 4), "flagged": bool(f)}
             for n, p, s, f in zip(names, probs, scores, flagged)]
@@ -110,6 +110,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("models/skinclf-mobilenet.keras"))
     parser.add_argument("--val", type=Path, default=Path("data/prepared/val"))
+    parser.add_argument("--train", type=Path, default=Path("data/prepared/train"),
+                        help="training split: the features' statistics for the Mahalanobis flag")
     parser.add_argument("--out", type=Path, default=Path("reports/trust"))
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     parser.add_argument("--calibrated", type=Path, default=None, help="calibrated bundle [default: <out>/calibrated.keras]")
@@ -126,7 +128,8 @@ def main() -> int:
     del before_engine
 
     # The report's own calibrated bundle: regenerated on every run.
-    result = calibrate_model(model=args.model, data=args.val, out=target, report=args.out, overwrite=True)
+    result = calibrate_model(model=args.model, data=args.val, out=target, report=args.out, train=args.train,
+                             overwrite=True)
     engine = load_engine(target)
     after = describe(engine, issue, engine.meta.get("ood"))
 

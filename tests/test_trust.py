@@ -15,7 +15,7 @@ from PIL import Image
 
 from skinclf.cli import app
 from skinclf.errors import SkinclfError
-from skinclf.model.outlier import WARNING, flag, ood_scores
+from skinclf.model.outlier import SCORES, WARNING, flag, ood_scores
 from skinclf.model.posthoc import expected_calibration_error, fit_temperature, softmax
 from skinclf.trust.explain import explain_files, occlusion_map
 from skinclf.trust.ood import auroc, fit_ood, reference_outliers
@@ -203,18 +203,28 @@ def labelled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def train_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("labelled") / "train"
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for j in range(4):
+            lesion_image(CLASS_COLOURS[name], 1000 + 100 * c + j).save(root / name / f"{name}_{j}.jpg")
+    return root
+
+
 def bundle_meta(path: Path) -> dict:
     with zipfile.ZipFile(path) as zf:
         return json.loads(zf.read("skinclf.json"))
 
 
 def test_calibrate_command_folds_the_temperature_and_fits_the_ood_flag(runner, mobilenet_bundle, labelled_folder,
-                                                                       tmp_path: Path) -> None:
+                                                                       train_folder, tmp_path: Path) -> None:
     from skinclf.engines.load import load_engine
 
     out = tmp_path / "calibrated.keras"
     result = runner.invoke(app, ["calibrate", str(mobilenet_bundle), "--data", str(labelled_folder), "--out", str(out),
-                                 "--report", str(tmp_path / "rep")])
+                                 "--report", str(tmp_path / "rep"), "--train", str(train_folder)])
     assert result.exit_code == 0, result.output
     assert "ECE" in result.output and "photographs" in result.output
     meta = bundle_meta(out)
@@ -222,7 +232,9 @@ def test_calibrate_command_folds_the_temperature_and_fits_the_ood_flag(runner, m
     factor = cal["refit"]["factor"]
     assert cal["temperature"] == pytest.approx(factor) and factor > 0 and cal["images"] == 28
     assert cal["validation_after"]["nll"] <= cal["validation_before"]["nll"] + 1e-9
-    assert ood["score"] in ("energy", "max_logit", "max_prob") and ood["pass_rate"] == 0.95
+    assert ood["score"] in SCORES and ood["pass_rate"] == 0.95
+    assert {"mahalanobis", "relative_mahalanobis", "energy"} <= set(ood["separation"])  # features were candidates
+    assert set(ood["flag_rates_per_class"]) == set(CLASSES)
     assert ood["flag_rates"][str(labelled_folder)] <= 0.05 + 1e-9 and "text" in ood["flag_rates"]
     assert (tmp_path / "rep" / "reliability.png").is_file()
     assert json.loads((tmp_path / "rep" / "calibration.json").read_text())["ood"]["threshold"] == ood["threshold"]
@@ -234,7 +246,8 @@ def test_calibrate_command_folds_the_temperature_and_fits_the_ood_flag(runner, m
 
     # Calibrating again composes with the temperature already folded in.
     again = tmp_path / "twice.keras"
-    assert runner.invoke(app, ["calibrate", str(out), "--data", str(labelled_folder), "--out", str(again)]).exit_code == 0
+    assert runner.invoke(app, ["calibrate", str(out), "--data", str(labelled_folder), "--out", str(again),
+                               "--train", str(train_folder)]).exit_code == 0
     second = bundle_meta(again)["calibration"]
     assert second["refit"]["previous_temperature"] == pytest.approx(factor)
     assert second["temperature"] == pytest.approx(factor * second["refit"]["factor"])
@@ -246,6 +259,13 @@ def test_calibrate_command_failures(runner, mobilenet_bundle, labelled_folder, t
     bad_rate = runner.invoke(app, ["calibrate", str(mobilenet_bundle), "--data", str(labelled_folder),
                                    "--pass-rate", "1.5"])
     assert bad_rate.exit_code == 1 and "--pass-rate 1.5" in bad_rate.output
+    no_train = runner.invoke(app, ["calibrate", str(mobilenet_bundle), "--data", str(labelled_folder),
+                                   "--train", str(tmp_path / "none"), "--out", str(tmp_path / "x.keras")])
+    assert no_train.exit_code == 1 and no_train.output.startswith(f"Error: --train {tmp_path / 'none'}: not a folder")
+    same = runner.invoke(app, ["calibrate", str(mobilenet_bundle), "--data", str(labelled_folder),
+                               "--train", str(labelled_folder), "--out", str(tmp_path / "x.keras")])
+    assert same.exit_code == 1 and "is the --data folder" in same.output
+    assert not (tmp_path / "x.keras").exists()
     # The held-out test split of the model's own split is refused: fitting there would bias every test figure.
     split = tmp_path / "prepared"
     (split / "test" / "nv").mkdir(parents=True)

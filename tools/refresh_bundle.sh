@@ -2,14 +2,18 @@
 # Make the finished training run the bundled model and regenerate everything derived from it,
 # in one command (run from the repository root, with the train extra installed):
 #
-#     bash tools/refresh_bundle.sh
+#     bash tools/refresh_bundle.sh                 # from the finished training run (step 1 on)
+#     bash tools/refresh_bundle.sh --from-bundled  # from models/skinclf-mobilenet.keras as it is (step 2 on)
 #
 # 1. re-bundle the finished run of tools/train_bundled.sh (no training: the best epoch, prior
 #    correction and temperature fitted on validation, the split's image ids) and average it with
 #    the earlier exp02 network into models/ (skinclf ensemble, its own post-hoc fitted on validation);
-# 2. calibrate: temperature refit and the out-of-distribution threshold on validation, the trust
-#    figures and heat maps (bench/trust_report.py, docs/);
-# 3. the ONNX form, checked against Keras (skinclf export);
+# 2. calibrate: temperature refit and the out-of-distribution flag (the Mahalanobis distance of the
+#    pooled features: class means and covariance fitted on data/prepared/train, threshold passing
+#    95% of validation), the trust figures and heat maps (bench/trust_report.py, docs/);
+# 2b. the held-out test figures and the flag's false-alarm rate on test recorded in the bundle, for
+#    /api/model (tools/held_out_figures.py: a look at the test split, after every choice is made);
+# 3. the ONNX form with its `features` output, checked against Keras (skinclf export);
 # 4. validation and test reports (reports/val, reports/test: the test split is a second look);
 # 5. the test figures' PNGs in models/, the fixed-image outputs the integration test checks
 #    (tests/fixed_image_expected.json) and every figures table in README.md and the model card
@@ -22,16 +26,22 @@ model=models/skinclf-mobilenet.keras
 #    re-bundles it without training);
 #  - exp02, the previous bundled model (feature-cache recipe), taken from the commit that
 #    bundled it and checked by its SHA-256.
-bash tools/train_bundled.sh --resume
-exp02_sha=fb677a43f5566fb0218afdcb745fffe86f5d3ba57229c155d7b182f11a832a78
-git show 204a6bb:models/skinclf-mobilenet.keras > runs/exp02.keras
-echo "$exp02_sha  runs/exp02.keras" | sha256sum --check --quiet
-# Prior correction, the melanoma decision weight and the temperature are fitted or chosen on
-# the validation split (model card: the weight is the largest validation balanced accuracy
-# with melanoma recall >= 0.75).
-skinclf ensemble runs/exp10.keras runs/exp02.keras --out "$model" --overwrite --val data/prepared/val \
-  --prior-correction fit --decision-weight mel=1.75 --calibrate
+if [ "${1:-}" != "--from-bundled" ]; then
+  bash tools/train_bundled.sh --resume
+  exp02_sha=fb677a43f5566fb0218afdcb745fffe86f5d3ba57229c155d7b182f11a832a78
+  git show 204a6bb:models/skinclf-mobilenet.keras > runs/exp02.keras
+  echo "$exp02_sha  runs/exp02.keras" | sha256sum --check --quiet
+  # Prior correction, the melanoma decision weight and the temperature are fitted or chosen on
+  # the validation split (model card: the weight is the largest validation balanced accuracy
+  # with melanoma recall >= 0.75).
+  skinclf ensemble runs/exp10.keras runs/exp02.keras --out "$model" --overwrite --val data/prepared/val \
+    --prior-correction fit --decision-weight mel=1.75 --calibrate
+fi
+# Step 2 starts here with --from-bundled: everything below reads only models/skinclf-mobilenet.keras.
+# calibrate (inside trust_report) reads data/prepared/train for the features' statistics.
 python bench/trust_report.py --model "$model" --val data/prepared/val --out reports/trust --docs docs --in-place
+python tools/held_out_figures.py --model "$model" --test data/prepared/test \
+  --note "second look: the test split was evaluated once before, for the previous bundled model (exp02)"
 skinclf export "$model" --format onnx --out models/skinclf-mobilenet.onnx
 skinclf evaluate --model "$model" --data data/prepared/val --out reports/val --engine keras --json > reports/val.json
 skinclf evaluate --model "$model" --data data/prepared/test --out reports/test --engine keras --json > reports/test.json

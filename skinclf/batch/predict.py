@@ -109,6 +109,13 @@ def _count(lines: list[list[str]], header: list[str]) -> tuple[int, int]:
     return sum(1 for r in lines if r[error]), sum(1 for r in lines if r[warning])
 
 
+def _active(runner) -> dict[str, Any] | None:
+    """The model's OOD record this engine can score (a feature score needs its features)."""
+    from skinclf.model.outlier import active_record
+
+    return active_record(runner.meta.get("ood"), runner.features_dim > 0)
+
+
 def _ood_note(ood: dict[str, Any] | None, flagged: int) -> dict[str, Any]:
     """What the ood_score column means for this model, for the sidecar."""
     if not ood:
@@ -168,7 +175,7 @@ def _classify(runner, output, *, directory: Path, todo: list[str], problems: lis
     from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
     from skinclf.model.outlier import flag
 
-    classes, ood, header = runner.classes, runner.meta.get("ood"), columns(runner.classes, top_k, all_probs)
+    classes, ood, header = runner.classes, _active(runner), columns(runner.classes, top_k, all_probs)
     tally, pending = _Tally(), sorted(problems, key=lambda r: r[0])
     t0 = time.perf_counter()
     with ui.progress(enabled=show_progress) as progress:
@@ -176,7 +183,7 @@ def _classify(runner, output, *, directory: Path, todo: list[str], problems: lis
         count = 0
         for batch in predict_files(runner, [directory / f for f in todo], image_size=runner.image_size,
                                    batch_size=batch_size, workers=workers, tta=tta):
-            scores, flagged = flag(batch.logits, ood)
+            scores, flagged = flag(batch.logits, ood, batch.features)
             rows = []
             for path, probs, error, notes, score, odd in zip(batch.paths, batch.probs, batch.errors,
                                                              batch.warnings, scores, flagged):
@@ -269,7 +276,7 @@ def _finish(output, *, runner, directory: Path, header: list[str], files: int, r
     resume = sidecar_record(target=output.target, run=run, keys=output.record.keys, paths=[r[0] for r in lines[1:]],
                             kept=len(output.done), redone=output.redone)
     _write_sidecar(output.target, bundle=runner, directory=directory, files=files, errors=tally.errors,
-                   warnings=tally.warned, options=options, ood=_ood_note(runner.meta.get("ood"), tally.unlike),
+                   warnings=tally.warned, options=options, ood=_ood_note(_active(runner), tally.unlike),
                    resume=resume)
     output.forget_record()
     return tally

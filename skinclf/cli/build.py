@@ -264,7 +264,10 @@ def calibrate(
     pass_rate: float = typer.Option(CALIBRATE.pass_rate, "--pass-rate", help="Share of the folder's images that "
                                     "must pass the 'unlike the training images' flag."),
     ood_score: Optional[str] = typer.Option(None, "--ood-score", metavar="SCORE", help="Force the OOD score: energy, max_logit or "
-                                            "max_prob [default: the one separating best]."),
+                                            "max_prob, mahalanobis or relative_mahalanobis [default: the one "
+                                            "separating best]."),
+    train: Path = typer.Option(Path("data/prepared/train"), "--train", help="Labelled training split: the pooled "
+                               "features' class means and covariance for the Mahalanobis scores."),
     batch_size: options.BatchSize = CALIBRATE.batch_size,
     workers: options.Workers = CALIBRATE.workers,
     overwrite: options.Overwrite = False,
@@ -282,7 +285,8 @@ def calibrate(
         from skinclf.trust.calibrate import calibrate_model
 
         result = calibrate_model(model=model, data=data, out=out_model, report=report, pass_rate=pass_rate,
-                                 ood_score=ood_score, batch_size=batch_size, workers=workers, overwrite=overwrite)
+                                 ood_score=ood_score, train=train, batch_size=batch_size, workers=workers,
+                                 overwrite=overwrite)
     cal, ood = result.calibration, result.ood
     table = Table(title=f"Calibration on {cal['fitted_on']} ({cal['images']} images)")
     for column in ("", "ECE (15 bins)", "NLL", "Brier"):

@@ -103,7 +103,7 @@ def _keras_logits(bundle) -> Any:
 def _export_meta(bundle, fmt: str) -> dict[str, Any]:
     return {**bundle.meta, "export": {"format": fmt, "source": bundle.path.name, "source_sha256": bundle.sha256,
                                       "skinclf": __version__, "inputs": "image: NHWC float32 RGB 0..255, any batch",
-                                      "outputs": ["logits", "probabilities"]}}
+                                      "outputs": ["logits", "probabilities"] + (["features"] if fmt.startswith("onnx") else [])}}
 
 
 def _onnx_bytes(bundle, folded, meta: dict[str, Any]) -> bytes:
@@ -123,11 +123,37 @@ def _onnx_run(data: bytes, images: np.ndarray, *, batch: int = 16) -> np.ndarray
                            for i in range(0, len(images), batch)])
 
 
+def _check_features(data: bytes, images: np.ndarray, folded, tolerance: float) -> float:
+    """The ONNX `features` output against the Keras engine's pooled features on the probe images
+    (what the out-of-distribution score reads); raises like `_check`."""
+    from skinclf.engines.keras import with_features
+    from skinclf.model.onnx_meta import session
+
+    sess = session(data)
+    exported = np.concatenate([sess.run(["features"], {"image": images[i : i + 16]})[0]
+                               for i in range(0, len(images), 16)])
+    both = with_features(folded)
+    if both is None:
+        raise SkinclfError("the model has no global average pooling to take features from; nothing written")
+    expected = np.asarray(both.predict(images, batch_size=16, verbose=0)[1], dtype="float32")
+    diff = float(np.nanmax(np.abs(exported - expected))) if exported.shape == expected.shape else float("inf")
+    scale = max(1.0, float(np.abs(expected).max()))  # features are not bounded by 1 like probabilities
+    if not diff <= tolerance * scale:
+        raise SkinclfError(f"the onnx export's features do not match the Keras model's (max abs difference "
+                           f"{diff:.3g} > {tolerance:g} x {scale:.3g} on the probe images); nothing written")
+    return diff
+
+
 def _quantize(float_onnx: bytes, calibration: np.ndarray) -> bytes:
     """Static int8 quantization (QDQ, per-channel weights), calibrated on `calibration` images."""
     import tempfile
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -156,7 +182,9 @@ def _tflite_bytes(folded) -> tuple[bytes, Any]:
     """A TensorFlow Lite flatbuffer (float32) with outputs logits and probabilities, and a runner."""
     try:
         import tensorflow as tf
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2,
+        )
     except ImportError:
         raise SkinclfError('--format tflite needs TensorFlow: pip install "skinclf[train]"') from None
     size = int(folded.inputs[0].shape[1])
@@ -279,6 +307,8 @@ def export_model(
     else:
         data = _onnx_bytes(bundle, folded, meta)
         diff = _check("onnx", _onnx_run(data, images), expected, tolerance)
+        meta["export"]["features_max_abs_diff"] = _check_features(data, images, folded, tolerance)
+        data = _onnx_bytes(bundle, folded, meta)  # the same graph, its check recorded
         if format == "onnx-int8":
             if calibration is None or not Path(calibration).is_dir():
                 raise SkinclfError(f"--calibration {calibration}: int8 needs a labelled folder of training images "

@@ -20,11 +20,14 @@ class KerasEngine(Engine):
         super().__init__(meta=bundle.meta, path=bundle.path, sha256=bundle.sha256, batch_size=batch_size)
         from skinclf.model.network import logits_model
 
-        self.model = inference_model(logits_model(bundle.model), image_size=bundle.image_size)
+        logits = inference_model(logits_model(bundle.model), image_size=bundle.image_size)
+        # One model, two outputs: the pooled features come free with the logits' forward pass.
+        self.model = with_features(logits) or logits
+        self._two = len(self.model.outputs) == 2
 
     @classmethod
     def from_model(cls, model, *, batch_size: int, image_size: int | None = None,
-                   meta: dict[str, Any] | None = None) -> "KerasEngine":
+                   meta: dict[str, Any] | None = None) -> KerasEngine:
         """An engine around an in-memory Keras model (training's final validation, tests)."""
         from skinclf.model.bundle import Bundle
 
@@ -33,8 +36,57 @@ class KerasEngine(Engine):
         meta = meta or {"classes": [str(i) for i in range(n)], "input_size": [size, size]}
         return cls(Bundle(model=model, meta=meta, path=Path(f"{model.name}.keras")), batch_size=batch_size)
 
-    def _logits(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model.predict_on_batch(x), dtype="float32")
+    @property
+    def features_dim(self) -> int:
+        return int(self.model.outputs[1].shape[-1]) if self._two else 0
+
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self._two:  # a model without global average pooling: logits only
+            return np.asarray(self.model.predict_on_batch(x), dtype="float32"), None
+        logits, features = self.model.predict_on_batch(x)
+        return np.asarray(logits, dtype="float32"), np.asarray(features, dtype="float32")
+
+
+def with_features(model):
+    """A model giving `[logits, features]` from one forward pass of `model` (a logits chain or an
+    ensemble of them, as `inference_model` returns it), or None when it has no global average
+    pooling: the same layers (weights shared) re-applied to a fresh input, the features taken
+    where the (last) GlobalAveragePooling2D is applied ('pool', before dropout and the
+    classifier). An ensemble's features are its members' side by side, in member order."""
+    from skinclf.backend import load_keras
+    from skinclf.model.ensemble import members
+
+    keras = load_keras()
+    inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name="image")
+    nested = members(model)
+    if not nested:
+        logits, features = _chain_with_features(model, inputs)
+        return None if features is None else keras.Model(inputs, [logits, features], name=f"{model.name}_features")
+    pairs = []
+    for m in nested:  # each member its own sub-model: members' layers share names
+        own = keras.Input(tuple(m.inputs[0].shape[1:]), name="image")
+        logits, features = _chain_with_features(m, own)
+        if features is None:
+            return None
+        pairs.append(keras.Model(own, [logits, features], name=m.name)(inputs))
+    mean = keras.layers.Average(name="mean_logits")([z for z, _ in pairs])
+    logits = model.get_layer("predictions")(mean)
+    features = keras.layers.Concatenate(name="features")([f for _, f in pairs])
+    return keras.Model(inputs, [logits, features], name=f"{model.name}_features")
+
+
+def _chain_with_features(model, x):
+    # Re-applying the layers (not `layer.output`): a layer shared by several graphs has several
+    # call sites, and its `.output` would name the wrong one.
+    from skinclf.backend import load_keras
+
+    pooling = load_keras().layers.GlobalAveragePooling2D
+    features = None
+    for layer in model.layers[1:]:
+        x = layer(x)
+        if isinstance(layer, pooling):
+            features = x
+    return x, features
 
 
 def keras_available() -> bool:

@@ -39,6 +39,10 @@ class OnnxEngine(Engine):
         super().__init__(meta=meta, path=model_path or path, sha256=export.get("source_sha256", ""),
                          batch_size=batch_size)
         self.format = export.get("format", "onnx")
+        outputs = {o.name: o for o in sess.get_outputs()}
+        # Files exported before the `features` output still run, with the logit-based flag only.
+        self._outputs = ["logits", "features"] if "features" in outputs else ["logits"]
+        self._features_dim = int(outputs["features"].shape[-1]) if "features" in outputs else 0
 
     @property
     def source_sha256(self) -> str:
@@ -48,8 +52,13 @@ class OnnxEngine(Engine):
         return {**super().identity(), "onnx": str(self.onnx_path), "onnx_sha256": sha256_file(self.onnx_path),
                 "format": self.format, "threads": self.threads}
 
-    def _padded(self, x: np.ndarray) -> np.ndarray:
-        return self._logits(x)  # the graph's batch is dynamic: no padding needed
+    @property
+    def features_dim(self) -> int:
+        return self._features_dim
 
-    def _logits(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(["logits"], {"image": np.ascontiguousarray(x, dtype="float32")})[0]
+    def _padded(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._forward(x)  # the graph's batch is dynamic: no padding needed
+
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.session.run(self._outputs, {"image": np.ascontiguousarray(x, dtype="float32")})
+        return out[0], (out[1] if len(out) > 1 else None)

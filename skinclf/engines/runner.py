@@ -25,14 +25,16 @@ class BatchResult:
     """One batch of files: probabilities and logits (NaN rows where decoding failed), per-file
     errors, and per-file warnings (the file was classified, but the result deserves caution).
 
-    With test-time augmentation, `probs` is the mean of the views' probabilities and `logits`
-    the mean of their logits."""
+    With test-time augmentation, `probs` is the mean of the views' probabilities, `logits` and
+    `features` (the pooled features of the same forward pass; None when the engine gives none)
+    the mean of theirs."""
 
     paths: list[Path]
     probs: np.ndarray
     errors: list[str | None]
     warnings: list[list[str]] = field(default_factory=list)
     logits: np.ndarray | None = None
+    features: np.ndarray | None = None
 
 
 # The dihedral group of the square: flips and quarter turns leave a dermoscopic image a valid
@@ -70,18 +72,21 @@ def _decode(paths: list[Path], image_size: int) -> tuple[list[Path], np.ndarray,
     return paths, x, errors, notes
 
 
-def engine_tta(engine, tta: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """A function from a batch to (probabilities, logits), averaged over `tta` views."""
+def engine_tta(engine, tta: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """A function from a batch to (probabilities, logits, features), averaged over `tta` views;
+    features are None when the engine gives none."""
     from skinclf.engines.base import softmax
 
     if tta not in TTA_CHOICES:
         raise SkinclfError(f"--tta {tta}: choose one of {', '.join(map(str, TTA_CHOICES))}")
 
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits = [np.asarray(engine.logits(np.ascontiguousarray(view(x))), dtype="float32") for view in _VIEWS[:tta]]
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        outs = [engine.forward(np.ascontiguousarray(view(x))) for view in _VIEWS[:tta]]
+        logits = [np.asarray(z, dtype="float32") for z, _ in outs]
+        features = None if outs[0][1] is None else np.mean([f for _, f in outs], axis=0, dtype="float32")
         if tta == 1:
-            return softmax(logits[0]), logits[0]
-        return np.mean([softmax(z) for z in logits], axis=0), np.mean(logits, axis=0)
+            return softmax(logits[0]), logits[0], features
+        return np.mean([softmax(z) for z in logits], axis=0), np.mean(logits, axis=0), features
 
     return run
 
@@ -98,26 +103,31 @@ def as_engine(model, *, batch_size: int, image_size: int | None = None):
 
 def predict_files(
     engine, paths: Sequence[Path], *, image_size: int | None = None, batch_size: int | None = None, workers: int,
-    tta: int = 1, optimize: bool = True,
+    tta: int = 1, optimize: bool = True, features: bool = True,
 ) -> Iterator[BatchResult]:
     """Yield a BatchResult per `batch_size` files, in order; bad files never stop the stream.
 
     `engine` is an `engines.Engine` (a Keras model is wrapped in a KerasEngine, batch norms
     folded). Decoding runs in `workers` threads a few batches ahead. `optimize` is kept for
-    callers of the Keras-model form; engines are always prepared.
+    callers of the Keras-model form; engines are always prepared. Each batch carries the pooled
+    features of the same forward pass when the engine gives them (`features` False: dropped).
     """
     batch_size = batch_size or getattr(engine, "batch_size", 16)
     engine = as_engine(engine, batch_size=batch_size, image_size=image_size)
     image_size = image_size or engine.image_size
     run = engine_tta(engine, tta)
-    n_classes = len(engine.classes)
+    n_classes, width = len(engine.classes), engine.features_dim if features else 0
     tasks = [partial(_decode, list(paths[i : i + batch_size]), image_size) for i in range(0, len(paths), batch_size)]
     for batch_paths, x, errors, notes in in_background(tasks, workers=max(1, workers)):
         ok = [j for j, e in enumerate(errors) if e is None]
         probs = np.full((len(batch_paths), n_classes), np.nan, dtype="float32")
         logits = np.full((len(batch_paths), n_classes), np.nan, dtype="float32")
-        if len(ok) == len(errors):
-            probs[:], logits[:] = run(x)
-        elif ok:
-            probs[ok], logits[ok] = run(x[ok])
-        yield BatchResult(paths=batch_paths, probs=probs, errors=errors, logits=logits, warnings=notes)
+        feats = np.full((len(batch_paths), width), np.nan, dtype="float32") if width else None
+        if ok:
+            rows = slice(None) if len(ok) == len(errors) else ok
+            p, z, f = run(x if len(ok) == len(errors) else x[ok])
+            probs[rows], logits[rows] = p, z
+            if feats is not None and f is not None:
+                feats[rows] = f
+        yield BatchResult(paths=batch_paths, probs=probs, errors=errors, logits=logits, warnings=notes,
+                          features=feats)

@@ -15,8 +15,9 @@ the layers, each mapped to one or a few ONNX nodes:
     Dense              Gemm; the last one's softmax split off
 
 The graph takes `image`, NHWC float32 RGB 0..255 with a dynamic batch (what `images.load_image`
-returns), transposes it to NCHW once, and gives two outputs: `logits` and `probabilities`
-(= softmax(logits)). Anything else raises SkinclfError naming the layer. The caller
+returns), transposes it to NCHW once, and gives three outputs: `logits`, `probabilities`
+(= softmax(logits)) and `features`, the global-average-pooled features the classifier reads (an
+ensemble's members' side by side), for the out-of-distribution score. Anything else raises SkinclfError naming the layer. The caller
 (`skinclf.export`) checks the converted graph against Keras before writing it.
 """
 
@@ -126,14 +127,15 @@ def _shades_of_gray(g: _Graph, x: str, layer) -> str:
     return g.op("Clip", [g.op("Mul", [x, gain], base), g.const(base, 0.0), g.const(base, 255.0)], base)
 
 
-def _chain(g: _Graph, model, x: str, hw: tuple[int, int], *, output: str | None) -> str:
-    """Convert one chain model's layers from NCHW input `x`; returns its logits' name."""
+def _chain(g: _Graph, model, x: str, hw: tuple[int, int], *, output: str | None) -> tuple[str, str]:
+    """Convert one chain model's layers from NCHW input `x`; returns its logits' and pooled
+    features' names."""
     layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
     denses = [i for i, layer in enumerate(layers) if type(layer).__name__ == "Dense"]
     if not denses:
         raise SkinclfError("the model has no Dense classifier layer to export")
     flat = False
-    logits = ""
+    logits = features = ""
     for i, layer in enumerate(layers):
         kind = type(layer).__name__
         cfg = layer.get_config()
@@ -166,7 +168,7 @@ def _chain(g: _Graph, model, x: str, hw: tuple[int, int], *, output: str | None)
             if cfg.get("keepdims"):
                 raise SkinclfError(f"layer {layer.name}: GlobalAveragePooling2D(keepdims=True) is not supported")
             x = g.op("Flatten", [g.op("GlobalAveragePool", [x], layer.name)], layer.name, axis=1)
-            flat = True
+            flat, features = True, x
         elif kind == "Dropout":
             continue
         elif kind == "Dense":
@@ -181,7 +183,7 @@ def _chain(g: _Graph, model, x: str, hw: tuple[int, int], *, output: str | None)
         else:
             raise SkinclfError(f"layer {layer.name} ({kind}) has no ONNX form in skinclf's converter "
                                f"(supported: {', '.join(SUPPORTED[1:])})")
-    return logits
+    return logits, features
 
 
 def _relu(g: _Graph, x: str, layer, cfg: dict) -> str:
@@ -207,9 +209,18 @@ def _dense(g: _Graph, x: str, layer, cfg: dict, *, last: bool, output: str | Non
     return y if last else _activation(g, y, cfg["activation"], layer.name)
 
 
+def _features_width(model, nested: list) -> int:
+    """Channels entering the pooling layer(s): the width of the `features` output."""
+    def width(chain) -> int:
+        pools = [layer for layer in chain.layers if type(layer).__name__ == "GlobalAveragePooling2D"]
+        return int(pools[0].output.shape[-1]) if pools else 0
+
+    return sum(width(m) for m in nested) if nested else width(model)
+
+
 def keras_to_onnx(model, *, doc: str = "", metadata: dict[str, str] | None = None):
     """An `onnx.ModelProto` computing `model` (a skinclf chain, or an ensemble of chains) with
-    outputs logits and probabilities.
+    outputs logits, probabilities and features.
 
     Pass the model with its batch norms folded (`model.fold_batch_norm`) for the fastest graph;
     unfolded batch norms become Mul/Add. An ensemble (`skinclf ensemble`) becomes each member's
@@ -228,18 +239,25 @@ def keras_to_onnx(model, *, doc: str = "", metadata: dict[str, str] | None = Non
     x = g.op("Transpose", ["image"], "to_nchw", perm=[0, 3, 1, 2])
     nested = members(model)
     if nested:
-        mean = g.op("Mean", [_chain(g, m, x, hw, output=None) for m in nested], "mean_logits")
+        chains = [_chain(g, m, x, hw, output=None) for m in nested]
+        mean = g.op("Mean", [z for z, _ in chains], "mean_logits")
         head = model.get_layer("predictions")
         logits = _dense(g, mean, head, head.get_config(), last=True, output="logits")
+        g.op("Concat", [f for _, f in chains], "features", output="features", axis=1)
     else:
-        logits = _chain(g, model, x, hw, output="logits")
+        logits, features = _chain(g, model, x, hw, output="logits")
+        g.op("Identity", [features], "features", output="features")
+    if not all(f for _, f in (chains if nested else [(logits, features)])):
+        raise SkinclfError("the model has no GlobalAveragePooling2D layer to take features from")
     g.op("Softmax", [logits], "softmax", output="probabilities", axis=1)
     n_classes = int(model.outputs[0].shape[-1])
+    width = _features_width(model, nested)
     graph = helper.make_graph(
         g.nodes, "skinclf",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", int(shape[0]), int(shape[1]), 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", n_classes])],
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", n_classes]),
+         helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
         initializer=g.inits,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="skinclf",

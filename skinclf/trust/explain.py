@@ -9,6 +9,9 @@ probabilities. A map is a guide to where the model looked, not a proof of why.
 
 Each picture is written as `<out>/<name>.png`: the image, the map over the image (both at the
 image's own size, up to `max_side`), and the top-k probabilities; `explain.json` lists them.
+A map whose largest drop is below `FLAT_DROP` is flat: nothing covered moves the top class, so
+it is not painted (its colours would only be noise stretched to the full scale) and the
+picture says so.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ _MARKER = PngImagePlugin.PngInfo()
 _MARKER.add_text("Software", "skinclf")
 GAP = 6  # pixels between panels
 BAR_PANEL = 260
+FLAT_DROP = 0.05  # below this largest drop of p(top class), a map says nothing: it is reported flat
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Explained:
     max_drop: float  # the largest mean drop of the top class's probability
     panel_size: tuple[int, int]  # (width, height) of the image and map panels
     unlike_training: bool | None = None  # None: the model has no fitted OOD flag
+    flat: bool = False  # max_drop < FLAT_DROP: no region matters; the map is not painted
 
 
 @dataclass
@@ -175,8 +180,8 @@ def render(shown: Image.Image, heat: np.ndarray, probs: np.ndarray, classes: Seq
         draw.text((x0, y), f"{classes[i]} {probs[i]:.2f}", fill=(0, 0, 0))
         draw.rectangle((x0 + 80, y + 2, x0 + 80 + int(160 * float(probs[i])), y + 11), fill=(70, 110, 180))
         y += 18
-    if note:
-        draw.text((x0, y + 6), note, fill=(190, 30, 30))
+    for line in [n for n in note.split("\n") if n]:
+        draw.text((x0, y + 6), line, fill=(190, 30, 30))
         y += 20
     draw.text((x0, min(height - 14, y + 10)), "not a diagnosis", fill=(120, 120, 120))
     return canvas
@@ -229,12 +234,16 @@ def explain_files(
                 continue
             heat, probs = occlusion_map(engine, x, patch=patch, stride=stride, fill=fill)
             max_drop = float(heat.max())
-            scaled = np.clip(heat, 0, None) / max_drop if max_drop > 0 else np.zeros_like(heat)
+            flat = max_drop < FLAT_DROP
+            scaled = np.zeros_like(heat) if flat else np.clip(heat, 0, None) / max_drop
             unlike = None
-            if ood and hasattr(engine, "logits"):
+            if ood and hasattr(engine, "forward"):
+                unlike = _unlike(engine, x, ood)
+            elif ood and hasattr(engine, "logits"):
                 unlike = bool(flag(engine.logits(x[None]), ood)[1][0])
-            picture = render(shown, scaled, probs, classes, top_k=top_k, max_drop=max_drop,
-                             note="unlike the training images!" if unlike else "")
+            notes = [f"flat map: no region moves p(top) by {FLAT_DROP}" if flat else "",
+                     "unlike the training images!" if unlike else ""]
+            picture = render(shown, scaled, probs, classes, top_k=top_k, max_drop=max_drop, note="\n".join(notes))
             target = out / name
             with atomic_path(target) as tmp:
                 picture.save(tmp, format="PNG", optimize=True, pnginfo=_MARKER)
@@ -243,9 +252,17 @@ def explain_files(
             summary.explained.append(Explained(
                 path=rel, png=target, top=[(classes[i], round(float(probs[i]), 4)) for i in order],
                 peak=(round((peak[0] + 0.5) / heat.shape[0], 4), round((peak[1] + 0.5) / heat.shape[1], 4)),
-                max_drop=round(max_drop, 4), panel_size=shown.size, unlike_training=unlike))
+                max_drop=round(max_drop, 4), panel_size=shown.size, unlike_training=unlike, flat=flat))
             progress.update(task, advance=1)
     return summary
+
+
+def _unlike(engine, x: np.ndarray, ood) -> bool:
+    """The OOD flag of one image from one forward pass (logits and, when given, features)."""
+    from skinclf.model.outlier import flag
+
+    logits, features = engine.forward(x[None])
+    return bool(flag(logits, ood, features)[1][0])
 
 
 def list_inputs(source: Path) -> list[tuple[str, Path]]:

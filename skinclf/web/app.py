@@ -3,7 +3,8 @@
     GET  /               the page (one static file, `skinclf/web/static/index.html`; works offline)
     POST /api/predict    multipart upload of one or many images -> one result per file, the
                          same fields and cells as a `skinclf predict` CSV row (?format=csv: the CSV)
-    GET  /api/model      classes, identity and the validation metrics the model was accepted with
+    GET  /api/model      classes, identity, the held-out test figures the model was accepted with
+                         (validation's when the bundle has none) and the OOD flag's measured rates
     GET  /healthz        liveness: 503 with the reason once the model thread has stopped
     GET  /docs           the API, rendered from /openapi.json without any external script
 
@@ -79,12 +80,30 @@ def page_html() -> str:
 
 
 def model_info(engine, limits: Limits, top_k: int) -> dict[str, Any]:
-    """GET /api/model: what the page shows about the model, and the limits it must respect."""
-    validation = engine.meta.get("metrics", {}).get("validation", {}) or {}
+    """GET /api/model: what the page shows about the model, and the limits it must respect.
+
+    `accepted_with` is the honest headline: the held-out test figures the model was accepted
+    with when the bundle records them (`metrics.test`), else the validation figures, which
+    chose the model and flatter it; `ood` is the "unlike the training images" flag this
+    engine applies and its measured flag rates."""
+    from skinclf.model.outlier import active_record
+
+    metrics = engine.meta.get("metrics", {}) or {}
+    shown = {split: {k: metrics[split][k] for k in METRIC_KEYS if k in metrics[split]}
+             for split in ("test", "validation") if metrics.get(split)}
+    headline = "test" if "test" in shown else "validation"
+    ood = active_record(engine.meta.get("ood"), getattr(engine, "features_dim", 0) > 0)
     return {
         "identity": engine.identity(),
         "classes": engine.classes,
-        "metrics": {"validation": {k: validation[k] for k in METRIC_KEYS if k in validation}},
+        "metrics": {"validation": shown.get("validation", {}), **({"test": shown["test"]} if "test" in shown else {})},
+        "accepted_with": {"split": headline, "note": (metrics.get("test") or {}).get("note") if headline == "test"
+                          else "validation figures: they chose the model's settings, so they flatter it",
+                          **shown.get(headline, {})},
+        "ood": None if not ood else {
+            "score": ood["score"], "threshold": ood["threshold"], "pass_rate": ood.get("pass_rate"),
+            "fitted_on": ood.get("fitted_on"), "flag_rates": ood.get("flag_rates", {}),
+            "held_out": (engine.meta.get("ood") or {}).get("held_out")},
         "intended_use": engine.meta.get("intended_use"),
         "disclaimer": DISCLAIMER,
         "skinclf": __version__,

@@ -102,6 +102,11 @@ class Classifier:
     def __init__(self, engine) -> None:
         self.engine = engine
         self._run = getattr(engine, "logits", engine)
+        # Engines with pooled features run `forward` once and hand back [logits | features] rows.
+        self.features_dim = int(getattr(engine, "features_dim", 0) or 0)
+        if self.features_dim and hasattr(engine, "forward"):
+            self._run = lambda x: np.concatenate(engine.forward(x), axis=1)
+        self._width = len(engine.classes) + self.features_dim
         self.batch_size = int(getattr(engine, "batch_size", 16))
         self.n_classes = len(engine.classes)
         self.calls = 0  # engine calls made (tests check that requests were run together)
@@ -122,13 +127,20 @@ class Classifier:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Logits (n, classes) for `images` (n, size, size, 3); blocks until done."""
+        return self.forward(images)[0]
+
+    def forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (n, classes) and pooled features (n, features_dim; None when the engine gives
+        none) of `images` from one forward pass; blocks until done."""
         if len(images) == 0:
-            return np.zeros((0, self.n_classes), dtype="float32")
-        job = _Job(np.asarray(images, dtype="float32"), self.n_classes)
-        with self._lock:
-            self.check()
-            self._jobs.put(job)
-        return job.done.result()
+            out = np.zeros((0, self._width), dtype="float32")
+        else:
+            job = _Job(np.asarray(images, dtype="float32"), self._width)
+            with self._lock:
+                self.check()
+                self._jobs.put(job)
+            out = job.done.result()
+        return out[:, :self.n_classes], (out[:, self.n_classes:] if self.features_dim else None)
 
     def close(self, timeout: float | None = SERVE.shutdown_s) -> None:
         """Finish what is queued, then stop the worker. An engine call that hangs is not waited for
@@ -192,10 +204,10 @@ class Classifier:
                     pending.remove(job)
                     job.done.set_exception(exc)
                 continue
-            if out.shape != (len(x), self.n_classes):
+            if out.shape != (len(x), self._width):
                 # Not this batch's fault: a model whose outputs do not match its classes is wrong for every request.
                 raise RuntimeError(f"the model gave an output of shape {out.shape} for {len(x)} image(s) and "
-                                   f"{self.n_classes} classes")
+                                   f"{self.n_classes} classes" + (f" + {self.features_dim} features" if self.features_dim else ""))
             self._deliver(parts, out)
 
     def _next_batch(self) -> list[tuple[_Job, int, int]]:
@@ -276,11 +288,15 @@ def classify_uploads(classifier: Classifier, uploads: Sequence[Upload], *, class
             errors[j] = str(exc)
     ok = [j for j, e in enumerate(errors) if e is None]
     logits = np.full((len(uploads), len(classes)), np.nan, dtype="float32")
+    features = np.full((len(uploads), classifier.features_dim), np.nan, dtype="float32")
     if ok:
-        logits[ok] = classifier(x[ok])
+        logits[ok], f = classifier.forward(x[ok])
+        if f is not None:
+            features[ok] = f
     # The same arithmetic as predict's, so every cell matches its CSV to the last digit.
     probs = softmax(logits)
-    scores, flagged = flag(logits, getattr(classifier.engine, "meta", {}).get("ood"))
+    scores, flagged = flag(logits, getattr(classifier.engine, "meta", {}).get("ood"),
+                           features if classifier.features_dim else None)
     for j in np.nonzero(flagged)[0]:
         if errors[j] is None:
             notes[j].append(UNLIKE_TRAINING)
