@@ -170,8 +170,14 @@ def test_formula_names_are_neutralised_in_the_csv_and_read_back(runner, tmp_path
     assert sorted(read_predictions(out)["path"]) == sorted(FORMULAS)  # evaluate --predictions sees the names
 
     # Resuming reads the guarded rows back as the same files: nothing is redone or duplicated.
+    # A run killed after three rows leaves them in `.partial` and their record beside it.
     lines = text.split("\n")  # rows end in \n; a \r inside a quoted name is not a line end
     (tmp_path / "results.csv.partial").write_bytes("\n".join(lines[:4] + [""]).encode())
+    record = json.loads((tmp_path / "results.csv.json").read_text(encoding="utf-8"))["resume"]
+    first = [cell_value(r[0]) for r in raw_rows(out)[1:4]]
+    (tmp_path / "results.csv.partial.json").write_text(
+        "".join(json.dumps(entry) + "\n" for entry in [record["run"], *([p, *record["files"][p]] for p in first)]),
+        encoding="utf-8")
     resumed = predict(runner, folder, onnx_model, out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "3 rows kept" in " ".join(resumed.output.split())

@@ -48,7 +48,7 @@ skinclf evaluate --model "$model" --data data/prepared/test --out reports/test -
 python tools/test_calibration.py > reports/test_calibration.json
 cp reports/test/confusion_matrix.png models/test_confusion_matrix.png
 cp reports/test/roc.png models/test_roc.png
-skinclf evaluate --history --model runs/exp10.keras --out reports/curves  # an ensemble has no history of its own
+skinclf evaluate --history --model "$model" --out reports/curves --overwrite  # an ensemble shows its members' histories
 cp reports/curves/history.png models/training_curves.png
 python tools/fixed_image.py > tests/fixed_image_expected.json.tmp
 mv tests/fixed_image_expected.json.tmp tests/fixed_image_expected.json
