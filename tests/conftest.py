@@ -195,3 +195,18 @@ def make_tiny_onnx(path: Path, *, meta: object = None, outputs: int = len(CLASSE
     helper.set_model_props(model, {"skinclf.json": json.dumps(meta)})
     onnx.save(model, str(path))
     return path
+
+
+def interrupt_after(monkeypatch, batches: int) -> None:
+    """Make predict_files raise KeyboardInterrupt (Ctrl-C) after `batches` batches."""
+    from skinclf.engines import runner as inference
+
+    real = inference.predict_files
+
+    def interrupted(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == batches:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(inference, "predict_files", interrupted)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BUNDLED_MODEL, REPO, lesion_image
+from conftest import BUNDLED_MODEL, REPO, interrupt_after, lesion_image
 
 from skinclf.cli import app
 
@@ -89,8 +89,6 @@ def test_a_closed_pipe_ends_quietly(tmp_path) -> None:
 
 
 def test_plurals_and_one_interrupted(runner, monkeypatch, tiny_bundle, tmp_path) -> None:
-    from skinclf.engines import runner as inference
-
     folder = tmp_path / "f"
     folder.mkdir()
     lesion_image((120, 60, 40), 1).save(folder / "a.jpg")
@@ -102,15 +100,7 @@ def test_plurals_and_one_interrupted(runner, monkeypatch, tiny_bundle, tmp_path)
     resumed = runner.invoke(app, ["predict", str(folder), "--out", str(out), "--model", str(tiny_bundle), "--resume"])
     assert "2 rows kept from the earlier run" in resumed.output
 
-    real = inference.predict_files
-
-    def interrupted(*args, **kwargs):
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if i == 1:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(inference, "predict_files", interrupted)
+    interrupt_after(monkeypatch, 1)
     result = runner.invoke(app, ["predict", str(folder), "--out", str(tmp_path / "x.csv"), "--model",
                                  str(tiny_bundle), "--batch-size", "1"])
     assert result.exit_code == 130

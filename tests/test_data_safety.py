@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import lesion_image, make_tiny_bundle
+from conftest import interrupt_after, lesion_image, make_tiny_bundle
 
 from skinclf.batch.predict import predict_directory
 from skinclf.cli import app
@@ -127,19 +127,9 @@ def test_resume_against_another_folder_reclassifies(scans, tiny_bundle, tmp_path
 
 
 def test_an_interrupted_run_resumed_with_another_model_keeps_no_row(monkeypatch, scans, tiny_bundle, tmp_path) -> None:
-    from skinclf.engines import runner as inference
-
     out = tmp_path / "r.csv"
-    real = inference.predict_files
-
-    def interrupted(*args, **kwargs):
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if i == 1:
-                raise KeyboardInterrupt
-            yield batch
-
     with monkeypatch.context() as m:
-        m.setattr(inference, "predict_files", interrupted)
+        interrupt_after(m, 1)
         with pytest.raises(KeyboardInterrupt, match="--resume"):
             run(scans, out, tiny_bundle, batch_size=2)
     assert (tmp_path / "r.csv.partial.json").is_file()  # what the two finished rows were computed from

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLASSES, lesion_image
+from conftest import CLASSES, interrupt_after, lesion_image
 from PIL import Image, ImageFilter
 
 from skinclf.batch.predict import predict_directory
@@ -166,19 +166,6 @@ def test_strict_exits_non_zero_after_writing(runner, mixed, tiny_bundle, tmp_pat
     assert result.exit_code == 1
     assert "6 of 18 files could not be classified" in result.output
     assert len(read(out)) == 18  # the CSV is complete all the same
-
-
-def interrupt_after(monkeypatch, batches: int) -> None:
-    """Make predict_files raise KeyboardInterrupt (Ctrl-C) after `batches` batches."""
-    real = inference.predict_files
-
-    def interrupted(*args, **kwargs):
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if i == batches:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(inference, "predict_files", interrupted)
 
 
 def test_resume_after_interruption_gives_the_same_csv(monkeypatch, mixed, tiny_bundle, tmp_path) -> None:
