@@ -46,8 +46,11 @@ def test_bundle_is_small_and_carries_its_metadata(bundle) -> None:
     assert calibration["temperature"] > 0
     assert calibration["validation_after"]["nll"] <= calibration["validation_before"]["nll"] + 1e-6
     ood = meta["ood"]
-    assert ood["score"] in ("energy", "max_logit", "max_prob") and np.isfinite(ood["threshold"])
+    assert ood["score"] == "mahalanobis" and np.isfinite(ood["threshold"])
     assert 0 < ood["flag_rates"][ood["fitted_on"]] <= 0.1
+    # Issue 20's floors: every non-dermoscopic set >= 90% flagged, held-out dermoscopic <= 7%.
+    assert all(rate >= 0.9 for name, rate in ood["flag_rates"].items() if name != ood["fitted_on"])
+    assert ood["held_out"]["flag_rate"] <= 0.07
 
 
 def test_fixed_images_match_the_recorded_output(bundle) -> None:

@@ -61,7 +61,10 @@ def per_class_table(val: dict, test: dict) -> str:
 
 def trust_tables(trust: dict, test: dict) -> str:
     cal, ood = trust["calibration"], trust["ood"]
-    first = cal.get("previous", {}).get("validation_before", cal["validation_before"])
+    first = cal  # each refit keeps the record it replaced: the oldest has the figures as trained
+    while "previous" in first:
+        first = first["previous"]
+    first = first["validation_before"]
     lines = ["| split | ECE (15 bins) | NLL | Brier |", "|---|---:|---:|---:|",
              f"| validation, as trained, no temperature | {first['ece']:.3f} | {first['nll']:.3f} | {first['brier']:.3f} |"]
     for label, r in ((f"validation, temperature {cal['temperature']:.2f}, fitted and measured there", cal["validation_after"]),

@@ -48,8 +48,12 @@ skinclf evaluate --model "$model" --data data/prepared/test --out reports/test -
 python tools/test_calibration.py > reports/test_calibration.json
 cp reports/test/confusion_matrix.png models/test_confusion_matrix.png
 cp reports/test/roc.png models/test_roc.png
-skinclf evaluate --history --model "$model" --out reports/curves --overwrite  # an ensemble shows its members' histories
-cp reports/curves/history.png models/training_curves.png
+# An ensemble shows its members' histories; the bundled one predates that, so its curves stay as drawn.
+if skinclf evaluate --history --model "$model" --out reports/curves --overwrite; then
+  cp reports/curves/history.png models/training_curves.png
+else
+  echo "kept models/training_curves.png (drawn from the members' own bundles)"
+fi
 python tools/fixed_image.py > tests/fixed_image_expected.json.tmp
 mv tests/fixed_image_expected.json.tmp tests/fixed_image_expected.json
 python tools/card_figures.py

@@ -33,7 +33,14 @@ from skinclf.config import TRAIN
 from skinclf.data.layout import LabelledImages, list_labelled_images
 from skinclf.errors import Interrupted, SkinclfError
 from skinclf.evaluation.seen import split_image_ids
-from skinclf.files import MODEL, atomic_path, check_output_file, new_folders, sha256_file, sha256_text
+from skinclf.files import (
+    MODEL,
+    atomic_path,
+    check_output_file,
+    new_folders,
+    sha256_file,
+    sha256_text,
+)
 from skinclf.metrics import classification_report
 from skinclf.model.bundle import save_bundle
 from skinclf.model.network import (
@@ -46,9 +53,20 @@ from skinclf.model.network import (
 )
 from skinclf.options import at_least
 from skinclf.training.augment import AugmentSpec
-from skinclf.training.callbacks import BalancedAccuracy, is_out_of_memory, restore, resume_state, training_callbacks
+from skinclf.training.callbacks import (
+    BalancedAccuracy,
+    is_out_of_memory,
+    restore,
+    resume_state,
+    training_callbacks,
+)
 from skinclf.training.loader import FeatureBatches, ImageBatches, in_background
-from skinclf.training.posthoc import class_weights, post_hoc, prior_tau, validation_probs
+from skinclf.training.posthoc import (
+    class_weights,
+    post_hoc,
+    prior_tau,
+    validation_probs,
+)
 
 keras = load_keras()
 ops = keras.ops
@@ -286,83 +304,128 @@ def train_model(
     out, data = _check_out(Path(out), overwrite=overwrite, resume=resume), Path(data)
     train_set = _labelled(data, "train")
     val_set = _labelled(data, "val", classes=train_set.classes)
-    classes = train_set.classes
-    weight_of = class_weights(class_weight, train_set.counts())
-    decision_of = class_weights(decision_weight, dict.fromkeys(classes, 1), option="--decision-weight")
+    decision_of = class_weights(decision_weight, dict.fromkeys(train_set.classes, 1), option="--decision-weight")
     weights_arg: str | Path | None = {"imagenet": "imagenet", "none": None}.get(weights, Path(weights))
-    weights_id = sha256_file(weights_arg) if isinstance(weights_arg, Path) and weights_arg.is_file() else weights
-    settings = {
-        "data": str(data.resolve()), "batch_size": batch_size, "lr": lr, "weights": weights_id,
-        "trainable_layers": trainable_layers, "class_weight": class_weight, "loss": loss, "focal_gamma": focal_gamma,
-        "monitor": monitor, "patience": patience, "dropout": dropout, "label_smoothing": label_smoothing,
-        "seed": seed, "image_size": image_size, "alpha": alpha, "cache_views": cache_views,
-        "color_jitter": color_jitter, "crop_scale": crop_scale, "weight_decay": weight_decay, "schedule": schedule,
-        "warmup_epochs": warmup_epochs, "train_size": train_size, "fixres_epochs": fixres_epochs,
-        "colour_constancy": colour_constancy, "fingerprint": _data_fingerprint(data, train_set, val_set),
-        "classes": list(classes),
-    }
-    if schedule == "cosine":
-        settings["epochs_planned"] = epochs  # the curve depends on the total, so resume must keep it
+    # locals(): the keyword options as given (the settings pick theirs by name, _SETTINGS).
+    settings = _settings(locals(), data=data, weights_arg=weights_arg, train_set=train_set, val_set=val_set)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / out.stem
     _check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     state = resume_state(run_dir, settings, resume)
     with new_folders(run_dir), _interrupt_hint(run_dir):
-        augment = AugmentSpec(color=color_jitter, crop_scale=(crop_scale, 1.0) if crop_scale else None)
-        phases = _phase_sizes(epochs=epochs, image_size=image_size, train_size=train_size, fixres_epochs=fixres_epochs)
-        keras.utils.set_random_seed(seed)
-        model = build_model(num_classes=len(classes), image_size=image_size if len(phases) == 1 and phases[0][2] == image_size else None,
-                            alpha=alpha, weights=weights_arg, dropout=dropout, seed=seed, colour_constancy=colour_constancy)
-        start = set_trainable(model, trainable_layers)
-        sample_weights = [weight_of[classes[label]] for label in train_set.labels]
-        trainable, make_train, val_ds = _datasets(
-            model, start, train_set, val_set, settings=settings, augment=augment, sample_weights=sample_weights,
-            run_dir=run_dir, workers=workers, show_progress=show_progress)
-        steps = math.ceil(len(train_set.paths) / batch_size)
-        trainable.compile(optimizer=_optimizer(lr=lr, weight_decay=weight_decay, schedule=schedule,
-                                               warmup_epochs=warmup_epochs, epochs=epochs, steps=steps),
-                          loss=_loss(loss, focal_gamma, label_smoothing), metrics=_metrics(len(classes)))
-        if state:
-            restore(trainable, run_dir)
-        callbacks, run_state = training_callbacks(schedule=schedule, monitor=monitor, patience=patience, run_dir=run_dir,
-                                                  settings=settings, state=state, epochs=epochs, steps=steps,
-                                                  images=len(train_set.paths), show_progress=show_progress)
-        initial_epoch = state["epoch"] if state else 0
-        device = _announce(trainable, phases, trainable_layers=trainable_layers, train=len(train_set.paths),
-                           val=len(val_set.paths), initial_epoch=initial_epoch)
-        t0 = time.perf_counter()
-        if initial_epoch < epochs and not (state and state.get("stopped_early")):
-            _fit(trainable, phases, make_train=make_train, val_ds=val_ds, initial_epoch=initial_epoch,
-                 callbacks=callbacks, batch_size=batch_size)
-        seconds = time.perf_counter() - t0
-        history = run_state.state["history"]
-        epochs_trained = max(0, len(history) - initial_epoch)
-        best_epoch = run_state.state["best_epoch"]
-        trainable.load_weights(run_dir / "best.weights.h5")
-        if model.inputs[0].shape[1] is None:
-            model = with_input_size(model, image_size)
+        run = _train(settings, state, train_set=train_set, val_set=val_set, weights_arg=weights_arg, epochs=epochs,
+                     run_dir=run_dir, workers=workers, show_progress=show_progress)
+        return _finish(run, out=out, data=data, train_set=train_set, val_set=val_set, epochs=epochs, workers=workers,
+                       decision_weight=decision_weight, decision_of=decision_of, prior_correction=prior_correction, calibrate=calibrate)
 
-        # After checkpoint selection, so a finished run can be re-bundled with other post-hoc
-        # choices (`--resume`) without training again; the validation figures below include them.
-        raw = validation_probs(model, val_set, image_size=image_size, batch_size=batch_size, workers=workers)
-        labels = np.asarray(val_set.labels)
-        probs, fitted = post_hoc(model, raw, labels, classes=classes, prior_counts=train_set.counts(),
-                                 decision_of=decision_of, prior_correction=prior_correction, calibrate=calibrate)
-        val_report = classification_report(labels, probs, list(classes))
-        val_report.get("melanoma", {}).pop("roc", None)
-        val_report["calibration"] = fitted["validation_after"]
-        training = {**settings, "epochs": epochs, "epochs_run": len(history), "best_epoch": best_epoch,
-                    "best_value": run_state.state["best"], "class_weights": weight_of,
-                    "decision_weight": decision_weight, "decision_weights": decision_of, "augmentation": asdict(augment),
-                    "phases": [{"epochs": [first + 1, end], "image_size": size} for first, end, size in phases],
-                    "device": device, "seconds": round(run_state.state.get("seconds", seconds), 1)}
-        save_bundle(model, out, _bundle_meta(model, out=out, start=start, training=training, post_hoc=fitted,
+
+# Options a run's checkpoints depend on: --resume refuses to continue with other values.
+_SETTINGS = ("batch_size", "lr", "trainable_layers", "class_weight", "loss", "focal_gamma", "monitor", "patience",
+             "dropout", "label_smoothing", "seed", "image_size", "alpha", "cache_views", "color_jitter", "crop_scale",
+             "weight_decay", "schedule", "warmup_epochs", "train_size", "fixres_epochs", "colour_constancy")
+
+
+def _settings(options: dict[str, Any], *, data: Path, weights_arg, train_set: LabelledImages,
+              val_set: LabelledImages) -> dict[str, Any]:
+    """The run's settings, as recorded in its checkpoints and its bundle."""
+    weights_id = sha256_file(weights_arg) if isinstance(weights_arg, Path) and weights_arg.is_file() else options["weights"]
+    settings = {"data": str(data.resolve()), **{key: options[key] for key in _SETTINGS}, "weights": weights_id,
+                "fingerprint": _data_fingerprint(data, train_set, val_set), "classes": list(train_set.classes)}
+    if options["schedule"] == "cosine":
+        settings["epochs_planned"] = options["epochs"]  # the curve depends on the total, so resume must keep it
+    return settings
+
+
+@dataclass
+class _Run:
+    """A finished fit: the model at its best epoch and what the bundle records about the run."""
+
+    model: Any
+    start: int
+    phases: list[tuple[int, int, int]]
+    augment: AugmentSpec
+    weight_of: dict[str, float]
+    state: dict[str, Any]
+    initial_epoch: int
+    device: str
+    seconds: float
+    settings: dict[str, Any]
+    run_dir: Path
+
+
+def _train(settings: dict, state: dict | None, *, train_set: LabelledImages, val_set: LabelledImages, weights_arg,
+           epochs: int, run_dir: Path, workers: int, show_progress) -> _Run:
+    """Build the network, run the epochs left (from the checkpoint with --resume), load the best."""
+    classes, image_size, batch_size = train_set.classes, settings["image_size"], settings["batch_size"]
+    weight_of = class_weights(settings["class_weight"], train_set.counts())
+    augment = AugmentSpec(color=settings["color_jitter"],
+                          crop_scale=(settings["crop_scale"], 1.0) if settings["crop_scale"] else None)
+    phases = _phase_sizes(epochs=epochs, image_size=image_size, train_size=settings["train_size"],
+                          fixres_epochs=settings["fixres_epochs"])
+    keras.utils.set_random_seed(settings["seed"])
+    model = build_model(num_classes=len(classes), image_size=image_size if len(phases) == 1 and phases[0][2] == image_size else None,
+                        alpha=settings["alpha"], weights=weights_arg, dropout=settings["dropout"], seed=settings["seed"],
+                        colour_constancy=settings["colour_constancy"])
+    start = set_trainable(model, settings["trainable_layers"])
+    sample_weights = [weight_of[classes[label]] for label in train_set.labels]
+    trainable, make_train, val_ds = _datasets(
+        model, start, train_set, val_set, settings=settings, augment=augment, sample_weights=sample_weights,
+        run_dir=run_dir, workers=workers, show_progress=show_progress)
+    steps = math.ceil(len(train_set.paths) / batch_size)
+    trainable.compile(optimizer=_optimizer(lr=settings["lr"], weight_decay=settings["weight_decay"], schedule=settings["schedule"],
+                                           warmup_epochs=settings["warmup_epochs"], epochs=epochs, steps=steps),
+                      loss=_loss(settings["loss"], settings["focal_gamma"], settings["label_smoothing"]),
+                      metrics=_metrics(len(classes)))
+    if state:
+        restore(trainable, run_dir)
+    callbacks, run_state = training_callbacks(schedule=settings["schedule"], monitor=settings["monitor"],
+                                              patience=settings["patience"], run_dir=run_dir, settings=settings, state=state,
+                                              epochs=epochs, steps=steps, images=len(train_set.paths),
+                                              show_progress=show_progress)
+    initial_epoch = state["epoch"] if state else 0
+    device = _announce(trainable, phases, trainable_layers=settings["trainable_layers"], train=len(train_set.paths),
+                       val=len(val_set.paths), initial_epoch=initial_epoch)
+    t0 = time.perf_counter()
+    if initial_epoch < epochs and not (state and state.get("stopped_early")):
+        _fit(trainable, phases, make_train=make_train, val_ds=val_ds, initial_epoch=initial_epoch,
+             callbacks=callbacks, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    trainable.load_weights(run_dir / "best.weights.h5")
+    if model.inputs[0].shape[1] is None:
+        model = with_input_size(model, image_size)
+    return _Run(model=model, start=start, phases=phases, augment=augment, weight_of=weight_of, state=run_state.state,
+                initial_epoch=initial_epoch, device=device, seconds=seconds, settings=settings, run_dir=run_dir)
+
+
+def _finish(run: _Run, *, out: Path, data: Path, train_set: LabelledImages, val_set: LabelledImages, epochs: int,
+            workers: int, decision_weight: str, decision_of: dict[str, float], prior_correction: str, calibrate: bool) -> TrainResult:
+    """Fit the post-hoc steps on validation and save the bundle.
+
+    After checkpoint selection, so a finished run can be re-bundled with other post-hoc choices
+    (`--resume`) without training again; the validation figures include them."""
+    classes, settings, history = train_set.classes, run.settings, run.state["history"]
+    raw = validation_probs(run.model, val_set, image_size=settings["image_size"], batch_size=settings["batch_size"],
+                           workers=workers)
+    labels = np.asarray(val_set.labels)
+    probs, fitted = post_hoc(run.model, raw, labels, classes=classes, prior_counts=train_set.counts(),
+                             decision_of=decision_of, prior_correction=prior_correction, calibrate=calibrate)
+    val_report = classification_report(labels, probs, list(classes))
+    val_report.get("melanoma", {}).pop("roc", None)
+    val_report["calibration"] = fitted["validation_after"]
+    training = {**settings, "epochs": epochs, "epochs_run": len(history), "best_epoch": run.state["best_epoch"],
+                "best_value": run.state["best"], "class_weights": run.weight_of,
+                "decision_weight": decision_weight, "decision_weights": decision_of, "augmentation": asdict(run.augment),
+                "phases": [{"epochs": [first + 1, end], "image_size": size} for first, end, size in run.phases],
+                "device": run.device, "seconds": round(run.state.get("seconds", run.seconds), 1)}
+    save_bundle(run.model, out, _bundle_meta(run.model, out=out, start=run.start, training=training, post_hoc=fitted,
                                              val_report=val_report, history=history, data=data,
                                              train_set=train_set, val_set=val_set))
-        return TrainResult(
-            model_path=out, run_dir=run_dir, epochs_run=len(history), best_epoch=best_epoch or 0, monitor=monitor,
-            best_value=float(run_state.state["best"] or float("nan")), val_metrics=val_report, seconds=seconds,
-            images_per_second=epochs_trained * len(train_set.paths) / seconds if seconds > 0 and epochs_trained else 0.0,
-        )
+    epochs_trained = max(0, len(history) - run.initial_epoch)
+    return TrainResult(
+        model_path=out, run_dir=run.run_dir, epochs_run=len(history), best_epoch=run.state["best_epoch"] or 0,
+        monitor=settings["monitor"], best_value=float(run.state["best"] or float("nan")), val_metrics=val_report,
+        seconds=run.seconds,
+        images_per_second=epochs_trained * len(train_set.paths) / run.seconds if run.seconds > 0 and epochs_trained else 0.0,
+    )
 
 
 def _check_out(out: Path, *, overwrite: bool, resume: bool) -> Path:
