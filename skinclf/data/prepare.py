@@ -18,11 +18,17 @@ import pandas as pd
 
 from skinclf import __version__, ui
 from skinclf.config import PREPARE
-from skinclf.errors import SkinclfError
-from skinclf.options import at_least
-from skinclf.files import atomic_write, atomic_write_json, check_output_dir, link_or_copy, sha256_text
-from skinclf.data.walk import walk_images
 from skinclf.data.layout import read_metadata
+from skinclf.data.walk import walk_images
+from skinclf.errors import SkinclfError
+from skinclf.files import (
+    atomic_write,
+    atomic_write_json,
+    check_output_dir,
+    link_or_copy,
+    sha256_text,
+)
+from skinclf.options import at_least
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "prepare.json"
@@ -170,14 +176,34 @@ def prepare_dataset(
         "seed": seed,
         "extra_classes": {k: str(v.resolve()) for k, v in sorted(extra_classes.items())},
     }
+    reused = _reuse(out, args, force=force)
+    if reused is not None:
+        return reused
+    existing = _existing_outputs(out)
+    meta = read_metadata(src)[["lesion_id", "image_id", "dx", "path"]]
+    if extra_classes:
+        meta = pd.concat([meta, _extra_class_rows(extra_classes, set(meta["dx"]))], ignore_index=True)
+    meta = meta.assign(split=split_by_lesion(meta, val=val, test=test, seed=seed))
+    meta = meta.sort_values(["split", "dx", "image_id"], kind="stable").reset_index(drop=True)
+    rel = meta["split"] + "/" + meta["dx"] + "/" + meta["image_id"] + meta["path"].map(lambda p: Path(p).suffix.lower())
+    modes = _link_into(out, meta["path"], rel, existing=existing, seed=seed, show_progress=show_progress)
+    table = meta[["image_id", "lesion_id", "dx", "split"]].assign(path=rel)
+    csv_text = table.to_csv(index=False, lineterminator="\n")
+    fingerprint = sha256_text(csv_text)
+    atomic_write(out / SPLIT_CSV, csv_text)
+    atomic_write_json(out / MANIFEST, {"args": args, "fingerprint": fingerprint, "skinclf": __version__})
+    return PrepareResult(out, counts_table(table), fingerprint, reused=False, linked=modes["link"], copied=modes["copy"])
+
+
+def _reuse(out: Path, args: dict, *, force: bool) -> PrepareResult | None:
+    """The existing split if it was made with the same arguments; refuse another one unless `force`."""
     manifest_path = out / MANIFEST
     if manifest_path.is_file() and all((out / s).is_dir() for s in SPLITS):
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if manifest.get("args") == args and not force:
             split_csv = pd.read_csv(out / SPLIT_CSV)
             return PrepareResult(out, counts_table(split_csv), manifest["fingerprint"], reused=True)
-    existing = _existing_outputs(out)
-    if existing and not force:
+    if _existing_outputs(out) and not force:
         old = json.loads(manifest_path.read_text()).get("args", {}) if manifest_path.is_file() else None
         if old is None:
             what = "an unfinished or foreign split (no prepare.json)"
@@ -185,38 +211,30 @@ def prepare_dataset(
             changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in args.items() if old.get(k) != v]
             what = "a split made with other settings (" + "; ".join(changed) + ")"
         raise SkinclfError(f"{out} already holds {what}; pass --force to replace it, or choose another --out")
+    return None
 
-    meta = read_metadata(src)[["lesion_id", "image_id", "dx", "path"]]
-    if extra_classes:
-        meta = pd.concat([meta, _extra_class_rows(extra_classes, set(meta["dx"]))], ignore_index=True)
-    meta = meta.assign(split=split_by_lesion(meta, val=val, test=test, seed=seed))
-    meta = meta.sort_values(["split", "dx", "image_id"], kind="stable").reset_index(drop=True)
-    rel = meta["split"] + "/" + meta["dx"] + "/" + meta["image_id"] + meta["path"].map(lambda p: Path(p).suffix.lower())
 
+def _link_into(out: Path, sources, targets, *, existing: list[str], seed: int, show_progress) -> dict[str, int]:
+    """Link (or copy) every image into a staging folder, then swap it for the old split."""
     for stale in out.glob(".staging-*"):
         shutil.rmtree(stale, ignore_errors=True)
     staging = out / f".staging-{seed}"
     staging.mkdir(parents=True)
     modes = {"link": 0, "copy": 0}
     with ui.progress(enabled=show_progress) as progress:
-        task = progress.add_task("Linking images", total=len(meta), rate="")
-        for source, target in zip(meta["path"], rel):
+        task = progress.add_task("Linking images", total=len(sources), rate="")
+        for source, target in zip(sources, targets):
             modes[link_or_copy(Path(source), staging / target)] += 1
             progress.advance(task)
     for split in SPLITS:
         (staging / split).mkdir(exist_ok=True)
     # Replace the old split (only with --force) and move the new one in; the manifest is
     # written last, so a split without a manifest is known to be unfinished.
-    manifest_path.unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
     for name in existing:
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     for split in SPLITS:
         (staging / split).rename(out / split)
     shutil.rmtree(staging)
-    table = meta[["image_id", "lesion_id", "dx", "split"]].assign(path=rel)
-    csv_text = table.to_csv(index=False, lineterminator="\n")
-    fingerprint = sha256_text(csv_text)
-    atomic_write(out / SPLIT_CSV, csv_text)
-    atomic_write_json(manifest_path, {"args": args, "fingerprint": fingerprint, "skinclf": __version__})
-    return PrepareResult(out, counts_table(table), fingerprint, reused=False, linked=modes["link"], copied=modes["copy"])
+    return modes
