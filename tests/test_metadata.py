@@ -389,3 +389,33 @@ def test_bundled_head_on_shared_ham10000_images(tmp_path: Path) -> None:
     assert [got[p.name]["metadata"] for p in images] == ["used"] * 4 + ["missing"] * 2
     for p in images[4:]:
         assert {k: v for k, v in got[p.name].items() if k != "metadata"} == plain[p.name]
+
+
+def test_product_of_experts_head_numpy_forward_equals_training_forward() -> None:
+    """The chosen form: p(class | metadata) fitted on train, weight, shift and temperature on
+    validation; the bundle's numpy forward reproduces the training-side one to 1e-5."""
+    from skinclf.training.metadata import Outputs, choose
+
+    rng = np.random.default_rng(3)
+
+    def split(n: int) -> tuple[Outputs, list[PatientMeta]]:
+        labels = np.concatenate([np.arange(7), rng.integers(0, 7, n - 7)])
+        metas = [PatientMeta(age=float(20 + 8 * y + rng.integers(0, 10)), sex=["male", "female", None][i % 3],
+                             site=SITES_BY_CLASS[y] if i % 4 else None) for i, y in enumerate(labels)]
+        metas[0] = NO_METADATA
+        x, present = encode(metas)
+        logits = rng.normal(0, 1.5, (n, 7)) + 1.5 * np.eye(7)[labels]
+        return Outputs(logits=logits, labels=labels, metadata=x, present=present), metas
+
+    (train, _), (val, val_metas) = split(400), split(200)
+    fitted, table = choose(train, val, list(CLASSES), l2s=(1e-2,))
+    assert table and fitted.metadata_model is not None and fitted.temperature > 0
+    spec = json.loads(json.dumps(fitted.spec(classes=list(CLASSES), image_model="x", extra={})))
+    numpy_out = MetadataHead(spec, classes=list(CLASSES)).apply(val.logits.astype("float32"), val_metas)
+    assert np.abs(numpy_out - fitted.fused(val)).max() < 1e-5
+    assert np.array_equal(numpy_out[0], val.logits[0].astype("float32"))  # no metadata: the image logits
+    with_meta = fitted.validation["with_metadata"]
+    assert with_meta["melanoma_recall"] >= fitted.validation["image_only"]["melanoma_recall"]
+
+
+SITES_BY_CLASS = ["face", "face", "back", "lower extremity", "back", "trunk", "head/neck"]

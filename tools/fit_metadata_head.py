@@ -8,9 +8,10 @@
    pass each; with --cache, kept in DIR per split and reused while the image model is the same);
 2. the metadata of each image from the HAM10000 metadata CSV, read exactly as `predict --metadata`
    reads it (`skinclf.batch.metadata`);
-3. every variant of `skinclf.training.metadata.VARIANTS` fitted on train (fields hidden at random),
-   compared on validation; the best (validation balanced accuracy, melanoma recall not below the
-   image model's) gets its temperature on validation and goes into the bundle (`metadata_head`);
+3. p(class | metadata) fitted on the train split's metadata (fields hidden at random) for each L2,
+   its weight, the melanoma shift and the prior correction chosen on validation (largest balanced
+   accuracy with melanoma recall not below the image model's), the temperature fitted there
+   (`skinclf.training.metadata.choose`); the head goes into the bundle (`metadata_head`);
 4. with --test: the figures with and without metadata on data/prepared/test, recorded beside the
    validation ones. THIS LOOKS AT THE TEST SPLIT: after every choice; nothing may change because
    of what it prints.

@@ -6,12 +6,17 @@ returns, in plain numpy, from the JSON the bundle carries (`meta["metadata_head"
 the ONNX export with the rest of the metadata). By construction an image without metadata gets
 EXACTLY the image-only logits:
 
-    out = z                                   when no field (age, sex, site) is known
-    out = (a * z + g([metadata, z, ...])) / T  otherwise
+    out = z                                              when no field (age, sex, site) is known
+    out = (a * z + beta * (log p(class | metadata) - log prior) + g(x) + shift) / T   otherwise
 
-where g is a linear map (or one ReLU layer, then a linear map) fitted on the training split with
-metadata randomly hidden (`skinclf.training.metadata`), chosen on validation, and T a temperature
-fitted on validation.
+The product-of-experts term: p(class | metadata) is a multinomial logistic regression on the
+metadata alone (`metadata_model`), fitted on the training split's metadata with fields randomly
+hidden, so it never sees the image model's (over-confident) outputs on its own training images;
+dividing by the training prior turns it into a likelihood ratio that shifts the image logits.
+g is an optional learned map (linear, or one ReLU layer then linear) of x = [metadata, z, ...];
+`shift` is a per-class constant (the decision re-balanced on validation, as the image model's
+own prior correction and melanoma weight were), beta its weight and T a temperature, all three
+chosen on validation (`skinclf.training.metadata`).
 
 The metadata encoding (21 numbers): age scaled ((age - 50) / 20), its square and a missing flag;
 sex one-hot (female, male, unknown); body site one-hot over HAM10000's 14 sites plus unknown. A
@@ -191,8 +196,20 @@ class MetadataHead:
         self.hidden = None
         if spec.get("hidden"):
             self.hidden = (np.asarray(spec["hidden"]["W"], dtype="float64"), np.asarray(spec["hidden"]["b"], dtype="float64"))
-        self.w_out = np.asarray(spec["out"]["W"], dtype="float64")
-        self.b_out = np.asarray(spec["out"]["b"], dtype="float64")
+        out = spec.get("out") or {"W": np.zeros((self._width_of(spec, n), n)), "b": np.zeros(n)}
+        self.w_out = np.asarray(out["W"], dtype="float64")
+        self.b_out = np.asarray(out["b"], dtype="float64")
+        self.shift = np.asarray(spec.get("shift") or np.zeros(n), dtype="float64")
+        self.meta_model = None
+        if spec.get("metadata_model"):
+            mm = spec["metadata_model"]
+            self.meta_model = (np.asarray(mm["W"], dtype="float64"), np.asarray(mm["b"], dtype="float64"),
+                               np.asarray(mm["log_prior"], dtype="float64"), float(mm["weight"]))
+            if (self.meta_model[0].shape != (ENCODING_WIDTH, n) or self.meta_model[1].shape != (n,)
+                    or self.meta_model[2].shape != (n,)):
+                raise ValueError(f"the metadata model's weights do not fit {ENCODING_WIDTH} inputs and {n} classes")
+        if self.shift.shape != (n,):
+            raise ValueError(f"shift has {self.shift.shape} values for {n} classes")
         self.logit_weight = float(spec.get("logit_weight", 1.0))
         self.temperature = float(spec.get("temperature", 1.0))
         self.feature_center = np.asarray(spec.get("feature_center") or [], dtype="float64")
@@ -205,6 +222,11 @@ class MetadataHead:
             raise ValueError("the hidden layer's shapes do not match")
         if not self.temperature > 0:
             raise ValueError(f"temperature {self.temperature} is not positive")
+
+    def _width_of(self, spec: dict[str, Any], n: int) -> int:
+        self.inputs = list(spec["inputs"])
+        self.feature_center = np.asarray(spec.get("feature_center") or [], dtype="float64")
+        return self.input_width(n)
 
     @property
     def needs_features(self) -> bool:
@@ -234,7 +256,13 @@ class MetadataHead:
         x = np.concatenate([parts[k] for k in self.inputs], axis=1)
         if self.hidden:
             x = np.maximum(x @ self.hidden[0] + self.hidden[1], 0.0)
-        fused = (self.logit_weight * z[rows].astype("float64") + x @ self.w_out + self.b_out) / self.temperature
+        fused = self.logit_weight * z[rows].astype("float64") + x @ self.w_out + self.b_out + self.shift
+        if self.meta_model is not None:
+            w, b, log_prior, weight = self.meta_model
+            m = x_meta[rows] @ w + b
+            m = m - m.max(axis=1, keepdims=True)
+            fused += weight * (m - np.log(np.exp(m).sum(axis=1, keepdims=True)) - log_prior)
+        fused /= self.temperature
         out[rows] = fused.astype("float32")
         return out
 
