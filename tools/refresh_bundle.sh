@@ -13,6 +13,11 @@
 #    95% of validation), the trust figures and heat maps (bench/trust_report.py, docs/);
 # 2b. the held-out test figures and the flag's false-alarm rate on test recorded in the bundle, for
 #    /api/model (tools/held_out_figures.py: a look at the test split, after every choice is made);
+# 2c. the patient-metadata head (age, sex, body site; tools/fit_metadata_head.py): fitted on the image
+#    model's outputs on data/prepared/train with fields hidden at random, chosen and given its temperature
+#    on validation, test figures a first look; refit here whenever the image model changes (a head fitted
+#    to another version of the image model is refused at run time). Reads HAM10000_metadata.csv beside the
+#    repo (../shared/data/ham10000/) or from $HAM10000_METADATA;
 # 3. the ONNX form with its `features` output, checked against Keras (skinclf export);
 # 4. validation and test reports (reports/val, reports/test: the test split is a second look);
 # 5. the test figures' PNGs in models/, the fixed-image outputs the integration test checks
@@ -42,6 +47,8 @@ fi
 python bench/trust_report.py --model "$model" --val data/prepared/val --out reports/trust --docs docs --in-place
 python tools/held_out_figures.py --model "$model" --test data/prepared/test \
   --note "second look: the test split was evaluated once before, for the previous bundled model (exp02)"
+python tools/fit_metadata_head.py --model "$model" --test --report reports/metadata_head.json \
+  ${HAM10000_METADATA:+--metadata "$HAM10000_METADATA"}
 skinclf export "$model" --format onnx --out models/skinclf-mobilenet.onnx
 skinclf evaluate --model "$model" --data data/prepared/val --out reports/val --engine keras --json > reports/val.json
 skinclf evaluate --model "$model" --data data/prepared/test --out reports/test --engine keras --json > reports/test.json

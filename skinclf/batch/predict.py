@@ -48,6 +48,8 @@ class PredictSummary:
     dropped: int = 0  # rows of a resumed CSV whose files are no longer in the folder
     unlike_training: int = 0  # images flagged by the model's out-of-distribution threshold (warnings)
     redone: dict[str, int] = field(default_factory=dict)  # rows of a resumed CSV reclassified, by reason
+    metadata: dict[str, Any] | None = None  # --metadata: the file, and how many images it gave metadata to
+    notes: list[str] = field(default_factory=list)  # things the user should know (ignored columns, unmatched rows)
 
     @property
     def images_per_second(self) -> float:
@@ -168,8 +170,31 @@ def _merged(pending: list[list[str]], rows: list[list[str]], *, last: bool = Fal
     return sorted([*take, *rows], key=lambda r: r[0])
 
 
+def with_metadata(head, batch_logits: np.ndarray, batch_probs: np.ndarray, metas: list,
+                  features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities with the metadata head applied where an image has metadata, and whether it had:
+    an image without any is left with exactly its image-only probabilities (`batch_probs`)."""
+    from skinclf.engines.base import softmax
+
+    present = np.array([m.present for m in metas], dtype=bool)
+    if head is None or not present.any():
+        return batch_probs, np.zeros(len(metas), dtype=bool)
+    fused = head.apply(batch_logits, metas, features)
+    probs = np.array(batch_probs, copy=True)
+    probs[present] = softmax(fused[present])
+    return probs, present
+
+
+def metadata_cell(joined, rel: str, error: str | None) -> list[str]:
+    """The `metadata` column's cell (none at all without --metadata)."""
+    if joined is None:
+        return []
+    return [""] if error else [joined.status(rel)]
+
+
 def _classify(runner, output, *, directory: Path, todo: list[str], problems: list[list[str]], top_k: int,
-              all_probs: bool, batch_size: int, workers: int, tta: int, show_progress: bool | None) -> _Tally:
+              all_probs: bool, batch_size: int, workers: int, tta: int, show_progress: bool | None,
+              head=None, joined=None) -> _Tally:
     """Classify `todo` into `output` batch by batch; returns the tally of the rows written."""
     from skinclf.engines.runner import predict_files
     from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
@@ -183,13 +208,18 @@ def _classify(runner, output, *, directory: Path, todo: list[str], problems: lis
         count = 0
         for batch in predict_files(runner, [directory / f for f in todo], image_size=runner.image_size,
                                    batch_size=batch_size, workers=workers, tta=tta):
-            scores, flagged = flag(batch.logits, ood, batch.features)
+            scores, flagged = flag(batch.logits, ood, batch.features)  # the image's own logits
+            rels = [path.relative_to(directory).as_posix() for path in batch.paths]
+            batch_probs = batch.probs
+            if joined is not None:
+                batch_probs, _ = with_metadata(head, batch.logits, batch.probs, [joined.get(r) for r in rels],
+                                               batch.features)
             rows = []
-            for path, probs, error, notes, score, odd in zip(batch.paths, batch.probs, batch.errors,
-                                                             batch.warnings, scores, flagged):
+            for rel, probs, error, notes, score, odd in zip(rels, batch_probs, batch.errors,
+                                                            batch.warnings, scores, flagged):
                 notes = [*notes, UNLIKE_TRAINING] if odd and error is None else notes
-                rows.append(row(path.relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs,
-                                notes, ood_score=score))
+                rows.append(row(rel, probs, error, classes, top_k, all_probs, notes, ood_score=score)
+                            + metadata_cell(joined, rel, error))
             written = _merged(pending, rows)
             output.write(written)
             tally.add(written, header)
@@ -218,31 +248,40 @@ def predict_directory(
     engine: str = PREDICT.engine,
     threads: int = PREDICT.threads,
     show_progress: bool | None = None,
+    metadata: Path | None = None,
 ) -> PredictSummary:
     """Classify every image in `directory` into a CSV at `out` ('-' for stdout).
 
     `top_k` None: 3, or the model's number of classes if fewer. Returns a summary; with
     `strict`, raises SkinclfError after writing if any file or folder could not be read.
+    `metadata`: a CSV of age, sex and body site per image (`batch.metadata`), added by the
+    model's metadata head; the CSV gains a `metadata` column (used / missing).
     """
+    from skinclf.batch.metadata import join, read_metadata
+
     target = _check_options(out=out, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta, resume=resume,
                             overwrite=overwrite, threads=threads)
+    source = read_metadata(Path(metadata)) if metadata is not None else None  # checked before any work
     directory = Path(directory)
     found = list_images(directory, recursive=recursive)
+    joined = join(source, found.files) if source is not None else None
     from skinclf.parallel import usable_cpus
 
     runner, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k)
-    header = columns(runner.classes, top_k, all_probs)
+    head = metadata_head(runner) if joined is not None else None
+    header = columns(runner.classes, top_k, all_probs) + (["metadata"] if joined is not None else [])
     run = run_record(identity=runner.identity(), engine=runner.name, top_k=top_k, all_probs=all_probs, tta=tta,
-                     directory=directory)
+                     directory=directory, metadata=source.sha256 if source is not None else "")
     files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
     output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run)
     todo = [f for f in found.files if f not in output.done]
-    problems = [row(p.path, None, p.reason, runner.classes, top_k, all_probs) for p in found.problems]
+    problems = [row(p.path, None, p.reason, runner.classes, top_k, all_probs) + metadata_cell(joined, p.path, p.reason)
+                for p in found.problems]
     t0 = time.perf_counter()
     try:
         tally = _classify(runner, output, directory=directory, todo=todo, problems=problems, top_k=top_k,
                           all_probs=all_probs, batch_size=batch_size, workers=workers or usable_cpus(), tta=tta,
-                          show_progress=show_progress)
+                          show_progress=show_progress, head=head, joined=joined)
     except KeyboardInterrupt:
         output.abandon()
         if output.partial is not None and output.partial.exists():
@@ -255,16 +294,34 @@ def predict_directory(
     if target is not None:
         tally = _finish(output, runner=runner, directory=directory, header=header, files=len(found.files), run=run,
                         options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive, "tta": tta,
-                                 "engine": runner.name})
+                                 "engine": runner.name,
+                                 **({"metadata": joined.record()} if joined is not None else {})})
     problem_paths = {p.path for p in found.problems}
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
                              errors=tally.errors, seconds=seconds, model=runner.identity(), startup_seconds=startup,
                              unreadable=len(problem_paths), warnings=tally.warned,
                              dropped=len([p for p in output.dropped if p not in problem_paths]),
-                             unlike_training=tally.unlike, redone=dict(output.redone))
+                             unlike_training=tally.unlike, redone=dict(output.redone),
+                             metadata=joined.record() if joined is not None else None,
+                             notes=joined.notes() if joined is not None else [])
     if strict and tally.errors:
         raise SkinclfError(_strict_message(summary, out))
     return summary
+
+
+def metadata_head(runner):
+    """The model's metadata head, checked against this engine, for --metadata (SkinclfError if unusable)."""
+    from skinclf.model.metadata import load_head
+
+    head = load_head(runner.meta, path=runner.path)
+    if head is None:
+        raise SkinclfError(f"--metadata: model {runner.path} has no metadata head, so it cannot use age, sex or site; "
+                           "run without --metadata, or fit one: python tools/fit_metadata_head.py --model MODEL")
+    if head.needs_features and not runner.features_dim:
+        raise SkinclfError(f"--metadata: the metadata head of {runner.path} needs the pooled features, which this "
+                           f"{runner.name} engine does not give (an ONNX file exported before they existed); "
+                           "re-export it with skinclf export, or use --engine keras")
+    return head
 
 
 def _finish(output, *, runner, directory: Path, header: list[str], files: int, run: dict,

@@ -26,7 +26,8 @@ from skinclf.files import sha256_file
 
 # Run fields and how a change of each is reported.
 _WHY = {"model": "another model", "onnx": "another ONNX form of the model", "engine": "another --engine", "top_k": "another --top-k",
-        "all_probs": "another --all-probs", "tta": "another --tta", "directory": "another folder"}
+        "all_probs": "another --all-probs", "tta": "another --tta", "directory": "another folder",
+        "metadata": "another --metadata file (or none)"}
 NO_RECORD = "no record of what they were computed from"
 FILE_CHANGED = "file changed since (size or modification time)"
 
@@ -48,11 +49,12 @@ def file_key(path: Path) -> FileKey | None:
 
 
 def run_record(*, identity: dict[str, Any], engine: str, top_k: int, all_probs: bool, tta: int,
-               directory: Path) -> dict[str, Any]:
-    """Everything run-wide that a row's cells depend on."""
+               directory: Path, metadata: str = "") -> dict[str, Any]:
+    """Everything run-wide that a row's cells depend on (`metadata`: the --metadata file's
+    SHA-256, empty without one: an edited metadata file redoes every row)."""
     # An int8 and a float export of one bundle share the bundle's SHA-256: the ONNX file's tells them apart.
     return {"model": identity.get("sha256", ""), "onnx": identity.get("onnx_sha256", ""), "engine": engine, "top_k": top_k, "all_probs": all_probs, "tta": tta,
-            "directory": str(Path(directory).resolve())}
+            "directory": str(Path(directory).resolve()), "metadata": metadata}
 
 
 def read_partial_record(target: Path) -> tuple[dict | None, dict[str, FileKey]]:
@@ -89,7 +91,7 @@ def still_valid(rows: list[list[str]], *, was: dict | None, keys: dict[str, File
     rows = [r for r in rows if r[0] in current]
     if was is None:
         return [], Counter({NO_RECORD: len(rows)}) if rows else Counter()
-    changed = [field for field in _WHY if was.get(field) != now[field]]
+    changed = [field for field in _WHY if was.get(field, "" if field == "metadata" else None) != now.get(field, "")]
     if "engine" in changed and "onnx" in changed:  # Keras <-> ONNX Runtime: the ONNX file comes or goes
         changed.remove("onnx")
     changed = [_WHY[field] for field in changed]

@@ -42,6 +42,14 @@ def render_report(report: dict) -> None:
         out.print(f"Melanoma: sensitivity {fmt(d['sensitivity'])}, specificity {fmt(d['specificity'])} at the "
                   f"model's decision; sensitivity {fmt(t['sensitivity'])} with specificity {fmt(t['specificity'])} "
                   f"when flagging p(mel) >= {fmt(t['threshold'], 4)}")
+    meta = report.get("metadata")
+    if meta:
+        a, b = meta["image_only"], meta["with_metadata"]
+        out.print(f"[bold]With patient metadata[/bold] ({meta['images_scored_with_metadata']} of {a['n']} images had "
+                  f"some): balanced accuracy {fmt(b['balanced_accuracy'])} (image only {fmt(a['balanced_accuracy'])}); "
+                  f"melanoma sensitivity {fmt(b.get('melanoma', {}).get('sensitivity'))} (image only "
+                  f"{fmt(a.get('melanoma', {}).get('sensitivity'))}); recall per class: "
+                  + ", ".join(f"{c} {fmt(a['recall'][c])} -> {fmt(b['recall'][c])}" for c in a["recall"]))
     cal = report.get("calibration")
     if cal:
         out.print(f"Calibration: ECE {fmt(cal['ece'])} (15 bins), Brier {fmt(cal['brier'])}, NLL {fmt(cal['nll'])}"
@@ -97,6 +105,10 @@ def predict_summary(summary) -> str:
         parts.append(redone_text(Counter(summary.redone)))
     if summary.dropped:
         parts.append(f"{plural(summary.dropped, 'row')} dropped: their files are no longer in the folder")
+    meta = getattr(summary, "metadata", None)
+    if meta:
+        parts.append(f"{meta['images_with_metadata']} with patient metadata (the rest from the image alone; "
+                     "see the metadata column)")
     return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s ({summary.model.get('engine', 'keras')} "
             f"engine) after {summary.startup_seconds:.1f} s start-up"
             + (f"; wrote {summary.out}" if summary.out else "") + ". Decision support, not a diagnosis.")

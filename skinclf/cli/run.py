@@ -24,6 +24,7 @@ from skinclf.config import EVALUATE, EXPLAIN, PREDICT, SERVE
         "skinclf evaluate --history --out reports/curves",
         "skinclf evaluate --json > report.json",
         "skinclf evaluate --model models/skinclf-mobilenet.onnx --data data/prepared/val   # no TensorFlow needed",
+        "skinclf evaluate --data data/prepared/val --metadata HAM10000_metadata.csv   # with and without metadata",
     )
 )
 def evaluate(
@@ -51,6 +52,10 @@ def evaluate(
     threads: options.Threads = EVALUATE.threads,
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the report as JSON on stdout (no tables)."),
     overwrite: options.Overwrite = False,
+    metadata: Optional[Path] = typer.Option(
+        None, "--metadata", metavar="CSV",
+        help="Patient metadata (as predict --metadata): also report the figures with the model's metadata head.",
+    ),
 ) -> None:
     """Confusion matrix, per-class precision/recall/F1, balanced accuracy, top-k accuracy, ROC-AUC,
     melanoma sensitivity/specificity, and training curves.
@@ -63,7 +68,8 @@ def evaluate(
 
         result = run_evaluation(model=model, data=data, out=out_dir, predictions=predictions, truth=truth,
                                 history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta,
-                                split=split, engine=engine, threads=threads, overwrite=overwrite)
+                                split=split, engine=engine, threads=threads, overwrite=overwrite,
+                                metadata=metadata)
     if not result.report:  # --history: only the curves
         out.print("Wrote " + ", ".join(str(p) for p in result.files))
         return
@@ -84,6 +90,7 @@ def evaluate(
         "skinclf predict ./images --out results.csv --model my-model.keras --strict",
         "skinclf predict ./images --out results.csv --engine keras          # TensorFlow instead of ONNX Runtime",
         "skinclf predict ./images --out results.csv --model models/skinclf-mobilenet.int8.onnx",
+        "skinclf predict ./images --out results.csv --metadata HAM10000_metadata.csv   # age, sex, body site",
     )
 )
 def predict(
@@ -110,6 +117,11 @@ def predict(
     workers: options.Workers = PREDICT.workers,
     engine: options.Engine = PREDICT.engine,
     threads: options.Threads = PREDICT.threads,
+    metadata: Optional[Path] = typer.Option(
+        None, "--metadata", metavar="CSV",
+        help="Patient metadata per image (image_id or path; age, sex, body site; HAM10000 and ISIC column names "
+        "work as they are), added by the model's metadata head. Images without a row: image only.",
+    ),
 ) -> None:
     """Classify every image in a folder into a CSV of the top-k classes and their probabilities.
 
@@ -124,8 +136,10 @@ def predict(
         summary = predict_directory(
             directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
             all_probs=all_probs, resume=resume, overwrite=overwrite, strict=strict, tta=tta, workers=workers,
-            engine=engine, threads=threads,
+            engine=engine, threads=threads, metadata=metadata,
         )
+    for note in summary.notes:
+        typer.echo(f"Note: {note}", err=True)
     typer.echo(predict_summary(summary), err=True)
 
 

@@ -136,20 +136,34 @@ def evaluate_model(
     split: Path | None = None,
     engine: str = EVALUATE.engine,
     threads: int = EVALUATE.threads,
+    metadata: Path | None = None,
 ) -> Evaluation:
-    """Run a model over a labelled folder (with `engine`: auto, keras or onnx) and write the report into `out`."""
+    """Run a model over a labelled folder (with `engine`: auto, keras or onnx) and write the report into `out`.
+    With `metadata` (a CSV as `predict --metadata` reads it), the report's `metadata` section has
+    the figures with and without the model's metadata head on the same images."""
+    from skinclf.batch.metadata import join, read_metadata
+    from skinclf.batch.predict import metadata_head, with_metadata
     from skinclf.engines.load import load_engine
     from skinclf.engines.runner import predict_files
     from skinclf.parallel import usable_cpus
 
     _check_sensitivity(mel_sensitivity)
+    source = read_metadata(Path(metadata)) if metadata is not None else None
     bundle = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size, threads=threads or None)
+    head = metadata_head(bundle) if source is not None else None
     data = Path(data)
     images = list_labelled_images(data, classes=tuple(bundle.classes))
-    probs_parts, unreadable = [], []
+    rels = [p.relative_to(data).as_posix() for p in images.paths]
+    joined = join(source, rels) if source is not None else None
+    probs_parts, meta_parts, used_parts, unreadable = [], [], [], []
     for batch in predict_files(bundle, images.paths, image_size=bundle.image_size, batch_size=batch_size,
                                workers=workers or usable_cpus(), tta=tta):
         probs_parts.append(batch.probs)
+        if joined is not None:
+            metas = [joined.get(p.relative_to(data).as_posix()) for p in batch.paths]
+            fused, used = with_metadata(head, batch.logits, batch.probs, metas, batch.features)
+            meta_parts.append(fused)
+            used_parts.append(used)
         unreadable += [{"path": str(p), "error": e} for p, e in zip(batch.paths, batch.errors) if e]
     probs = np.concatenate(probs_parts)
     ok = ~np.isnan(probs).any(axis=1)
@@ -173,8 +187,38 @@ def evaluate_model(
         "tta": tta,
         "calibration": calibration_section(probs[ok], y_true, exact=True),
     }
+    if joined is not None:
+        report["metadata"] = metadata_section(y_true, probs[ok], np.concatenate(meta_parts)[ok],
+                                              np.concatenate(used_parts)[ok], bundle.classes, joined)
     out = Path(out)
     return Evaluation(report, out, _write(report, out, y_true, probs[ok], bundle.meta.get("history")))
+
+
+def _headline(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    from skinclf.metrics import balanced_accuracy
+
+    pred = np.argmax(probs, axis=1)
+    recall = {c: round(float(np.mean(pred[y_true == i] == i)), 4) for i, c in enumerate(classes) if np.any(y_true == i)}
+    out = {"n": int(len(y_true)), "balanced_accuracy": round(float(balanced_accuracy(y_true, pred)), 4),
+           "accuracy": round(float(np.mean(pred == y_true)), 4), "recall": recall}
+    if "mel" in classes:
+        m = classes.index("mel")
+        out["melanoma"] = {"sensitivity": recall.get("mel"),
+                           "specificity": round(float(np.mean(pred[y_true != m] != m)), 4)}
+    return out
+
+
+def metadata_section(y_true: np.ndarray, image_only: np.ndarray, with_meta: np.ndarray, used: np.ndarray,
+                     classes: list[str], joined) -> dict[str, Any]:
+    """The figures without and with the metadata head on the same images (all scored images;
+    those without metadata have the same answer both ways), and on the images that had metadata."""
+    section = {**joined.record(), "images_scored_with_metadata": int(used.sum()),
+               "image_only": _headline(y_true, image_only, classes),
+               "with_metadata": _headline(y_true, with_meta, classes)}
+    if 0 < used.sum() < len(used):
+        section["only_images_with_metadata"] = {"image_only": _headline(y_true[used], image_only[used], classes),
+                                                "with_metadata": _headline(y_true[used], with_meta[used], classes)}
+    return section
 
 
 def evaluate_predictions(
@@ -293,6 +337,7 @@ def run_evaluation(
     engine: str = EVALUATE.engine,
     threads: int = EVALUATE.threads,
     overwrite: bool = False,
+    metadata: Path | None = None,
 ) -> Evaluation:
     """The `evaluate` command: training curves only (`history`), a predictions CSV against
     `truth`, or the model over the labelled folder `data`. Files in `out` that an earlier
@@ -305,11 +350,14 @@ def run_evaluation(
         return Evaluation(report={}, out=Path(out), files=[plot_history(model=model, out=out)])
     if (predictions is None) != (truth is None):
         raise SkinclfError("--predictions and --truth go together")
+    if metadata is not None and predictions is not None:
+        raise SkinclfError("--metadata goes with a model run over --data (a predict CSV already has its answers: "
+                           "run predict with --metadata)")
     if predictions is not None:
         return evaluate_predictions(predictions=predictions, truth=truth, out=out, mel_sensitivity=mel_sensitivity,
                                     model=model, split=split)
     return evaluate_model(model=model, data=data, out=out, mel_sensitivity=mel_sensitivity, batch_size=batch_size,
-                          tta=tta, split=split, engine=engine, threads=threads)
+                          tta=tta, split=split, engine=engine, threads=threads, metadata=metadata)
 
 
 def calibration_section(probs: np.ndarray, y_true: np.ndarray, *, exact: bool) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from skinclf.web.classifier import (
     classify_uploads,
 )
 from skinclf.web.guards import Rejected, cross_origin_refusal
+from skinclf.batch.metadata import metas_from_json
 from skinclf.web.uploads import drain, read_uploads
 
 # Validation metrics shown on the page and by /api/model (the confusion matrices stay in the model).
@@ -110,6 +111,7 @@ def model_info(engine, limits: Limits, top_k: int) -> dict[str, Any]:
         "top_k": top_k,
         "columns": columns(engine.classes, top_k, False),
         "limits": asdict(limits),
+        "metadata": metadata_info(engine),
     }
 
 
@@ -185,6 +187,7 @@ def _add_predict(app, engine, info: dict[str, Any], top_k: int) -> None:
     from starlette.concurrency import run_in_threadpool
 
     classes, limits, classifier = engine.classes, app.state.limits, app.state.classifier
+    head = serve_head(engine)
 
     @app.post("/api/predict", summary="Classify uploaded images: one result per file, as in a predict CSV row",
               openapi_extra=UPLOAD_SCHEMA,
@@ -199,17 +202,52 @@ def _add_predict(app, engine, info: dict[str, Any], top_k: int) -> None:
         top_k: int = Query(top_k, ge=1, le=len(classes), description="How many most-probable classes per image"),
         all_probs: bool = Query(False, description="Add a prob_<class> field for every class (--all-probs)"),
     ):
-        uploads = await read_uploads(request, limits)
+        fields = {"metadata": ""}
+        uploads = await read_uploads(request, limits, fields)
+        metas, notes = None, []
+        if fields["metadata"].strip():
+            if head is None:
+                raise SkinclfError("metadata was sent, but this model has no metadata head: it cannot use age, sex "
+                                   "or site (send the images without it)")
+            metas, notes = metas_from_json(fields["metadata"], [u.name for u in uploads])
         rows = await run_in_threadpool(classify_uploads, classifier, uploads, classes=classes,
                                        image_size=engine.image_size, top_k=top_k, all_probs=all_probs,
-                                       gate=app.state.decode_gate, max_image_pixels=limits.max_image_pixels)
-        header = columns(classes, top_k, all_probs)
+                                       gate=app.state.decode_gate, max_image_pixels=limits.max_image_pixels,
+                                       metas=metas, head=head)
+        header = columns(classes, top_k, all_probs) + (["metadata"] if metas is not None else [])
         if format == "csv":
             return Response(csv_text(header, rows), media_type="text/csv; charset=utf-8",
                             headers={"Content-Disposition": 'attachment; filename="results.csv"'})
         results = [dict(zip(header, cells)) for cells in rows]
         return {"model": {k: info["identity"][k] for k in ("name", "sha256", "engine")}, "disclaimer": DISCLAIMER,
-                "columns": header, "errors": sum(1 for r in results if r["error"]), "results": results}
+                "columns": header, "errors": sum(1 for r in results if r["error"]), "results": results,
+                **({"notes": notes} if notes else {})}
+
+
+def serve_head(engine):
+    """The model's metadata head if this engine can run it, else None (metadata is then refused)."""
+    from skinclf.model.metadata import load_head
+
+    try:
+        head = load_head(engine.meta, path=engine.path)
+    except SkinclfError:
+        return None
+    if head is not None and head.needs_features and not getattr(engine, "features_dim", 0):
+        return None
+    return head
+
+
+def metadata_info(engine) -> dict[str, Any]:
+    """/api/model's `metadata`: whether age, sex and site can be sent, what is accepted, the figures."""
+    from skinclf.model.metadata import HEAD_KEY, SEXES, SITE_GROUPS, SITES
+
+    head = serve_head(engine)
+    spec = engine.meta.get(HEAD_KEY) or {}
+    return {"available": head is not None, "sexes": list(SEXES), "sites": list(SITES),
+            "site_groups": list(SITE_GROUPS), "age": [0, 120],
+            "figures": spec.get("figures") if head is not None else None,
+            "how": "multipart form field `metadata`: a JSON list, one {age, sex, site} object (or null) per file "
+                   "in upload order, or an object keyed by file name; images without metadata get the image-only answer"}
 
 
 def _add_guards(app, allowed_hosts: Sequence[str] | None, limits: Limits) -> None:

@@ -273,9 +273,12 @@ def decode_upload(data: bytes, image_size: int, notes: list[str], gate: DecodeGa
 
 def classify_uploads(classifier: Classifier, uploads: Sequence[Upload], *, classes: Sequence[str], image_size: int,
                      top_k: int, all_probs: bool, gate: DecodeGate | None = None,
-                     max_image_pixels: int = SERVE.max_image_pixels) -> list[list[str]]:
+                     max_image_pixels: int = SERVE.max_image_pixels, metas: Sequence | None = None,
+                     head=None) -> list[list[str]]:
     """CSV rows (`results.row`) for uploaded files, in upload order; a bad file is a row with an error.
-    ModelUnavailable when the model thread has stopped, Rejected(503) when decoding stays too busy."""
+    ModelUnavailable when the model thread has stopped, Rejected(503) when decoding stays too busy.
+    `metas` (one `PatientMeta` per upload; None: no metadata sent) goes through the model's
+    metadata `head` exactly as `predict --metadata` does, and each row gains its `metadata` cell."""
     classifier.check()
     x = np.zeros((len(uploads), image_size, image_size, 3), dtype="float32")
     errors: list[str | None] = [None] * len(uploads)
@@ -300,5 +303,11 @@ def classify_uploads(classifier: Classifier, uploads: Sequence[Upload], *, class
     for j in np.nonzero(flagged)[0]:
         if errors[j] is None:
             notes[j].append(UNLIKE_TRAINING)
-    return [row(u.name, p, e, classes, top_k, all_probs, n, ood_score=s)
-            for u, p, e, n, s in zip(uploads, probs, errors, notes, scores)]
+    cells: list[list[str]] = [[] for _ in uploads]
+    if metas is not None:
+        from skinclf.batch.predict import with_metadata
+
+        probs, _ = with_metadata(head, logits, probs, list(metas), features if classifier.features_dim else None)
+        cells = [[""] if e else ["used" if m.present else "missing"] for m, e in zip(metas, errors)]
+    return [row(u.name, p, e, classes, top_k, all_probs, n, ood_score=s) + c
+            for u, p, e, n, s, c in zip(uploads, probs, errors, notes, scores, cells)]

@@ -14,8 +14,10 @@ def upload_name(raw: str, index: int) -> str:
     return name or f"upload-{index}"
 
 
-async def read_uploads(request, limits: Limits) -> list[Upload]:
-    """Parse the multipart body into in-memory uploads, enforcing the limits as it streams."""
+async def read_uploads(request, limits: Limits, fields: dict[str, str] | None = None) -> list[Upload]:
+    """Parse the multipart body into in-memory uploads, enforcing the limits as it streams. Plain
+    form fields whose names are keys of `fields` are read into it (text, 64 KB at most each);
+    other plain fields are ignored."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
@@ -26,10 +28,12 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
         raise Rejected(413, f"request of {int(declared):,} bytes is over the limit of "
                             f"{limits.max_request_bytes:,} bytes (--max-request-mb)")
     uploads: list[Upload] = []
-    state: dict[str, Any] = {"header": b"", "value": b"", "disposition": b"", "part": None, "field": 0}
+    state: dict[str, Any] = {"header": b"", "value": b"", "disposition": b"", "part": None, "field": 0, "name": None}
+    wanted = fields if fields is not None else {}
+    raw: dict[str, bytearray] = {}
 
     def on_part_begin() -> None:
-        state.update(disposition=b"", part=None, field=0)
+        state.update(disposition=b"", part=None, field=0, name=None)
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         state["header"] += data[start:end]
@@ -52,13 +56,18 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
             uploads.append(Upload(upload_name(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw,
                                                len(uploads) + 1)))
             state["part"] = uploads[-1]
-
+        else:
+            name = options.get(b"name", b"")
+            name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            state["name"] = name if name in wanted else None
     def on_part_data(data: bytes, start: int, end: int) -> None:
         part = state["part"]
         if part is None:  # a plain form field: ignored, but bounded
             state["field"] += end - start
             if state["field"] > 64 * 1024:
                 raise Rejected(413, "a form field over 64 KB; send images as files")
+            if state["name"] is not None:
+                raw.setdefault(state["name"], bytearray()).extend(data[start:end])
             return
         if len(part.data) + end - start > limits.max_file_bytes:
             raise Rejected(413, f"{part.name}: over the limit of {limits.max_file_bytes:,} bytes per file "
@@ -70,6 +79,8 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
     })
     await _feed(request.stream(), parser, limits)
+    for name, value in raw.items():
+        wanted[name] = bytes(value).decode("utf-8", "replace")
     if not uploads:
         raise Rejected(422, "no files in the request: send one or more images as multipart field 'files'")
     return uploads
