@@ -341,7 +341,7 @@ def start(address: Address, *, workers: int, runner, directory: Path, top_k: int
             if loopback_only():
                 _loopback_up()
             os.environ.pop("RAY_ADDRESS", None)
-            temp_dir = tempfile.mkdtemp(prefix="skinclf-ray-")
+            temp_dir = _temp_dir()
             with _stderr_muted():
                 ray.init(address="local", num_cpus=usable_cpus(), include_dashboard=False, _temp_dir=temp_dir,
                          _node_ip_address="127.0.0.1" if loopback_only() else None,
@@ -364,6 +364,31 @@ def start(address: Address, *, workers: int, runner, directory: Path, top_k: int
                    "tta": tta}
     return Pool(address, workers=workers or max(1, cpus), model_ref=ref, constructor=constructor,
                 batch_size=batch_size, temp_dir=temp_dir)
+
+
+TEMP_PREFIX = "skinclf-ray-"
+
+
+def _temp_dir() -> str:
+    """A private folder for a local Ray's sessions and logs (which name image files), removed when
+    the run ends; those of runs that were killed are removed by the next run (`_sweep`)."""
+    _sweep()
+    path = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+    Path(path, "owner").write_text(str(os.getpid()), encoding="ascii")
+    return path
+
+
+def _sweep() -> None:
+    """Remove the Ray folders of local runs whose process is gone (killed before they could)."""
+    for folder in Path(tempfile.gettempdir()).glob(TEMP_PREFIX + "*"):
+        try:
+            if folder.stat().st_uid != os.getuid():
+                continue
+            pid = int(Path(folder, "owner").read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            continue
+        if not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _stop(temp_dir: str | None) -> None:
