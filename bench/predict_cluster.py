@@ -1,0 +1,103 @@
+"""`skinclf predict --ray local` against the embedded pipeline, in one run on this machine.
+
+Modes, all on the same model's ONNX form and the same full-size JPEGs (hard-linked copies):
+
+  embedded      `skinclf predict` as without --ray: ONNX Runtime on every usable CPU, threaded decoding
+  embedded 1cpu the same on one ONNX Runtime thread and one decoding thread (a Ray worker's budget)
+  ray 1 worker  `--ray local --ray-workers 1` (one actor: decode, then ONNX Runtime on one thread)
+  ray 2 workers `--ray local --ray-workers 2`
+
+Rates are steady-state images/s: from the first batch of rows reaching the driver to the last
+(start-up is printed apart: starting Ray, starting the actors and shipping the model). The
+overhead Ray adds per image is 1/(ray 1 worker) - 1/(embedded 1cpu): the same CPU budget, with
+and without Ray. The process re-runs itself in a network namespace of its own (loopback only),
+as `skinclf predict --ray local` does.
+
+    python bench/predict_cluster.py [--images ../shared/data/ham10000-fullres] [--copies 2] [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from skinclf.batch import ray as cluster  # noqa: E402
+from skinclf.batch.predict import _embedded, list_images  # noqa: E402
+from skinclf.data.layout import default_model_path  # noqa: E402
+from skinclf.engines.load import load_engine  # noqa: E402
+from skinclf.parallel import usable_cpus  # noqa: E402
+
+
+def steady(batches) -> tuple[int, float, float]:
+    """Rows, seconds to the first batch, images/s after it."""
+    t0 = time.perf_counter()
+    first = count = 0
+    t_first = t0
+    for rows in batches:
+        if not first:
+            first, t_first = len(rows), time.perf_counter()
+        count += len(rows)
+    end = time.perf_counter()
+    return count, t_first - t0, (count - first) / (end - t_first)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path,
+                        default=Path(__file__).resolve().parents[2] / "shared/data/ham10000-fullres")
+    parser.add_argument("--model", type=Path, default=None, help="model with an ONNX form [default: the bundled model]")
+    parser.add_argument("--copies", type=int, default=2, help="hard-linked copies of the folder")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    cluster.isolate("local")  # re-runs this script in a network namespace of its own, if need be
+
+    model = args.model or default_model_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        for copy in range(args.copies):
+            (folder / str(copy)).mkdir(parents=True)
+            for p in sorted(args.images.glob("*.jpg")):
+                os.link(p, folder / str(copy) / p.name)
+        todo = list_images(folder, recursive=True).files
+        rate: dict[str, float] = {}
+        startup: dict[str, float] = {}
+        for name, threads in (("embedded", 0), ("embedded 1cpu", 1)):
+            runner = load_engine(model, engine="onnx", batch_size=args.batch_size, threads=threads or None)
+            n, first, rate[name] = steady(_embedded(runner, directory=folder, todo=todo, top_k=3, all_probs=False,
+                                                    batch_size=args.batch_size, workers=threads or usable_cpus(),
+                                                    tta=1))
+            startup[name] = first
+        runner = load_engine(model, engine="onnx", batch_size=args.batch_size)
+        for workers in (1, 2):
+            name = f"ray {workers} worker" + ("s" if workers > 1 else "")
+            t0 = time.perf_counter()
+            pool = cluster.start(cluster.Address("local", "local"), workers=workers, runner=runner, directory=folder,
+                                 top_k=3, all_probs=False, batch_size=args.batch_size, threads=1, tta=1)
+            started = time.perf_counter() - t0
+            try:
+                n, first, rate[name] = steady(pool.rows(todo))
+            finally:
+                pool.close()
+            assert n == len(todo), (n, len(todo))
+            startup[name] = started + first
+
+    print(f"{len(todo)} images ({args.copies} x {args.images.name}), model {model.name} (ONNX), batch "
+          f"{args.batch_size}, {usable_cpus()} usable CPUs, Ray actors at {cluster.ACTOR_CPUS} CPU")
+    for name in rate:
+        print(f"  {name:14s} {rate[name]:7.1f} img/s   (first rows after {startup[name]:5.1f} s)")
+    overhead = 1 / rate["ray 1 worker"] - 1 / rate["embedded 1cpu"]
+    print(f"  ray 1 worker / embedded 1cpu  {rate['ray 1 worker'] / rate['embedded 1cpu']:.2f}x")
+    print(f"  ray 2 workers / ray 1 worker  {rate['ray 2 workers'] / rate['ray 1 worker']:.2f}x")
+    print(f"  ray 2 workers / embedded      {rate['ray 2 workers'] / rate['embedded']:.2f}x")
+    print(f"  overhead Ray adds per image   {overhead * 1000:+.1f} ms "
+          f"({1000 / rate['embedded 1cpu']:.1f} ms embedded on one CPU, {1000 / rate['ray 1 worker']:.1f} ms on a Ray worker)")
+
+
+if __name__ == "__main__":
+    main()
