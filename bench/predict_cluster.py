@@ -7,8 +7,9 @@ Modes, all on the same model's ONNX form and the same full-size JPEGs (hard-link
   ray 1 worker  `--ray local --ray-workers 1` (one actor: decode, then ONNX Runtime on one thread)
   ray 2 workers `--ray local --ray-workers 2`
 
-Rates are steady-state images/s: from the first batch of rows reaching the driver to the last
-(start-up is printed apart: starting Ray, starting the actors and shipping the model). The
+Rates are steady-state images/s over the last three quarters of the rows reaching the driver
+(start-up is printed apart: starting Ray, starting the actors and shipping the model, to the
+first rows). The
 overhead Ray adds per image is 1/(ray 1 worker) - 1/(embedded 1cpu): the same CPU budget, with
 and without Ray. The process re-runs itself in a network namespace of its own (loopback only),
 as `skinclf predict --ray local` does.
@@ -34,17 +35,19 @@ from skinclf.engines.load import load_engine  # noqa: E402
 from skinclf.parallel import usable_cpus  # noqa: E402
 
 
-def steady(batches) -> tuple[int, float, float]:
-    """Rows, seconds to the first batch, images/s after it."""
+def steady(batches, total: int) -> tuple[int, float, float]:
+    """Rows, seconds to the first rows, and images/s over the last three quarters of the rows (so
+    neither start-up nor the first results buffered behind it count)."""
     t0 = time.perf_counter()
-    first = count = 0
-    t_first = t0
+    count, t_first, mark = 0, None, None
     for rows in batches:
-        if not first:
-            first, t_first = len(rows), time.perf_counter()
         count += len(rows)
+        now = time.perf_counter()
+        t_first = t_first or now
+        if mark is None and count >= total // 4:
+            mark = (count, now)
     end = time.perf_counter()
-    return count, t_first - t0, (count - first) / (end - t_first)
+    return count, t_first - t0, (count - mark[0]) / (end - mark[1])
 
 
 def main() -> None:
@@ -71,7 +74,7 @@ def main() -> None:
             runner = load_engine(model, engine="onnx", batch_size=args.batch_size, threads=threads or None)
             n, first, rate[name] = steady(_embedded(runner, directory=folder, todo=todo, top_k=3, all_probs=False,
                                                     batch_size=args.batch_size, workers=threads or usable_cpus(),
-                                                    tta=1))
+                                                    tta=1), len(todo))
             startup[name] = first
         runner = load_engine(model, engine="onnx", batch_size=args.batch_size)
         for workers in (1, 2):
@@ -81,7 +84,7 @@ def main() -> None:
                                  top_k=3, all_probs=False, batch_size=args.batch_size, threads=1, tta=1)
             started = time.perf_counter() - t0
             try:
-                n, first, rate[name] = steady(pool.rows(todo))
+                n, first, rate[name] = steady(pool.rows(todo), len(todo))
             finally:
                 pool.close()
             assert n == len(todo), (n, len(todo))

@@ -285,3 +285,13 @@ def test_the_driver_drops_a_retried_batchs_rows_and_refuses_a_row_out_of_place()
     assert [r[0] for r in fresh] == ["a.jpg", "b.jpg", "c.jpg"] and at == 3
     with pytest.raises(SkinclfError, match="where 'd.jpg' was expected"):
         _place("x.jpg", todo, at, fresh, ["x.jpg"])
+
+
+def test_an_object_store_uri_is_refused_in_one_line_saying_to_mount_it(runner, tmp_path: Path) -> None:
+    from skinclf.cli import app
+
+    out = tmp_path / "r.csv"
+    result = runner.invoke(app, ["predict", "s3://archive/2026", "--out", str(out), "--ray", "auto"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "s3:// and other object-store URIs are not read directly: mount the bucket" in result.output
+    assert not out.with_name("r.csv.partial").exists()

@@ -10,6 +10,7 @@ an `error`, and the batch goes on; an image the model cannot judge well gets a `
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -56,10 +57,18 @@ class PredictSummary:
         return self.classified / self.seconds if self.seconds > 0 else 0.0
 
 
+_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # s3://, gs://, az://, hdfs://, ...
+
+
 def list_images(directory: Path, *, recursive: bool) -> Walk:
     """The images to classify below `directory` (sorted relative POSIX paths) and the places
     that could not be read."""
     directory = Path(directory)
+    uri = _URI.match(str(directory))
+    if uri and not directory.exists():  # typer's Path turns s3://bucket into s3:/bucket
+        raise SkinclfError(f"{uri[1]}:// and other object-store URIs are not read directly: mount the bucket (s3fs, "
+                           "mountpoint-s3, gcsfuse, ...) at the same path on this machine and every worker, and pass "
+                           "that folder")
     if not directory.exists():
         raise SkinclfError(f"folder not found: {directory}")
     if not directory.is_dir():

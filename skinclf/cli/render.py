@@ -97,6 +97,8 @@ def predict_summary(summary) -> str:
         parts.append(redone_text(Counter(summary.redone)))
     if summary.dropped:
         parts.append(f"{plural(summary.dropped, 'row')} dropped: their files are no longer in the folder")
+    cluster = getattr(summary, "cluster", None)
+    where = f" on {plural(cluster['workers'], 'Ray worker')}" if cluster else ""
     return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s ({summary.model.get('engine', 'keras')} "
-            f"engine) after {summary.startup_seconds:.1f} s start-up"
+            f"engine{where}) after {summary.startup_seconds:.1f} s start-up"
             + (f"; wrote {summary.out}" if summary.out else "") + ". Decision support, not a diagnosis.")
