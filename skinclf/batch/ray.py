@@ -244,9 +244,7 @@ class Pool:
         context = DataContext.get_current()
         context.execution_options.preserve_order = True  # rows come back in the order of `todo`
         context.enable_progress_bars = False
-        blocks = max(1, min(-(-len(todo) // self.batch_size), 4 * self.workers * 8))
-        data = ray.data.from_items([{"path": json.dumps(p)} for p in todo], override_num_blocks=blocks)
-        data = data.map_batches(
+        data = _paths(todo, block_rows(len(todo), self.batch_size, self.workers)).map_batches(
             Classifier, fn_constructor_kwargs=self.constructor, batch_size=self.batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(size=self.workers), num_cpus=ACTOR_CPUS,
         )  # Ray Data's defaults restart a dead actor and retry its tasks without limit, spread over the nodes
@@ -277,6 +275,24 @@ class Pool:
         finally:
             if self.temp_dir:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def block_rows(files: int, batch_size: int, workers: int) -> int:
+    """Paths per Ray Data block: whole batches, at least 4 blocks per worker for balance, at most
+    64 batches (a retried block redoes little)."""
+    batches = -(-files // (batch_size * workers * 4))
+    return batch_size * max(1, min(batches, 64))
+
+
+def _paths(todo: list[str], rows: int):
+    """A dataset of `todo` (JSON text: a name that is not UTF-8 survives Arrow), one Arrow table per
+    block, so the driver never holds more than one block's table beside its list of paths."""
+    import pyarrow as pa
+    import ray
+
+    refs = [ray.put(pa.table({"path": pa.array([json.dumps(p) for p in todo[i : i + rows]], type=pa.string())}))
+            for i in range(0, len(todo), rows)]
+    return ray.data.from_arrow_refs(refs)
 
 
 def _place(path: str, todo: list[str], expected: int, fresh: list[list[str]], cells: list[str]) -> int:
