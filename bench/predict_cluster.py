@@ -28,10 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from skinclf.batch import ray as cluster  # noqa: E402
 from skinclf.batch.predict import _embedded, list_images  # noqa: E402
+from skinclf.batch.ray import _place  # noqa: E402
+from skinclf.batch.results import row, write_csv  # noqa: E402
+from skinclf.batch.resume import file_key  # noqa: E402
 from skinclf.data.layout import default_model_path  # noqa: E402
 from skinclf.engines.load import load_engine  # noqa: E402
 from skinclf.parallel import usable_cpus  # noqa: E402
@@ -69,6 +74,36 @@ def child(model: Path, folder: Path, threads: int, batch_size: int) -> None:
     _, first, rate = steady(_embedded(runner, directory=folder, todo=todo, top_k=3, all_probs=False,
                                       batch_size=batch_size, workers=threads or usable_cpus(), tta=1), len(todo))
     print(json.dumps([rate, first]))
+
+
+def listing_rate(folder: Path) -> float:
+    """Files/s the driver lists and stats (what predict does before any work; warm cache, local disk)."""
+    t0 = time.perf_counter()
+    files = list_images(folder, recursive=True).files
+    for f in files:
+        file_key(folder / f)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def driver_row_cost(classes: list[str], count: int = 50_000) -> float:
+    """Seconds of the driver's time per row: JSON text in, checked against the list, CSV line and
+    resume-record line out (what the driver does for each row a worker sends)."""
+    rng = np.random.default_rng(0)
+    todo = [f"{i // 1000:04d}/ISIC_{i:07d}.jpg" for i in range(count)]
+    texts = [json.dumps(row(p, rng.dirichlet(np.ones(len(classes))), None, classes, 3, False, ood_score=-3.2))
+             for p in todo]
+    with tempfile.TemporaryFile("w", newline="", encoding="utf-8") as sink:
+        t0 = time.perf_counter()
+        expected, fresh = 0, []
+        for i, text in enumerate(texts):
+            cells = json.loads(text)
+            expected = _place(cells[0], todo, expected, fresh, cells)
+            if len(fresh) == 256 or i == count - 1:
+                write_csv(sink, fresh)
+                sink.writelines(json.dumps([r[0], 27_000, 1_700_000_000_000_000_000]) + "\n" for r in fresh)
+                sink.flush()  # the rows, then the resume record's lines, as `CsvOutput.write` does
+                fresh = []
+        return (time.perf_counter() - t0) / count
 
 
 def main() -> None:
@@ -112,6 +147,9 @@ def main() -> None:
             assert n == len(todo), (n, len(todo))
             startup[name] = started + first
 
+        listed = listing_rate(folder)
+    row_cost = driver_row_cost(list(runner.classes))
+
     print(f"{len(todo)} images ({args.copies} x {args.images.name}), model {model.name} (ONNX), batch "
           f"{args.batch_size}, {usable_cpus()} usable CPUs, Ray actors at {cluster.ACTOR_CPUS} CPU")
     for name in ("embedded", "embedded 1cpu", "ray 1 worker", "ray 2 workers"):
@@ -122,6 +160,8 @@ def main() -> None:
     print(f"  ray 2 workers / embedded      {rate['ray 2 workers'] / rate['embedded']:.2f}x")
     print(f"  overhead Ray adds per image   {overhead * 1000:+.1f} ms "
           f"({1000 / rate['embedded 1cpu']:.1f} ms embedded on one CPU, {1000 / rate['ray 1 worker']:.1f} ms on a Ray worker)")
+    print(f"  driver: listing {listed:,.0f} files/s (walk + stat, local disk, warm cache); "
+          f"{row_cost * 1e6:.1f} us per row received and written ({1 / row_cost:,.0f} rows/s)")
 
 
 if __name__ == "__main__":
