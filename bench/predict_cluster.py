@@ -7,9 +7,9 @@ Modes, all on the same model's ONNX form and the same full-size JPEGs (hard-link
   ray 1 worker  `--ray local --ray-workers 1` (one actor: decode, then ONNX Runtime on one thread)
   ray 2 workers `--ray local --ray-workers 2`
 
-Rates are steady-state images/s over the last three quarters of the rows reaching the driver
-(start-up is printed apart: starting Ray, starting the actors and shipping the model, to the
-first rows). The
+Rates are the slope of two runs from scratch, `--small` files and all of them: images/s without
+the fixed cost every run pays (printed apart: starting Ray and the actors, shipping and loading
+the model, the first batch's latency). The
 overhead Ray adds per image is 1/(ray 1 worker) - 1/(embedded 1cpu): the same CPU budget, with
 and without Ray. The process re-runs itself in a network namespace of its own (loopback only),
 as `skinclf predict --ray local` does.
@@ -42,38 +42,43 @@ from skinclf.engines.load import load_engine  # noqa: E402
 from skinclf.parallel import usable_cpus  # noqa: E402
 
 
-def steady(batches, total: int) -> tuple[int, float, float]:
-    """Rows, seconds to the first rows, and images/s over the last three quarters of the rows (so
-    neither start-up nor the first results buffered behind it count)."""
+def timed(batches) -> tuple[int, float]:
+    """Rows and seconds, start-up included."""
     t0 = time.perf_counter()
-    count, t_first, mark = 0, None, None
-    for rows in batches:
-        count += len(rows)
-        now = time.perf_counter()
-        t_first = t_first or now
-        if mark is None and count >= total // 4:
-            mark = (count, now)
-    end = time.perf_counter()
-    return count, t_first - t0, (count - mark[0]) / (end - mark[1])
+    count = sum(len(rows) for rows in batches)
+    return count, time.perf_counter() - t0
 
 
-def embedded_rate(model: Path, folder: Path, threads: int, batch_size: int) -> tuple[float, float]:
-    """(images/s, seconds to the first rows) of the embedded pipeline, measured in a child process
+def two_point(run, todo: list[str], small: int) -> tuple[float, float]:
+    """(images/s, fixed seconds) from timing `small` files and all of `todo`, each from scratch:
+    the slope is the cost per image, the intercept what every run pays once (actors starting,
+    the model loading, the first batch's latency), so neither distorts the other."""
+    n1, t1 = timed(run(todo[:small]))
+    n2, t2 = timed(run(todo))
+    assert (n1, n2) == (small, len(todo)), (n1, n2)
+    per_image = (t2 - t1) / (n2 - n1)
+    return 1 / per_image, t1 - small * per_image
+
+
+def embedded_rate(model: Path, folder: Path, threads: int, batch_size: int, small: int) -> tuple[float, float]:
+    """(images/s, fixed seconds) of the embedded pipeline, measured in a child process
     in a session of its own: Linux's autogroup scheduler gives each session a fair share of a busy
     machine, and Ray's worker processes have sessions of their own, so measuring the embedded
     pipeline in this process would hand Ray more of a shared machine's CPU than it."""
-    out = subprocess.run([sys.executable, __file__, "--child", str(model), str(folder), str(threads), str(batch_size)],
+    out = subprocess.run([sys.executable, __file__, "--child", str(model), str(folder), str(threads), str(batch_size),
+                          str(small)],
                          capture_output=True, text=True, check=True, start_new_session=True)
     rate, first = json.loads(out.stdout.strip().splitlines()[-1])
     return rate, first
 
 
-def child(model: Path, folder: Path, threads: int, batch_size: int) -> None:
+def child(model: Path, folder: Path, threads: int, batch_size: int, small: int) -> None:
     todo = list_images(folder, recursive=True).files
     runner = load_engine(model, engine="onnx", batch_size=batch_size, threads=threads or None)
-    _, first, rate = steady(_embedded(runner, directory=folder, todo=todo, top_k=3, all_probs=False,
-                                      batch_size=batch_size, workers=threads or usable_cpus(), tta=1), len(todo))
-    print(json.dumps([rate, first]))
+    rate, fixed = two_point(lambda files: _embedded(runner, directory=folder, todo=files, top_k=3, all_probs=False,
+                                                    batch_size=batch_size, workers=threads or usable_cpus(), tta=1),
+                            todo, small)
+    print(json.dumps([rate, fixed]))
 
 
 def listing_rate(folder: Path) -> float:
@@ -108,14 +113,15 @@ def driver_row_cost(classes: list[str], count: int = 50_000) -> float:
 
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
-        model, folder, threads, batch_size = sys.argv[2:6]
-        return child(Path(model), Path(folder), int(threads), int(batch_size))
+        model, folder, threads, batch_size, small = sys.argv[2:7]
+        return child(Path(model), Path(folder), int(threads), int(batch_size), int(small))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path,
                         default=Path(__file__).resolve().parents[2] / "shared/data/ham10000-fullres")
     parser.add_argument("--model", type=Path, default=None, help="model with an ONNX form [default: the bundled model]")
     parser.add_argument("--copies", type=int, default=2, help="hard-linked copies of the folder")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--small", type=int, default=64, help="files of the short run (the intercept)")
     args = parser.parse_args()
     cluster.isolate("local")  # re-runs this script in a network namespace of its own, if need be
 
@@ -133,7 +139,8 @@ def main() -> None:
         # Alternating, so that a change in the machine's load hits both kinds alike.
         for name in ("embedded 1cpu", "ray 1 worker", "embedded", "ray 2 workers"):
             if name.startswith("embedded"):
-                rate[name], startup[name] = embedded_rate(model, folder, 1 if "1cpu" in name else 0, args.batch_size)
+                rate[name], startup[name] = embedded_rate(model, folder, 1 if "1cpu" in name else 0, args.batch_size,
+                                                          args.small)
                 continue
             workers = int(name.split()[1])
             t0 = time.perf_counter()
@@ -141,19 +148,17 @@ def main() -> None:
                                  top_k=3, all_probs=False, batch_size=args.batch_size, threads=1, tta=1)
             started = time.perf_counter() - t0
             try:
-                n, first, rate[name] = steady(pool.rows(todo), len(todo))
+                rate[name], fixed = two_point(pool.rows, todo, args.small)
             finally:
                 pool.close()
-            assert n == len(todo), (n, len(todo))
-            startup[name] = started + first
-
+            startup[name] = started + fixed
         listed = listing_rate(folder)
     row_cost = driver_row_cost(list(runner.classes))
 
     print(f"{len(todo)} images ({args.copies} x {args.images.name}), model {model.name} (ONNX), batch "
           f"{args.batch_size}, {usable_cpus()} usable CPUs, Ray actors at {cluster.ACTOR_CPUS} CPU")
     for name in ("embedded", "embedded 1cpu", "ray 1 worker", "ray 2 workers"):
-        print(f"  {name:14s} {rate[name]:7.1f} img/s   (first rows after {startup[name]:5.1f} s)")
+        print(f"  {name:14s} {rate[name]:7.1f} img/s   (fixed cost per run {startup[name]:5.1f} s)")
     overhead = 1 / rate["ray 1 worker"] - 1 / rate["embedded 1cpu"]
     print(f"  ray 1 worker / embedded 1cpu  {rate['ray 1 worker'] / rate['embedded 1cpu']:.2f}x")
     print(f"  ray 2 workers / ray 1 worker  {rate['ray 2 workers'] / rate['ray 1 worker']:.2f}x")

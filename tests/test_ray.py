@@ -236,6 +236,8 @@ def test_ray_options_that_cannot_work_are_refused_in_one_line(runner, tmp_path: 
     for extra, says in ((["--ray-workers", "-1"], "--ray-workers"), (["--engine", "keras"], "drop --engine keras")):
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code == 1 and says in result.output and len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, [*base[:-2], "--ray-workers", "2"])  # without --ray
+    assert result.exit_code == 1 and "--ray-workers sets the number of workers on a Ray cluster" in result.output
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     result = runner.invoke(app, base)
     assert result.exit_code == 1

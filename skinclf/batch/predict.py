@@ -248,6 +248,9 @@ def predict_directory(
     target = _check_options(out=out, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta, resume=resume,
                             overwrite=overwrite, threads=threads)
     address = None
+    if ray is None and ray_workers:
+        raise SkinclfError("--ray-workers sets the number of workers on a Ray cluster: add --ray local, auto or "
+                           "ray://HOST:PORT")
     if ray is not None:
         from skinclf.batch import ray as cluster
 
