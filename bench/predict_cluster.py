@@ -42,43 +42,67 @@ from skinclf.engines.load import load_engine  # noqa: E402
 from skinclf.parallel import usable_cpus  # noqa: E402
 
 
-def timed(batches) -> tuple[int, float]:
-    """Rows and seconds, start-up included."""
-    t0 = time.perf_counter()
-    count = sum(len(rows) for rows in batches)
-    return count, time.perf_counter() - t0
+def namespace_cpu() -> float:
+    """CPU seconds used so far by every live process of this network namespace (this script, Ray's
+    processes, the actors): all of it is this benchmark's, since it runs in a namespace of its own."""
+    mine, tick, total = os.readlink("/proc/self/ns/net"), os.sysconf("SC_CLK_TCK"), 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "ns" / "net") != mine:
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
 
 
-def two_point(run, todo: list[str], small: int) -> tuple[float, float]:
-    """(images/s, fixed seconds) from timing `small` files and all of `todo`, each from scratch:
-    the slope is the cost per image, the intercept what every run pays once (actors starting,
-    the model loading, the first batch's latency), so neither distorts the other."""
-    n1, t1 = timed(run(todo[:small]))
-    n2, t2 = timed(run(todo))
+def timed(batches, total: int, cpu) -> tuple[int, float, float]:
+    """Rows, seconds and CPU seconds (`cpu()` read before and as the last rows arrive, while the
+    actors still live), start-up included."""
+    t0, c0 = time.perf_counter(), cpu()
+    count, c1 = 0, None
+    for rows in batches:
+        count += len(rows)
+        if count >= total and c1 is None:
+            c1 = cpu()
+    return count, time.perf_counter() - t0, (c1 if c1 is not None else cpu()) - c0
+
+
+def two_point(run, todo: list[str], small: int, cpu) -> tuple[float, float, float]:
+    """(images/s, fixed seconds, CPU seconds per image) from timing `small` files and all of
+    `todo`, each from scratch: the slope is the cost per image, the intercept what every run pays
+    once (actors starting, the model loading, the first batch's latency). CPU time, unlike wall
+    time, does not depend on the share of a busy machine the scheduler gives each process."""
+    n1, t1, c1 = timed(run(todo[:small]), small, cpu)
+    n2, t2, c2 = timed(run(todo), len(todo), cpu)
     assert (n1, n2) == (small, len(todo)), (n1, n2)
     per_image = (t2 - t1) / (n2 - n1)
-    return 1 / per_image, t1 - small * per_image
+    return 1 / per_image, t1 - small * per_image, (c2 - c1) / (n2 - n1)
 
 
-def embedded_rate(model: Path, folder: Path, threads: int, batch_size: int, small: int) -> tuple[float, float]:
-    """(images/s, fixed seconds) of the embedded pipeline, measured in a child process
+def embedded_rate(model: Path, folder: Path, threads: int, batch_size: int, small: int) -> tuple[float, float, float]:
+    """(images/s, fixed seconds, CPU seconds per image) of the embedded pipeline, measured in a child process
     in a session of its own: Linux's autogroup scheduler gives each session a fair share of a busy
     machine, and Ray's worker processes have sessions of their own, so measuring the embedded
     pipeline in this process would hand Ray more of a shared machine's CPU than it."""
     out = subprocess.run([sys.executable, __file__, "--child", str(model), str(folder), str(threads), str(batch_size),
                           str(small)],
                          capture_output=True, text=True, check=True, start_new_session=True)
-    rate, first = json.loads(out.stdout.strip().splitlines()[-1])
-    return rate, first
+    rate, fixed, cpu = json.loads(out.stdout.strip().splitlines()[-1])
+    return rate, fixed, cpu
 
 
 def child(model: Path, folder: Path, threads: int, batch_size: int, small: int) -> None:
     todo = list_images(folder, recursive=True).files
     runner = load_engine(model, engine="onnx", batch_size=batch_size, threads=threads or None)
-    rate, fixed = two_point(lambda files: _embedded(runner, directory=folder, todo=files, top_k=3, all_probs=False,
-                                                    batch_size=batch_size, workers=threads or usable_cpus(), tta=1),
-                            todo, small)
-    print(json.dumps([rate, fixed]))
+    rate, fixed, cpu = two_point(lambda files: _embedded(runner, directory=folder, todo=files, top_k=3,
+                                                         all_probs=False, batch_size=batch_size,
+                                                         workers=threads or usable_cpus(), tta=1),
+                                 todo, small, time.process_time)
+    print(json.dumps([rate, fixed, cpu]))
 
 
 def listing_rate(folder: Path) -> float:
@@ -128,6 +152,7 @@ def main() -> None:
     model = args.model or default_model_path()
     rate: dict[str, float] = {}
     startup: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         for copy in range(args.copies):
@@ -139,8 +164,8 @@ def main() -> None:
         # Alternating, so that a change in the machine's load hits both kinds alike.
         for name in ("embedded 1cpu", "ray 1 worker", "embedded", "ray 2 workers"):
             if name.startswith("embedded"):
-                rate[name], startup[name] = embedded_rate(model, folder, 1 if "1cpu" in name else 0, args.batch_size,
-                                                          args.small)
+                rate[name], startup[name], cpu[name] = embedded_rate(model, folder, 1 if "1cpu" in name else 0,
+                                                                     args.batch_size, args.small)
                 continue
             workers = int(name.split()[1])
             t0 = time.perf_counter()
@@ -148,7 +173,7 @@ def main() -> None:
                                  top_k=3, all_probs=False, batch_size=args.batch_size, threads=1, tta=1)
             started = time.perf_counter() - t0
             try:
-                rate[name], fixed = two_point(pool.rows, todo, args.small)
+                rate[name], fixed, cpu[name] = two_point(pool.rows, todo, args.small, namespace_cpu)
             finally:
                 pool.close()
             startup[name] = started + fixed
@@ -158,13 +183,15 @@ def main() -> None:
     print(f"{len(todo)} images ({args.copies} x {args.images.name}), model {model.name} (ONNX), batch "
           f"{args.batch_size}, {usable_cpus()} usable CPUs, Ray actors at {cluster.ACTOR_CPUS} CPU")
     for name in ("embedded", "embedded 1cpu", "ray 1 worker", "ray 2 workers"):
-        print(f"  {name:14s} {rate[name]:7.1f} img/s   (fixed cost per run {startup[name]:5.1f} s)")
-    overhead = 1 / rate["ray 1 worker"] - 1 / rate["embedded 1cpu"]
-    print(f"  ray 1 worker / embedded 1cpu  {rate['ray 1 worker'] / rate['embedded 1cpu']:.2f}x")
-    print(f"  ray 2 workers / ray 1 worker  {rate['ray 2 workers'] / rate['ray 1 worker']:.2f}x")
-    print(f"  ray 2 workers / embedded      {rate['ray 2 workers'] / rate['embedded']:.2f}x")
-    print(f"  overhead Ray adds per image   {overhead * 1000:+.1f} ms "
-          f"({1000 / rate['embedded 1cpu']:.1f} ms embedded on one CPU, {1000 / rate['ray 1 worker']:.1f} ms on a Ray worker)")
+        print(f"  {name:14s} {rate[name]:6.1f} img/s  {cpu[name] * 1000:6.1f} CPU ms/img  "
+              f"(fixed cost per run {startup[name]:5.1f} s)")
+    print(f"  ray 1 worker / embedded 1cpu  {rate['ray 1 worker'] / rate['embedded 1cpu']:.2f}x img/s, "
+          f"{cpu['ray 1 worker'] / cpu['embedded 1cpu']:.2f}x CPU per image")
+    print(f"  ray 2 workers / ray 1 worker  {rate['ray 2 workers'] / rate['ray 1 worker']:.2f}x img/s")
+    print(f"  ray 2 workers / embedded      {rate['ray 2 workers'] / rate['embedded']:.2f}x img/s")
+    print(f"  overhead Ray adds per image   {(cpu['ray 1 worker'] - cpu['embedded 1cpu']) * 1000:+.1f} CPU ms "
+          f"(all of the namespace's processes: driver, Ray's own, the actor), "
+          f"{(1 / rate['ray 1 worker'] - 1 / rate['embedded 1cpu']) * 1000:+.1f} ms wall")
     print(f"  driver: listing {listed:,.0f} files/s (walk + stat, local disk, warm cache); "
           f"{row_cost * 1e6:.1f} us per row received and written ({1 / row_cost:,.0f} rows/s)")
 
