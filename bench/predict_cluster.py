@@ -42,10 +42,10 @@ from skinclf.engines.load import load_engine  # noqa: E402
 from skinclf.parallel import usable_cpus  # noqa: E402
 
 
-def namespace_cpu() -> float:
-    """CPU seconds used so far by every live process of this network namespace (this script, Ray's
-    processes, the actors): all of it is this benchmark's, since it runs in a namespace of its own."""
-    mine, tick, total = os.readlink("/proc/self/ns/net"), os.sysconf("SC_CLK_TCK"), 0
+def namespace_cpu() -> dict[int, float]:
+    """CPU seconds used so far by each live process of this network namespace (this script, Ray's
+    processes, the actors): all of them this benchmark's, since it runs in a namespace of its own."""
+    mine, tick, used = os.readlink("/proc/self/ns/net"), os.sysconf("SC_CLK_TCK"), {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -55,20 +55,29 @@ def namespace_cpu() -> float:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
+
+
+def own_cpu() -> dict[int, float]:
+    return {0: time.process_time()}
 
 
 def timed(batches, total: int, cpu) -> tuple[int, float, float]:
-    """Rows, seconds and CPU seconds (`cpu()` read before and as the last rows arrive, while the
-    actors still live), start-up included."""
-    t0, c0 = time.perf_counter(), cpu()
-    count, c1 = 0, None
+    """Rows, seconds and CPU seconds, start-up included. `cpu()` maps processes to their CPU time
+    so far; it is read before, at every batch and as the last rows arrive (while the actors still
+    live), so a process that ends mid-run (an actor of the run before) keeps its last reading
+    rather than taking its CPU time out of the sum."""
+    t0, start = time.perf_counter(), cpu()
+    last, count = dict(start), 0
     for rows in batches:
+        if count < total:
+            last.update(cpu())
         count += len(rows)
-        if count >= total and c1 is None:
-            c1 = cpu()
-    return count, time.perf_counter() - t0, (c1 if c1 is not None else cpu()) - c0
+        if count >= total:
+            last.update(cpu())
+    used = sum(seconds - start.get(pid, 0.0) for pid, seconds in last.items())
+    return count, time.perf_counter() - t0, used
 
 
 def two_point(run, todo: list[str], small: int, cpu) -> tuple[float, float, float]:
@@ -101,7 +110,7 @@ def child(model: Path, folder: Path, threads: int, batch_size: int, small: int) 
     rate, fixed, cpu = two_point(lambda files: _embedded(runner, directory=folder, todo=files, top_k=3,
                                                          all_probs=False, batch_size=batch_size,
                                                          workers=threads or usable_cpus(), tta=1),
-                                 todo, small, time.process_time)
+                                 todo, small, own_cpu)
     print(json.dumps([rate, fixed, cpu]))
 
 
