@@ -130,8 +130,10 @@ def _skinclf(*command: str, **env: str) -> subprocess.CompletedProcess:
 @needs_ray
 def test_ray_local_writes_the_embedded_pipelines_csv_and_strict_fails_after_writing(
         folder: Path, model: Path, reference: list[list[str]], tmp_path: Path) -> None:
-    out = tmp_path / "ray.csv"
-    done = _skinclf(*_command(folder, model, out, "--ray-workers", "2", "--strict"))
+    out, home = tmp_path / "ray.csv", tmp_path / "home"
+    home.mkdir()
+    done = _skinclf(*_command(folder, model, out, "--ray-workers", "2", "--strict"), HOME=str(home))
+    assert list(home.iterdir()) == []  # no ~/.ray/auth_token (Ray's own token file) or anything else
     _same(_rows(out), reference)
     errors = [r for r in reference[1:] if r[-2]]
     assert {r[0] for r in errors} == {"a/corrupt.jpg", "b/empty.png", "b/gone.jpg"}
@@ -297,3 +299,12 @@ def test_an_object_store_uri_is_refused_in_one_line_saying_to_mount_it(runner, t
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "s3:// and other object-store URIs are not read directly: mount the bucket" in result.output
     assert not out.with_name("r.csv.partial").exists()
+
+
+def test_a_worker_that_cannot_see_the_folder_fails_instead_of_writing_error_rows(tmp_path: Path) -> None:
+    from skinclf.batch.ray import Classifier
+    from skinclf.errors import SkinclfError
+
+    with pytest.raises(SkinclfError, match="is not readable on the Ray node .*mount it at the same path"):
+        Classifier(model=[None], name="m.onnx", directory=str(tmp_path / "not-mounted"), top_k=3, all_probs=False,
+                   batch_size=4, threads=1, tta=1)

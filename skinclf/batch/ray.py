@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,11 @@ class Classifier:
         from skinclf import keep_private
 
         keep_private()  # telemetry off before ONNX Runtime loads, whatever the worker's environment
+        if not Path(directory).is_dir():  # else every file would come back as a "file not found" row
+            import socket
+
+            raise SkinclfError(f"the folder {directory} is not readable on the Ray node {socket.gethostname()}: "
+                               "mount it at the same path on every node")
         import ray
 
         from skinclf.engines.onnx import OnnxEngine
@@ -346,6 +352,12 @@ def start(address: Address, *, workers: int, runner, directory: Path, top_k: int
     """Start (local) or join the cluster, put the model's ONNX form in its object store; a Pool."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "1" if os.environ.get(USAGE_ENV) == "1" else "0"
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ notices (failures still raise)
+    if address.kind == "local":
+        # Ray 2.59+ protects a local cluster with a token it saves in ~/.ray/auth_token: this
+        # process's Ray gets a token of its own instead, in memory (and its children's
+        # environment) only. Set before Ray is imported, which reads the mode once.
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _LOCAL_TOKEN})
     require_ray()
     import ray
 
@@ -383,6 +395,7 @@ def start(address: Address, *, workers: int, runner, directory: Path, top_k: int
 
 
 TEMP_PREFIX = "skinclf-ray-"
+_LOCAL_TOKEN = secrets.token_hex(32)  # one per process: Ray caches the token it first reads
 
 
 def _temp_dir() -> str:
