@@ -10,7 +10,9 @@ an `error`, and the batch goes on; an image the model cannot judge well gets a `
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +22,14 @@ import numpy as np
 
 from skinclf import __version__, ui
 from skinclf.batch.output import open_output, partial_path
-from skinclf.batch.results import DISCLAIMER, class_names, columns, row, sidecar_path
+from skinclf.batch.results import (
+    DISCLAIMER,
+    batch_rows,
+    class_names,
+    columns,
+    row,
+    sidecar_path,
+)
 from skinclf.batch.resume import file_key, record_path, run_record, sidecar_record
 from skinclf.config import PREDICT, TTA_CHOICES
 from skinclf.data.images import IMAGE_EXTENSIONS
@@ -48,6 +57,7 @@ class PredictSummary:
     dropped: int = 0  # rows of a resumed CSV whose files are no longer in the folder
     unlike_training: int = 0  # images flagged by the model's out-of-distribution threshold (warnings)
     redone: dict[str, int] = field(default_factory=dict)  # rows of a resumed CSV reclassified, by reason
+    cluster: dict[str, Any] | None = None  # --ray: the cluster's address kind and its number of workers
     metadata: dict[str, Any] | None = None  # --metadata: the file, and how many images it gave metadata to
     notes: list[str] = field(default_factory=list)  # things the user should know (ignored columns, unmatched rows)
 
@@ -56,10 +66,18 @@ class PredictSummary:
         return self.classified / self.seconds if self.seconds > 0 else 0.0
 
 
+_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # s3://, gs://, az://, hdfs://, ...
+
+
 def list_images(directory: Path, *, recursive: bool) -> Walk:
     """The images to classify below `directory` (sorted relative POSIX paths) and the places
     that could not be read."""
     directory = Path(directory)
+    uri = _URI.match(str(directory))
+    if uri and not directory.exists():  # typer's Path turns s3://bucket into s3:/bucket
+        raise SkinclfError(f"{uri[1]}:// and other object-store URIs are not read directly: mount the bucket (s3fs, "
+                           "mountpoint-s3, gcsfuse, ...) at the same path on this machine and every worker, and pass "
+                           "that folder")
     if not directory.exists():
         raise SkinclfError(f"folder not found: {directory}")
     if not directory.is_dir():
@@ -147,14 +165,21 @@ class _Tally:
         self.unlike += sum(1 for r in rows if UNLIKE_TRAINING in r[warning])
 
 
-def _load(model: Path | None, *, engine: str, batch_size: int, threads: int, tta: int, top_k: int | None):
+def _load(model: Path | None, *, engine: str, batch_size: int, threads: int, tta: int, top_k: int | None,
+          onnx_only: bool = False):
     """The engine, ready to run (prepared once, before the clock of the images/s figure starts),
-    the top-k it will write, and the seconds that took."""
+    the top-k it will write, and the seconds that took. `onnx_only` (--ray): the model's ONNX form."""
     from skinclf.engines.load import load_engine
     from skinclf.engines.runner import engine_tta
 
     started = time.perf_counter()
-    runner = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size, threads=threads or None)
+    try:
+        runner = load_engine(model or default_model_path(), engine="onnx" if onnx_only else engine,
+                             batch_size=batch_size, threads=threads or None)
+    except SkinclfError as exc:
+        if not onnx_only:
+            raise
+        raise SkinclfError(f"--ray runs the model's ONNX form on the workers: {exc}") from None
     top_k = _top_k(top_k, runner.classes)
     size = runner.image_size
     engine_tta(runner, tta)(np.zeros((1, size, size, 3), dtype="float32"))
@@ -168,6 +193,15 @@ def _merged(pending: list[list[str]], rows: list[list[str]], *, last: bool = Fal
     take = [p for p in pending if until is None or p[0] < until]
     del pending[: len(take)]
     return sorted([*take, *rows], key=lambda r: r[0])
+
+
+@dataclass(frozen=True)
+class PatientData:
+    """--metadata: the file as read, its rows joined to the folder's images, the model's head."""
+
+    source: Any  # batch.metadata.MetadataFile
+    joined: Any  # batch.metadata.Joined
+    head: Any  # model.metadata head
 
 
 def with_metadata(head, batch_logits: np.ndarray, batch_probs: np.ndarray, metas: list,
@@ -192,34 +226,38 @@ def metadata_cell(joined, rel: str, error: str | None) -> list[str]:
     return [""] if error else [joined.status(rel)]
 
 
-def _classify(runner, output, *, directory: Path, todo: list[str], problems: list[list[str]], top_k: int,
-              all_probs: bool, batch_size: int, workers: int, tta: int, show_progress: bool | None,
-              head=None, joined=None) -> _Tally:
-    """Classify `todo` into `output` batch by batch; returns the tally of the rows written."""
-    from skinclf.engines.runner import predict_files
-    from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
-    from skinclf.model.outlier import flag
+def _embedded(runner, *, directory: Path, todo: list[str], top_k: int, all_probs: bool, batch_size: int,
+              workers: int, tta: int, patient: PatientData | None = None) -> Iterator[list[list[str]]]:
+    """The rows of `todo`, batch by batch, classified on this machine (decoding in `workers` threads)."""
+    from dataclasses import replace
 
-    classes, ood, header = runner.classes, _active(runner), columns(runner.classes, top_k, all_probs)
+    from skinclf.engines.runner import predict_files
+
+    ood = _active(runner)
+    for batch in predict_files(runner, [directory / f for f in todo], image_size=runner.image_size,
+                               batch_size=batch_size, workers=workers, tta=tta):
+        if patient is None:
+            yield batch_rows(batch, directory=directory, classes=runner.classes, top_k=top_k, all_probs=all_probs,
+                             ood=ood)
+            continue
+        rels = [Path(p).relative_to(directory).as_posix() for p in batch.paths]
+        probs, _ = with_metadata(patient.head, batch.logits, batch.probs, [patient.joined.get(r) for r in rels],
+                                 batch.features)
+        rows = batch_rows(replace(batch, probs=probs), directory=directory, classes=runner.classes, top_k=top_k,
+                          all_probs=all_probs, ood=ood)  # the OOD flag reads the image's own logits
+        yield [r + metadata_cell(patient.joined, rel, error) for r, rel, error in zip(rows, rels, batch.errors)]
+
+
+def _classify(output, batches: Iterable[list[list[str]]], *, total: int, problems: list[list[str]],
+              header: list[str], show_progress: bool | None) -> _Tally:
+    """Write the row batches (each in path order, batches in order) into `output` with the rows of
+    unreadable places merged in; returns the tally of the rows written."""
     tally, pending = _Tally(), sorted(problems, key=lambda r: r[0])
     t0 = time.perf_counter()
     with ui.progress(enabled=show_progress) as progress:
-        task = progress.add_task("Classifying", total=len(todo), rate="")
+        task = progress.add_task("Classifying", total=total, rate="")
         count = 0
-        for batch in predict_files(runner, [directory / f for f in todo], image_size=runner.image_size,
-                                   batch_size=batch_size, workers=workers, tta=tta):
-            scores, flagged = flag(batch.logits, ood, batch.features)  # the image's own logits
-            rels = [path.relative_to(directory).as_posix() for path in batch.paths]
-            batch_probs = batch.probs
-            if joined is not None:
-                batch_probs, _ = with_metadata(head, batch.logits, batch.probs, [joined.get(r) for r in rels],
-                                               batch.features)
-            rows = []
-            for rel, probs, error, notes, score, odd in zip(rels, batch_probs, batch.errors,
-                                                            batch.warnings, scores, flagged):
-                notes = [*notes, UNLIKE_TRAINING] if odd and error is None else notes
-                rows.append(row(rel, probs, error, classes, top_k, all_probs, notes, ood_score=score)
-                            + metadata_cell(joined, rel, error))
+        for rows in batches:
             written = _merged(pending, rows)
             output.write(written)
             tally.add(written, header)
@@ -249,11 +287,15 @@ def predict_directory(
     threads: int = PREDICT.threads,
     show_progress: bool | None = None,
     metadata: Path | None = None,
+    ray: str | None = None,
+    ray_workers: int = 0,
 ) -> PredictSummary:
     """Classify every image in `directory` into a CSV at `out` ('-' for stdout).
 
     `top_k` None: 3, or the model's number of classes if fewer. Returns a summary; with
     `strict`, raises SkinclfError after writing if any file or folder could not be read.
+    `ray` (local, auto or ray://HOST:PORT): classify on a Ray cluster's workers (`batch.ray`),
+    `ray_workers` of them (0: one per CPU of the cluster); the CSV and its guarantees are the same.
     `metadata`: a CSV of age, sex and body site per image (`batch.metadata`), added by the
     model's metadata head; the CSV gains a `metadata` column (used / missing).
     """
@@ -261,27 +303,65 @@ def predict_directory(
 
     target = _check_options(out=out, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta, resume=resume,
                             overwrite=overwrite, threads=threads)
+    address = None
+    if ray is None and ray_workers:
+        raise SkinclfError("--ray-workers sets the number of workers on a Ray cluster: add --ray local, auto or "
+                           "ray://HOST:PORT")
+    if ray is not None:
+        from skinclf.batch import ray as cluster
+
+        address = cluster.check(ray, engine=engine, workers=ray_workers)
+        if metadata is not None:
+            raise SkinclfError("--metadata is not available with --ray yet: run the archive without --metadata, "
+                               "or classify with --metadata on one machine (without --ray)")
     source = read_metadata(Path(metadata)) if metadata is not None else None  # checked before any work
     directory = Path(directory)
     found = list_images(directory, recursive=recursive)
-    joined = join(source, found.files) if source is not None else None
     from skinclf.parallel import usable_cpus
 
-    runner, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k)
-    head = metadata_head(runner) if joined is not None else None
+    runner, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k,
+                                   onnx_only=address is not None)
+    patient = None
+    if source is not None:
+        patient = PatientData(source=source, joined=join(source, found.files), head=metadata_head(runner))
+    start = None
+    if address is not None:
+        def start():
+            return cluster.start(address, workers=ray_workers, runner=runner, directory=directory, top_k=top_k,
+                                 all_probs=all_probs, batch_size=batch_size, threads=threads, tta=tta)
+    return _run(runner, start, target=target, out=out, directory=directory, found=found, top_k=top_k,
+                all_probs=all_probs, recursive=recursive, resume=resume, overwrite=overwrite, strict=strict,
+                tta=tta, batch_size=batch_size, workers=workers or usable_cpus(), startup=startup,
+                show_progress=show_progress, patient=patient)
+
+
+def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path, found: Walk, top_k: int,
+         all_probs: bool, recursive: bool, resume: bool, overwrite: bool, strict: bool, tta: int, batch_size: int,
+         workers: int, startup: float, show_progress: bool | None, patient: PatientData | None) -> PredictSummary:
+    """Open the output, classify what is left to do (here, or on the workers of the cluster that
+    `start` connects to, once the output is open), finish."""
+    joined = patient.joined if patient is not None else None
     header = columns(runner.classes, top_k, all_probs) + (["metadata"] if joined is not None else [])
     run = run_record(identity=runner.identity(), engine=runner.name, top_k=top_k, all_probs=all_probs, tta=tta,
-                     directory=directory, metadata=source.sha256 if source is not None else "")
+                     directory=directory, metadata=patient.source.sha256 if patient is not None else "")
     files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
     output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run)
     todo = [f for f in found.files if f not in output.done]
     problems = [row(p.path, None, p.reason, runner.classes, top_k, all_probs) + metadata_cell(joined, p.path, p.reason)
                 for p in found.problems]
+    pool = None
     t0 = time.perf_counter()
     try:
-        tally = _classify(runner, output, directory=directory, todo=todo, problems=problems, top_k=top_k,
-                          all_probs=all_probs, batch_size=batch_size, workers=workers or usable_cpus(), tta=tta,
-                          show_progress=show_progress, head=head, joined=joined)
+        if start is not None:
+            pool = start()
+            startup, t0 = startup + time.perf_counter() - t0, time.perf_counter()
+        if pool is None:
+            batches = _embedded(runner, directory=directory, todo=todo, top_k=top_k, all_probs=all_probs,
+                                batch_size=batch_size, workers=workers, tta=tta, patient=patient)
+        else:
+            batches = pool.rows(todo)
+        tally = _classify(output, batches, total=len(todo), problems=problems, header=header,
+                          show_progress=show_progress)
     except KeyboardInterrupt:
         output.abandon()
         if output.partial is not None and output.partial.exists():
@@ -290,18 +370,22 @@ def predict_directory(
     except BaseException:
         output.abandon()
         raise
+    finally:
+        if pool is not None:
+            pool.close()
     seconds = time.perf_counter() - t0
     if target is not None:
         tally = _finish(output, runner=runner, directory=directory, header=header, files=len(found.files), run=run,
                         options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive, "tta": tta,
-                                 "engine": runner.name,
-                                 **({"metadata": joined.record()} if joined is not None else {})})
+                                 "engine": runner.name, **({"metadata": joined.record()} if joined is not None else {})},
+                        cluster=pool.describe() if pool is not None else None)
     problem_paths = {p.path for p in found.problems}
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
                              errors=tally.errors, seconds=seconds, model=runner.identity(), startup_seconds=startup,
                              unreadable=len(problem_paths), warnings=tally.warned,
                              dropped=len([p for p in output.dropped if p not in problem_paths]),
                              unlike_training=tally.unlike, redone=dict(output.redone),
+                             cluster=pool.describe() if pool is not None else None,
                              metadata=joined.record() if joined is not None else None,
                              notes=joined.notes() if joined is not None else [])
     if strict and tally.errors:
@@ -325,7 +409,7 @@ def metadata_head(runner):
 
 
 def _finish(output, *, runner, directory: Path, header: list[str], files: int, run: dict,
-            options: dict[str, Any]) -> _Tally:
+            options: dict[str, Any], cluster: dict[str, Any] | None = None) -> _Tally:
     """Move the CSV into place and write its sidecar; returns the tally over every row (kept ones too)."""
     lines = output.finish()
     tally = _Tally()
@@ -334,7 +418,7 @@ def _finish(output, *, runner, directory: Path, header: list[str], files: int, r
                             kept=len(output.done), redone=output.redone)
     _write_sidecar(output.target, bundle=runner, directory=directory, files=files, errors=tally.errors,
                    warnings=tally.warned, options=options, ood=_ood_note(_active(runner), tally.unlike),
-                   resume=resume)
+                   resume=resume, cluster=cluster)
     output.forget_record()
     return tally
 
@@ -351,7 +435,9 @@ def _strict_message(summary: PredictSummary, out: Path | str) -> str:
 
 
 def _write_sidecar(target: Path, *, bundle, directory: Path, files: int, errors: int, warnings: int,
-                   options: dict[str, Any], ood: dict[str, Any], resume: dict[str, Any]) -> None:
+                   options: dict[str, Any], ood: dict[str, Any], resume: dict[str, Any],
+                   cluster: dict[str, Any] | None = None) -> None:
+    extra = {} if cluster is None else {"cluster": cluster}  # --ray only: the sidecar of a local run is unchanged
     atomic_write_json(sidecar_path(target), {
         "note": DISCLAIMER,
         "model": bundle.identity(),
@@ -365,4 +451,5 @@ def _write_sidecar(target: Path, *, bundle, directory: Path, files: int, errors:
         "ood": ood,
         "classes": class_names(bundle.classes),
         "resume": resume,
+        **extra,
     })

@@ -144,6 +144,24 @@ def row(rel_path: str, probs: np.ndarray | None, error: str | None, classes: Seq
     return [*cells, score, "", warning_cell(warnings)]
 
 
+def batch_rows(batch, *, directory: Path, classes: Sequence[str], top_k: int, all_probs: bool,
+               ood) -> list[list[str]]:
+    """The CSV rows of one `engines.runner.BatchResult` (paths relative to `directory`): OOD
+    scores and flags from the same forward pass, warnings, error rows. The one place rows are
+    made from model output, on this machine or on a cluster's workers (`batch.ray`)."""
+    from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
+    from skinclf.model.outlier import flag
+
+    scores, flagged = flag(batch.logits, ood, batch.features)
+    rows = []
+    for path, probs, error, notes, score, odd in zip(batch.paths, batch.probs, batch.errors, batch.warnings,
+                                                     scores, flagged):
+        notes = [*notes, UNLIKE_TRAINING] if odd and error is None else notes
+        rows.append(row(Path(path).relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs, notes,
+                        ood_score=score))
+    return rows
+
+
 def header_options(header: Sequence[str]) -> dict[str, object]:
     """The predict options a CSV header was written with: top_k, all_probs and the classes."""
     top_k = sum(1 for c in header if c.startswith("top") and c.endswith("_class"))

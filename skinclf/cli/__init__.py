@@ -17,6 +17,7 @@ __all__ = ["app", "main"]
 
 def main() -> None:
     """Console-script entry point."""
+    run.AS_COMMAND = True
     app()
 
 

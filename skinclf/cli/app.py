@@ -113,6 +113,7 @@ _EXTRAS = {
     "torch": ("PyTorch (KERAS_BACKEND=torch)", "train"),
     "jax": ("JAX (KERAS_BACKEND=jax)", "train"),
     "fastapi": ("FastAPI", "serve"),
+    "ray": ("Ray (with Ray Data)", "ray"),
     "uvicorn": ("uvicorn", "serve"),
 }
 

@@ -109,6 +109,8 @@ def predict_summary(summary) -> str:
     if meta:
         parts.append(f"{meta['images_with_metadata']} with patient metadata (the rest from the image alone; "
                      "see the metadata column)")
+    cluster = getattr(summary, "cluster", None)
+    where = f" on {plural(cluster['workers'], 'Ray worker')}" if cluster else ""
     return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s ({summary.model.get('engine', 'keras')} "
-            f"engine) after {summary.startup_seconds:.1f} s start-up"
+            f"engine{where}) after {summary.startup_seconds:.1f} s start-up"
             + (f"; wrote {summary.out}" if summary.out else "") + ". Decision support, not a diagnosis.")

@@ -13,6 +13,10 @@ from skinclf.cli.app import Command, app, examples, out, user_errors
 from skinclf.cli.render import predict_summary, render_report
 from skinclf.config import EVALUATE, EXPLAIN, PREDICT, SERVE
 
+# True when this process is the `skinclf` command itself (set by `skinclf.cli.main`), not a
+# caller of the app (tests' CliRunner): only then may `predict --ray local` re-run the process.
+AS_COMMAND = False
+
 
 @app.command(
     cls=Command,
@@ -91,6 +95,8 @@ def evaluate(
         "skinclf predict ./images --out results.csv --engine keras          # TensorFlow instead of ONNX Runtime",
         "skinclf predict ./images --out results.csv --model models/skinclf-mobilenet.int8.onnx",
         "skinclf predict ./images --out results.csv --metadata HAM10000_metadata.csv   # age, sex, body site",
+        "skinclf predict ./images --out results.csv --ray local              # a Ray on this machine (loopback only)",
+        "skinclf predict /mnt/archive --out archive.csv --ray ray://head.internal:10001   # a Ray cluster",
     )
 )
 def predict(
@@ -122,6 +128,15 @@ def predict(
         help="Patient metadata per image (image_id or path; age, sex, body site; HAM10000 and ISIC column names "
         "work as they are), added by the model's metadata head. Images without a row: image only.",
     ),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS",
+        help="Classify on a Ray cluster: local (a Ray on this machine, loopback only), auto (the cluster in "
+        "$RAY_ADDRESS or running here) or ray://HOST:PORT. The folder must be readable by every worker at the same "
+        'path. Needs pip install "skinclf[ray]".',
+    ),
+    ray_workers: int = typer.Option(
+        0, "--ray-workers", metavar="N", help="With --ray: model actors on the cluster (0: one per CPU of the cluster)."
+    ),
 ) -> None:
     """Classify every image in a folder into a CSV of the top-k classes and their probabilities.
 
@@ -131,12 +146,16 @@ def predict(
     model's identity is recorded in a JSON sidecar (results.csv.json).
     """
     with user_errors():
+        if ray is not None and AS_COMMAND:
+            from skinclf.batch.ray import isolate
+
+            isolate(ray)  # --ray local: re-runs this command in a network namespace of its own (loopback only)
         from skinclf.batch.predict import predict_directory
 
         summary = predict_directory(
             directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
             all_probs=all_probs, resume=resume, overwrite=overwrite, strict=strict, tta=tta, workers=workers,
-            engine=engine, threads=threads, metadata=metadata,
+            engine=engine, threads=threads, metadata=metadata, ray=ray, ray_workers=ray_workers,
         )
     for note in summary.notes:
         typer.echo(f"Note: {note}", err=True)
