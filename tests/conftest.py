@@ -210,3 +210,19 @@ def interrupt_after(monkeypatch, batches: int) -> None:
             yield batch
 
     monkeypatch.setattr(inference, "predict_files", interrupted)
+
+
+def with_ood_record(bundle_path: Path, out: Path, record: dict) -> Path:
+    """A copy of a bundle carrying another out-of-distribution record."""
+    from skinclf.model.bundle import load_bundle, save_bundle
+
+    bundle = load_bundle(bundle_path)
+    return save_bundle(bundle.model, out, {**bundle.meta, "ood": record})
+
+
+def lesion_folder(folder: Path, count: int) -> Path:
+    """`count` synthetic lesion JPEGs (0.jpg, 1.jpg, ...) in a new folder."""
+    folder.mkdir()
+    for i in range(count):
+        lesion_image((150, 100, 70), i).save(folder / f"{i}.jpg")
+    return folder

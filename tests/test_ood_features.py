@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASS_COLOURS, CLASSES, lesion_image, make_tiny_bundle
+from conftest import (
+    CLASS_COLOURS,
+    CLASSES,
+    lesion_folder,
+    lesion_image,
+    make_tiny_bundle,
+    with_ood_record,
+)
 
 from skinclf.errors import SkinclfError
 from skinclf.model.outlier import (
@@ -232,15 +239,10 @@ def test_fit_ood_chooses_among_logit_and_feature_scores_and_keeps_a_fallback() -
 
 def test_bundles_without_feature_statistics_keep_the_energy_flag(tiny_bundle, tmp_path, runner) -> None:
     from skinclf.cli import app
-    from skinclf.model.bundle import load_bundle, save_bundle
 
-    bundle = load_bundle(tiny_bundle)
     old = {"score": "energy", "threshold": -1e9, "pass_rate": 0.95, "fitted_on": "validation split"}
-    model = save_bundle(bundle.model, tmp_path / "old.keras", {**bundle.meta, "ood": old})
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(2):
-        lesion_image((150, 100, 70), i).save(images / f"{i}.jpg")
+    model = with_ood_record(tiny_bundle, tmp_path / "old.keras", old)
+    images = lesion_folder(tmp_path / "images", 2)
     out = tmp_path / "r.csv"
     result = runner.invoke(app, ["predict", str(images), "--out", str(out), "--model", str(model)])
     assert result.exit_code == 0, result.output

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASS_COLOURS, CLASSES, lesion_image
+from conftest import (
+    CLASS_COLOURS,
+    CLASSES,
+    lesion_folder,
+    lesion_image,
+    with_ood_record,
+)
 from PIL import Image
 
 from skinclf.cli import app
@@ -281,15 +287,9 @@ def test_calibrate_command_failures(runner, mobilenet_bundle, labelled_folder, t
 
 
 def test_predict_adds_the_ood_score_and_warns_without_failing_strict(runner, tiny_bundle, tmp_path: Path) -> None:
-    from skinclf.model.bundle import load_bundle, save_bundle
-
-    bundle = load_bundle(tiny_bundle)
     flag_all = {"score": "energy", "threshold": -1e9, "pass_rate": 0.95, "fitted_on": "validation split"}
-    model = save_bundle(bundle.model, tmp_path / "flags.keras", {**bundle.meta, "ood": flag_all})
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(3):
-        lesion_image((150, 100, 70), i).save(images / f"{i}.jpg")
+    model = with_ood_record(tiny_bundle, tmp_path / "flags.keras", flag_all)
+    images = lesion_folder(tmp_path / "images", 3)
     out = tmp_path / "r.csv"
     result = runner.invoke(app, ["predict", str(images), "--out", str(out), "--model", str(model), "--strict"])
     assert result.exit_code == 0, result.output
