@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import CLASS_COLOURS, CLASSES, lesion_image, make_tiny_bundle
 
 SIZE = 48
@@ -153,3 +152,30 @@ def test_resumed_distillation_ends_with_the_same_history(setup, sessions) -> Non
         for key in ra:
             assert np.isclose(ra[key], rb[key], rtol=1e-4, atol=1e-5, equal_nan=True), key
     assert sessions["resumed"]["training"]["best_epoch"] == sessions["straight"]["training"]["best_epoch"]
+
+
+def test_tool_passes_every_setting(setup, monkeypatch) -> None:
+    """tools/distill.py hands each option to the view builder and the student (--views reached neither once)."""
+    import importlib.util
+    from dataclasses import fields
+
+    import skinclf.engines.load
+    import skinclf.training.distill
+    import skinclf.training.views
+    from conftest import REPO
+
+    seen: dict = {}
+    monkeypatch.setattr(skinclf.engines.load, "load_engine", lambda *a, **k: type("E", (), {
+        "meta": {}, "path": "t", "sha256": "s", "name": "fake", "logits": None})())
+    monkeypatch.setattr(skinclf.training.views, "build_views", lambda *a, **k: seen.update(views=k["views"]))
+    monkeypatch.setattr(skinclf.training.distill, "distill", lambda **k: seen.update(k))
+    spec = importlib.util.spec_from_file_location("distill_tool", REPO / "tools" / "distill.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--data", str(setup["data"]), "--run-dir", str(setup["root"] / "tool-run"), "--views", "3", "--epochs", "5", "--kd-alpha", "0.5",
+                      "--decision-weight", "mel=1.5", "--no-colour-constancy", "--resume"]) == 0
+    config = seen["config"]
+    assert seen["views"] == config.views == 3 and config.epochs == 5 and config.kd_alpha == 0.5
+    assert config.decision_weight == "mel=1.5" and not config.colour_constancy and seen["resume"] is False
+    defaults = skinclf.training.distill.DistillConfig()
+    assert {f.name for f in fields(config)} == {f.name for f in fields(defaults)}

@@ -43,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--colour-constancy", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--decision-weight", default="none", help="e.g. mel=1.75 (the bundle's melanoma rule)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--resume", action="store_true", help="continue the views and the run (from scratch if no epoch ended)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the views and the run (from scratch if no epoch ended)")
     args = p.parse_args(argv)
 
+    from skinclf.data.layout import list_labelled_images
     from skinclf.engines.load import load_engine
     from skinclf.training.augment import WINNERS
-    from skinclf.data.layout import list_labelled_images
     from skinclf.training.views import ViewSpec, build_views, engine_teacher
 
     train_set = list_labelled_images(args.data / "train")
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from skinclf.training.distill import DistillConfig, distill
 
-    config = DistillConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+    config = DistillConfig(epochs=args.epochs, views=args.views, batch_size=args.batch_size, lr=args.lr,
+                           weight_decay=args.weight_decay,
                            warmup_epochs=args.warmup_epochs, kd_temperature=args.kd_temperature,
                            kd_alpha=args.kd_alpha, class_weight=args.class_weight, ema_momentum=args.ema_momentum,
                            dropout=args.dropout, colour_constancy=args.colour_constancy, seed=args.seed,

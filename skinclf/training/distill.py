@@ -127,7 +127,8 @@ def scores(probs: np.ndarray, labels: np.ndarray, classes: list[str], prior: np.
     z = logits_from_probs(probs) - tau * np.log(prior)
     row = {"val_balanced_accuracy": balanced_accuracy(labels, pred, len(classes)),
            "val_mel_recall": float(np.mean(pred[labels == mel] == mel)), "val_tau": tau,
-           "val_balanced_accuracy_tau": bal_tau, "val_mel_recall_tau": float(np.mean(z.argmax(1)[labels == mel] == mel)),
+           "val_balanced_accuracy_tau": bal_tau,
+           "val_mel_recall_tau": float(np.mean(z.argmax(1)[labels == mel] == mel)),
            "val_mel_weight_80": float("nan"), "val_balanced_accuracy_mel80": float("nan")}
     for w in MEL_WEIGHTS:
         shifted = z.copy()
@@ -229,8 +230,9 @@ def distill(*, data: Path, views_dir: Path, run_dir: Path, out: Path, weights: s
     weight_of = class_weights(config.class_weight, train_set.counts())
     weights_id = sha256_file(Path(weights)) if weights is not None else None
     # The decision weight is applied after training: a finished run re-bundles with another (--resume).
-    settings = {**{k: v for k, v in asdict(config).items() if k != "decision_weight"}, "data": str(data.resolve()), "views_key": record["key"], "weights": weights_id,
-                "classes": classes, "train_size": int(images[0].shape[1])}
+    settings = {**{k: v for k, v in asdict(config).items() if k != "decision_weight"}, "data": str(data.resolve()),
+                "views_key": record["key"], "weights": weights_id, "classes": classes,
+                "train_size": int(images[0].shape[1])}
     run_dir.mkdir(parents=True, exist_ok=True)
     state = _resume_state(run_dir, settings, resume) or {"epoch": 0, "best": None, "best_epoch": None, "history": []}
     keras.utils.set_random_seed(config.seed)
@@ -283,7 +285,8 @@ def _bundle(run_dir, out, *, weights, config, settings, state, record, train_set
             "architecture": {"base": "MobileNetV2", "alpha": 1.0, "head": "global average pool, dropout, dense softmax",
                              "dropout": config.dropout, "colour_constancy": config.colour_constancy,
                              "batch_norm": "frozen (folded into the ImageNet weights)"},
-            "training": {**settings, "decision_weight": config.decision_weight, "kind": "distillation", "teacher": record["teacher"], "views": record["spec"],
+            "training": {**settings, "decision_weight": config.decision_weight, "kind": "distillation",
+                         "teacher": record["teacher"], "views": record["spec"],
                          "class_weights": weight_of, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
                          "ema": "the saved weights are the optimizer's moving averages", "seconds": state["seconds"]},
             "post_hoc": fitted,

@@ -1,6 +1,7 @@
 """Teacher views for distillation: K augmented views of every training image and the teacher's logits on each.
 
-Stored once, uint8 and memory-mapped, built view by view in resumable chunks; every draw is keyed by (seed, view, image).
+Stored once, uint8 and memory-mapped, built view by view in resumable chunks; each draw is keyed by
+(seed, view, image).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def build_views(paths: Sequence[Path], folder: Path, spec: ViewSpec, teacher: Ca
             images, logits = _arrays(folder, view, n, spec.size, num_classes, "r+" if done else "w+")
             for chunk in (c for c in range(chunks) if c not in done):
                 rows = range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK))
-                pairs = list(in_background([lambda i=i: draw_view(paths[i], i, view, spec) for i in rows],
+                pairs = list(in_background([lambda i=i, k=view: draw_view(paths[i], i, k, spec) for i in rows],
                                            workers=workers))
                 big = np.stack([b for b, _ in pairs])
                 images[rows.start : rows.stop] = np.stack([s for _, s in pairs])
