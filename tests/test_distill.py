@@ -155,14 +155,15 @@ def test_resumed_distillation_ends_with_the_same_history(setup, sessions) -> Non
 
 
 def test_tool_passes_every_setting(setup, monkeypatch) -> None:
-    """tools/distill.py hands each option to the view builder and the student (--views reached neither once)."""
+    """tools/distill.py hands each option to the view builder and the student (--views once did not)."""
     import importlib.util
     from dataclasses import fields
+
+    from conftest import REPO
 
     import skinclf.engines.load
     import skinclf.training.distill
     import skinclf.training.views
-    from conftest import REPO
 
     seen: dict = {}
     monkeypatch.setattr(skinclf.engines.load, "load_engine", lambda *a, **k: type("E", (), {
@@ -172,8 +173,9 @@ def test_tool_passes_every_setting(setup, monkeypatch) -> None:
     spec = importlib.util.spec_from_file_location("distill_tool", REPO / "tools" / "distill.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert tool.main(["--data", str(setup["data"]), "--run-dir", str(setup["root"] / "tool-run"), "--views", "3", "--epochs", "5", "--kd-alpha", "0.5",
-                      "--decision-weight", "mel=1.5", "--no-colour-constancy", "--resume"]) == 0
+    assert tool.main(["--data", str(setup["data"]), "--run-dir", str(setup["root"] / "tool-run"), "--views", "3",
+                      "--epochs", "5", "--kd-alpha", "0.5", "--decision-weight", "mel=1.5", "--no-colour-constancy",
+                      "--resume"]) == 0
     config = seen["config"]
     assert seen["views"] == config.views == 3 and config.epochs == 5 and config.kd_alpha == 0.5
     assert config.decision_weight == "mel=1.5" and not config.colour_constancy and seen["resume"] is False
