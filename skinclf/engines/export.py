@@ -256,6 +256,62 @@ def _format_for(format: str | None, out: Path | None) -> str:  # noqa: A002 - th
     return chosen
 
 
+def _paths(*, format: str | None, model: Path | None, out: Path | None, overwrite: bool) -> tuple[str, Path, Path]:
+    """The format, the bundle and the output file, all checked before the minutes of converting."""
+    format = _format_for(format, out)
+    path = Path(model or default_model_path())
+    if path.suffix != ".keras":
+        raise SkinclfError(f"{path}: export converts a .keras bundle (e.g. models/skinclf-mobilenet.keras)")
+    out = Path(out) if out is not None else path.with_name(path.stem + SUFFIX[format])
+    if out.resolve() == path.resolve():
+        raise SkinclfError(f"--out {out} would overwrite the model itself; choose another path")
+    # A folder, an unwritable place, or a file that is not an earlier export of ours (a TFLite
+    # file has no metadata to tell: replaced only with --overwrite).
+    check_output_file(out, example=path.stem + SUFFIX[format], kind=ONNX if format.startswith("onnx") else MODEL,
+                      overwrite=overwrite)
+    if format.startswith("onnx"):
+        from skinclf.model.onnx_meta import onnxruntime_available
+
+        if not onnxruntime_available():
+            raise SkinclfError("skinclf export needs ONNX Runtime to check the export: pip install onnxruntime")
+    return format, path, out
+
+
+def _int8(bundle, folded, meta: dict, float_data: bytes, images: np.ndarray, expected: np.ndarray, *,
+          calibration: Path, calibration_images: int, validation: Path | None,
+          min_agreement: float) -> tuple[bytes, float, float, dict]:
+    """The int8 form, its largest difference from Keras on the probes, its top-1 agreement and
+    validation figures; refused below `min_agreement`."""
+    if calibration is None or not Path(calibration).is_dir():
+        raise SkinclfError(f"--calibration {calibration}: int8 needs a labelled folder of training images "
+                           "(e.g. data/prepared/train, made by skinclf prepare)")
+    size = bundle.image_size
+    calib = _decoded(_sample_images(Path(calibration), bundle.classes, calibration_images), size)
+    meta["export"]["calibration"] = {"images": len(calib), "folder": str(calibration),
+                                     "method": "static, QDQ, per-channel int8 weights, int8 activations"}
+    data = _quantize(_onnx_bytes(bundle, folded, meta), calib)
+    int8_probs = _onnx_run(data, images)
+    diff = float(np.abs(int8_probs - expected).max())
+    agree, figures = [int8_probs.argmax(1) == expected.argmax(1)], {}
+    if validation is not None and Path(validation).is_dir():
+        from skinclf.data.layout import list_labelled_images
+
+        val = list_labelled_images(Path(validation), classes=tuple(bundle.classes))
+        x = _decoded(list(val.paths), size)
+        labels = np.asarray(val.labels)
+        ref, q = _onnx_run(float_data, x), _onnx_run(data, x)
+        agree.append(q.argmax(1) == ref.argmax(1))
+        figures = {"images": len(labels), "folder": str(validation), "float": _class_figures(ref, labels, bundle.classes),
+                   "int8": _class_figures(q, labels, bundle.classes)}
+    agreement = float(np.mean(np.concatenate(agree)))
+    if agreement < min_agreement:
+        cost = (f"; validation balanced accuracy {figures['float']['balanced_accuracy']:.3f} float vs "
+                f"{figures['int8']['balanced_accuracy']:.3f} int8" if figures else "")
+        raise SkinclfError(f"the int8 export agrees with the Keras model on top-1 for only {agreement:.1%} of "
+                           f"the check images (< {min_agreement:.0%}){cost}; nothing written. Use --format onnx")
+    return data, diff, agreement, figures
+
+
 def export_model(
     *,
     model: Path | None = None,
@@ -275,28 +331,12 @@ def export_model(
     `.tflite`); `format` None: the one `out`'s suffix names, else onnx. int8 needs `calibration` (a labelled folder, e.g. data/prepared/train) and is
     refused if its top-1 agreement with Keras falls below `min_agreement`.
     """
-    format = _format_for(format, out)
-    path = Path(model or default_model_path())
-    if path.suffix != ".keras":
-        raise SkinclfError(f"{path}: export converts a .keras bundle (e.g. models/skinclf-mobilenet.keras)")
-    out = Path(out) if out is not None else path.with_name(path.stem + SUFFIX[format])
-    if out.resolve() == path.resolve():
-        raise SkinclfError(f"--out {out} would overwrite the model itself; choose another path")
-    # Before the minutes of converting: a folder, an unwritable place, or a file that is not an
-    # earlier export of ours (a TFLite file has no metadata to tell: replaced only with --overwrite).
-    check_output_file(out, example=path.stem + SUFFIX[format], kind=ONNX if format.startswith("onnx") else MODEL,
-                      overwrite=overwrite)
-    if format.startswith("onnx"):
-        from skinclf.model.onnx_meta import onnxruntime_available
-
-        if not onnxruntime_available():
-            raise SkinclfError("skinclf export needs ONNX Runtime to check the export: pip install onnxruntime")
+    format, path, out = _paths(format=format, model=model, out=out, overwrite=overwrite)
     from skinclf.model.bundle import load_bundle
 
     started = time.perf_counter()
     bundle = load_bundle(path)
-    size = bundle.image_size
-    images = probe_images(size, folder=probes)
+    images = probe_images(bundle.image_size, folder=probes)
     expected = np.asarray(bundle.model.predict(images, batch_size=16, verbose=0), dtype="float32")
     folded = _keras_logits(bundle)
     meta = _export_meta(bundle, format)
@@ -310,33 +350,9 @@ def export_model(
         meta["export"]["features_max_abs_diff"] = _check_features(data, images, folded, tolerance)
         data = _onnx_bytes(bundle, folded, meta)  # the same graph, its check recorded
         if format == "onnx-int8":
-            if calibration is None or not Path(calibration).is_dir():
-                raise SkinclfError(f"--calibration {calibration}: int8 needs a labelled folder of training images "
-                                   "(e.g. data/prepared/train, made by skinclf prepare)")
-            calib = _decoded(_sample_images(Path(calibration), bundle.classes, calibration_images), size)
-            float_data = data
-            meta["export"]["calibration"] = {"images": len(calib), "folder": str(calibration),
-                                             "method": "static, QDQ, per-channel int8 weights, int8 activations"}
-            data = _quantize(_onnx_bytes(bundle, folded, meta), calib)
-            int8_probs = _onnx_run(data, images)
-            diff = float(np.abs(int8_probs - expected).max())
-            agree = [int8_probs.argmax(1) == expected.argmax(1)]
-            if validation is not None and Path(validation).is_dir():
-                from skinclf.data.layout import list_labelled_images
-
-                val = list_labelled_images(Path(validation), classes=tuple(bundle.classes))
-                x = _decoded(list(val.paths), size)
-                labels = np.asarray(val.labels)
-                ref, q = _onnx_run(float_data, x), _onnx_run(data, x)
-                agree.append(q.argmax(1) == ref.argmax(1))
-                figures = {"images": len(labels), "folder": str(validation), "float": _class_figures(ref, labels, bundle.classes),
-                           "int8": _class_figures(q, labels, bundle.classes)}
-            agreement = float(np.mean(np.concatenate(agree)))
-            if agreement < min_agreement:
-                cost = (f"; validation balanced accuracy {figures['float']['balanced_accuracy']:.3f} float vs "
-                        f"{figures['int8']['balanced_accuracy']:.3f} int8" if figures else "")
-                raise SkinclfError(f"the int8 export agrees with the Keras model on top-1 for only {agreement:.1%} of "
-                                   f"the check images (< {min_agreement:.0%}){cost}; nothing written. Use --format onnx")
+            data, diff, agreement, figures = _int8(bundle, folded, meta, data, images, expected,
+                                                   calibration=calibration, calibration_images=calibration_images,
+                                                   validation=validation, min_agreement=min_agreement)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         Path(tmp).write_bytes(data)
