@@ -27,63 +27,79 @@ async def read_uploads(request, limits: Limits, fields: dict[str, str] | None = 
     if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
         raise Rejected(413, f"request of {int(declared):,} bytes is over the limit of "
                             f"{limits.max_request_bytes:,} bytes (--max-request-mb)")
-    uploads: list[Upload] = []
-    state: dict[str, Any] = {"header": b"", "value": b"", "disposition": b"", "part": None, "field": 0, "name": None}
-    wanted = fields if fields is not None else {}
-    raw: dict[str, bytearray] = {}
+    parts = _Parts(limits, wanted=fields if fields is not None else {})
+    await _feed(request.stream(), MultipartParser(params[b"boundary"], parts.callbacks()), limits)
+    for name, value in parts.fields.items():
+        parts.wanted[name] = bytes(value).decode("utf-8", "replace")
+    if not parts.uploads:
+        raise Rejected(422, "no files in the request: send one or more images as multipart field 'files'")
+    return parts.uploads
 
-    def on_part_begin() -> None:
-        state.update(disposition=b"", part=None, field=0, name=None)
 
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["header"] += data[start:end]
+class _Parts:
+    """The multipart parser's callbacks: each file part becomes an Upload, wanted plain fields
+    are collected, and every limit is checked as the bytes arrive."""
 
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
+    FIELD_LIMIT = 64 * 1024
 
-    def on_header_end() -> None:
-        if state["header"].lower() == b"content-disposition":
-            state["disposition"] = state["value"]
-        state["header"], state["value"] = b"", b""
+    def __init__(self, limits: Limits, *, wanted: dict[str, str]) -> None:
+        self.limits, self.wanted = limits, wanted
+        self.uploads: list[Upload] = []
+        self.fields: dict[str, bytearray] = {}
+        self.header = self.value = self.disposition = b""
+        self.part: Upload | None = None
+        self.field_bytes, self.name = 0, None
 
-    def on_headers_finished() -> None:
-        _, options = parse_options_header(state["disposition"])
+    def callbacks(self) -> dict[str, Any]:
+        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data}
+
+    def on_part_begin(self) -> None:
+        self.disposition, self.part, self.field_bytes, self.name = b"", None, 0, None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self.header.lower() == b"content-disposition":
+            self.disposition = self.value
+        self.header, self.value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        _, options = parse_options_header(self.disposition)
         if b"filename" in options:
-            if len(uploads) >= limits.max_files:
-                raise Rejected(413, f"more than {limits.max_files} files in one request (--max-files); "
+            if len(self.uploads) >= self.limits.max_files:
+                raise Rejected(413, f"more than {self.limits.max_files} files in one request (--max-files); "
                                     "send them in several requests")
-            raw = options[b"filename"]
-            uploads.append(Upload(upload_name(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw,
-                                               len(uploads) + 1)))
-            state["part"] = uploads[-1]
+            self.uploads.append(Upload(upload_name(_text(options[b"filename"]), len(self.uploads) + 1)))
+            self.part = self.uploads[-1]
         else:
-            name = options.get(b"name", b"")
-            name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
-            state["name"] = name if name in wanted else None
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        part = state["part"]
+            name = _text(options.get(b"name", b""))
+            self.name = name if name in self.wanted else None
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.part
         if part is None:  # a plain form field: ignored, but bounded
-            state["field"] += end - start
-            if state["field"] > 64 * 1024:
+            self.field_bytes += end - start
+            if self.field_bytes > self.FIELD_LIMIT:
                 raise Rejected(413, "a form field over 64 KB; send images as files")
-            if state["name"] is not None:
-                raw.setdefault(state["name"], bytearray()).extend(data[start:end])
+            if self.name is not None:
+                self.fields.setdefault(self.name, bytearray()).extend(data[start:end])
             return
-        if len(part.data) + end - start > limits.max_file_bytes:
-            raise Rejected(413, f"{part.name}: over the limit of {limits.max_file_bytes:,} bytes per file "
+        if len(part.data) + end - start > self.limits.max_file_bytes:
+            raise Rejected(413, f"{part.name}: over the limit of {self.limits.max_file_bytes:,} bytes per file "
                                 "(--max-file-mb)")
         part.data += data[start:end]
 
-    parser = MultipartParser(params[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-    })
-    await _feed(request.stream(), parser, limits)
-    for name, value in raw.items():
-        wanted[name] = bytes(value).decode("utf-8", "replace")
-    if not uploads:
-        raise Rejected(422, "no files in the request: send one or more images as multipart field 'files'")
-    return uploads
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
 
 async def _feed(stream, parser, limits: Limits) -> None:
