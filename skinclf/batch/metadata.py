@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from skinclf.errors import SkinclfError
 from skinclf.files import sha256_file
 from skinclf.model.metadata import NO_METADATA, PatientMeta, parse_age, parse_sex, parse_site
@@ -266,3 +268,43 @@ def metas_from_json(text: str, names: list[str]) -> tuple[list[PatientMeta], lis
         except ValueError as exc:
             raise SkinclfError(f"metadata for {name}: {exc}") from None
     return metas, notes
+
+
+# --- applying the head (predict on one machine or on Ray workers, evaluate) -------------------
+
+
+def with_metadata(head, batch_logits: np.ndarray, batch_probs: np.ndarray, metas: list,
+                  features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities with the metadata head applied where an image has metadata, and whether it had:
+    an image without any is left with exactly its image-only probabilities (`batch_probs`)."""
+    from skinclf.engines.base import softmax
+
+    present = np.array([m.present for m in metas], dtype=bool)
+    if head is None or not present.any():
+        return batch_probs, np.zeros(len(metas), dtype=bool)
+    fused = head.apply(batch_logits, metas, features)
+    probs = np.array(batch_probs, copy=True)
+    probs[present] = softmax(fused[present])
+    return probs, present
+
+
+def metadata_cell(joined, rel: str, error: str | None) -> list[str]:
+    """The `metadata` column's cell (none at all without --metadata)."""
+    if joined is None:
+        return []
+    return [""] if error else [joined.status(rel)]
+
+
+def metadata_head(runner):
+    """The model's metadata head, checked against this engine, for --metadata (SkinclfError if unusable)."""
+    from skinclf.model.metadata import load_head
+
+    head = load_head(runner.meta, path=runner.path)
+    if head is None:
+        raise SkinclfError(f"--metadata: model {runner.path} has no metadata head, so it cannot use age, sex or site; "
+                           "run without --metadata, or fit one: python tools/fit_metadata_head.py --model MODEL")
+    if head.needs_features and not runner.features_dim:
+        raise SkinclfError(f"--metadata: the metadata head of {runner.path} needs the pooled features, which this "
+                           f"{runner.name} engine does not give (an ONNX file exported before they existed); "
+                           "re-export it with skinclf export, or use --engine keras")
+    return head

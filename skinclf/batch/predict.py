@@ -204,33 +204,12 @@ class PatientData:
     head: Any  # model.metadata head
 
 
-def with_metadata(head, batch_logits: np.ndarray, batch_probs: np.ndarray, metas: list,
-                  features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities with the metadata head applied where an image has metadata, and whether it had:
-    an image without any is left with exactly its image-only probabilities (`batch_probs`)."""
-    from skinclf.engines.base import softmax
-
-    present = np.array([m.present for m in metas], dtype=bool)
-    if head is None or not present.any():
-        return batch_probs, np.zeros(len(metas), dtype=bool)
-    fused = head.apply(batch_logits, metas, features)
-    probs = np.array(batch_probs, copy=True)
-    probs[present] = softmax(fused[present])
-    return probs, present
-
-
-def metadata_cell(joined, rel: str, error: str | None) -> list[str]:
-    """The `metadata` column's cell (none at all without --metadata)."""
-    if joined is None:
-        return []
-    return [""] if error else [joined.status(rel)]
-
-
 def _embedded(runner, *, directory: Path, todo: list[str], top_k: int, all_probs: bool, batch_size: int,
               workers: int, tta: int, patient: PatientData | None = None) -> Iterator[list[list[str]]]:
     """The rows of `todo`, batch by batch, classified on this machine (decoding in `workers` threads)."""
     from dataclasses import replace
 
+    from skinclf.batch.metadata import metadata_cell, with_metadata
     from skinclf.engines.runner import predict_files
 
     ood = _active(runner)
@@ -299,7 +278,7 @@ def predict_directory(
     `metadata`: a CSV of age, sex and body site per image (`batch.metadata`), added by the
     model's metadata head; the CSV gains a `metadata` column (used / missing).
     """
-    from skinclf.batch.metadata import join, read_metadata
+    from skinclf.batch.metadata import join, metadata_head, read_metadata
 
     target = _check_options(out=out, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta, resume=resume,
                             overwrite=overwrite, threads=threads)
@@ -311,9 +290,6 @@ def predict_directory(
         from skinclf.batch import ray as cluster
 
         address = cluster.check(ray, engine=engine, workers=ray_workers)
-        if metadata is not None:
-            raise SkinclfError("--metadata is not available with --ray yet: run the archive without --metadata, "
-                               "or classify with --metadata on one machine (without --ray)")
     source = read_metadata(Path(metadata)) if metadata is not None else None  # checked before any work
     directory = Path(directory)
     found = list_images(directory, recursive=recursive)
@@ -328,7 +304,8 @@ def predict_directory(
     if address is not None:
         def start():
             return cluster.start(address, workers=ray_workers, runner=runner, directory=directory, top_k=top_k,
-                                 all_probs=all_probs, batch_size=batch_size, threads=threads, tta=tta)
+                                 all_probs=all_probs, batch_size=batch_size, threads=threads, tta=tta,
+                                 metadata=patient is not None)
     return _run(runner, start, target=target, out=out, directory=directory, found=found, top_k=top_k,
                 all_probs=all_probs, recursive=recursive, resume=resume, overwrite=overwrite, strict=strict,
                 tta=tta, batch_size=batch_size, workers=workers or usable_cpus(), startup=startup,
@@ -347,6 +324,8 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
     files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
     output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run)
     todo = [f for f in found.files if f not in output.done]
+    from skinclf.batch.metadata import metadata_cell
+
     problems = [row(p.path, None, p.reason, runner.classes, top_k, all_probs) + metadata_cell(joined, p.path, p.reason)
                 for p in found.problems]
     pool = None
@@ -359,7 +338,7 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
             batches = _embedded(runner, directory=directory, todo=todo, top_k=top_k, all_probs=all_probs,
                                 batch_size=batch_size, workers=workers, tta=tta, patient=patient)
         else:
-            batches = pool.rows(todo)
+            batches = pool.rows(todo, metas=joined.per_file if joined is not None else None)
         tally = _classify(output, batches, total=len(todo), problems=problems, header=header,
                           show_progress=show_progress)
     except KeyboardInterrupt:
@@ -391,21 +370,6 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
     if strict and tally.errors:
         raise SkinclfError(_strict_message(summary, out))
     return summary
-
-
-def metadata_head(runner):
-    """The model's metadata head, checked against this engine, for --metadata (SkinclfError if unusable)."""
-    from skinclf.model.metadata import load_head
-
-    head = load_head(runner.meta, path=runner.path)
-    if head is None:
-        raise SkinclfError(f"--metadata: model {runner.path} has no metadata head, so it cannot use age, sex or site; "
-                           "run without --metadata, or fit one: python tools/fit_metadata_head.py --model MODEL")
-    if head.needs_features and not runner.features_dim:
-        raise SkinclfError(f"--metadata: the metadata head of {runner.path} needs the pooled features, which this "
-                           f"{runner.name} engine does not give (an ONNX file exported before they existed); "
-                           "re-export it with skinclf export, or use --engine keras")
-    return head
 
 
 def _finish(output, *, runner, directory: Path, header: list[str], files: int, run: dict,

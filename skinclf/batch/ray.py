@@ -181,7 +181,7 @@ class Classifier:
     paths (JSON text) in, their CSV rows (JSON text, in the same order) out."""
 
     def __init__(self, *, model: list, name: str, directory: str, top_k: int, all_probs: bool, batch_size: int,
-                 threads: int, tta: int) -> None:
+                 threads: int, tta: int, metadata: bool = False) -> None:
         from skinclf import keep_private
 
         keep_private()  # telemetry off before ONNX Runtime loads, whatever the worker's environment
@@ -200,6 +200,11 @@ class Classifier:
         self.engine = OnnxEngine(Path(name), batch_size=batch_size, threads=threads, sess=session(data, threads=threads))
         self.ood = active_record(self.engine.meta.get("ood"), self.engine.features_dim > 0)
         self.root, self.top_k, self.all_probs, self.tta = Path(directory), top_k, all_probs, tta
+        self.head = None
+        if metadata:  # --metadata: the head the driver checked, from the same ONNX file
+            from skinclf.model.metadata import load_head
+
+            self.head = load_head(self.engine.meta, path=name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from skinclf.batch.results import batch_rows
@@ -207,12 +212,29 @@ class Classifier:
 
         _test_exit_once()
         paths = [self.root / json.loads(p) for p in batch["path"]]
+        metas = [_meta(text) for text in batch["meta"]] if "meta" in batch else None
         rows: list[list[str]] = []
         for result in predict_files(self.engine, paths, image_size=self.engine.image_size,
                                     batch_size=max(1, len(paths)), workers=1, tta=self.tta):
-            rows += batch_rows(result, directory=self.root, classes=self.engine.classes, top_k=self.top_k,
-                               all_probs=self.all_probs, ood=self.ood)
+            if metas is None:
+                rows += batch_rows(result, directory=self.root, classes=self.engine.classes, top_k=self.top_k,
+                                   all_probs=self.all_probs, ood=self.ood)
+            else:
+                rows += self._with_metadata(result, metas)
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
+
+    def _with_metadata(self, result, metas: list) -> list[list[str]]:
+        """The rows of one batch with the metadata head applied, exactly as predict does on one machine."""
+        from dataclasses import replace
+
+        from skinclf.batch.metadata import MISSING, USED, with_metadata
+        from skinclf.batch.results import batch_rows
+
+        probs, present = with_metadata(self.head, result.logits, result.probs, metas, result.features)
+        rows = batch_rows(replace(result, probs=probs), directory=self.root, classes=self.engine.classes,
+                          top_k=self.top_k, all_probs=self.all_probs, ood=self.ood)
+        return [r + ["" if error else (USED if used else MISSING)]
+                for r, error, used in zip(rows, result.errors, present)]
 
 
 def _test_exit_once() -> None:
@@ -239,7 +261,7 @@ class Pool:
         """What the sidecar records (`cluster`)."""
         return {"address": self.address.kind, "workers": self.workers, "cpus_per_worker": ACTOR_CPUS}
 
-    def rows(self, todo: list[str]) -> Iterator[list[list[str]]]:
+    def rows(self, todo: list[str], metas: dict[str, Any] | None = None) -> Iterator[list[list[str]]]:
         """The rows of `todo` (sorted relative paths), batch by batch in path order; each path's row
         exactly once, or SkinclfError."""
         if not todo:
@@ -250,7 +272,7 @@ class Pool:
         context = DataContext.get_current()
         context.execution_options.preserve_order = True  # rows come back in the order of `todo`
         context.enable_progress_bars = False
-        data = _paths(todo, block_rows(len(todo), self.batch_size, self.workers)).map_batches(
+        data = _paths(todo, block_rows(len(todo), self.batch_size, self.workers), metas).map_batches(
             Classifier, fn_constructor_kwargs=self.constructor, batch_size=self.batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(size=self.workers), num_cpus=ACTOR_CPUS,
         )  # Ray Data's defaults restart a dead actor and retry its tasks without limit, spread over the nodes
@@ -290,15 +312,30 @@ def block_rows(files: int, batch_size: int, workers: int) -> int:
     return batch_size * max(1, min(batches, 64))
 
 
-def _paths(todo: list[str], rows: int):
+def _paths(todo: list[str], rows: int, metas: dict[str, Any] | None = None):
     """A dataset of `todo` (JSON text: a name that is not UTF-8 survives Arrow), one Arrow table per
-    block, so the driver never holds more than one block's table beside its list of paths."""
+    block, so the driver never holds more than one block's table beside its list of paths. With
+    `metas` (--metadata: relative path -> PatientMeta), a `meta` column carries each image's."""
     import pyarrow as pa
     import ray
 
-    refs = [ray.put(pa.table({"path": pa.array([json.dumps(p) for p in todo[i : i + rows]], type=pa.string())}))
-            for i in range(0, len(todo), rows)]
+    def table(part: list[str]):
+        columns = {"path": pa.array([json.dumps(p) for p in part], type=pa.string())}
+        if metas is not None:
+            columns["meta"] = pa.array([json.dumps(metas[p].as_dict()) if p in metas else "null" for p in part],
+                                       type=pa.string())
+        return pa.table(columns)
+
+    refs = [ray.put(table(todo[i : i + rows])) for i in range(0, len(todo), rows)]
     return ray.data.from_arrow_refs(refs)
+
+
+def _meta(text: str):
+    """An image's PatientMeta from its `meta` cell (JSON; null: no row in the metadata file)."""
+    from skinclf.model.metadata import NO_METADATA, PatientMeta
+
+    value = json.loads(text)
+    return PatientMeta(**value) if value else NO_METADATA
 
 
 def _place(path: str, todo: list[str], expected: int, fresh: list[list[str]], cells: list[str]) -> int:
@@ -348,7 +385,7 @@ def _quiet() -> None:
 
 
 def start(address: Address, *, workers: int, runner, directory: Path, top_k: int, all_probs: bool, batch_size: int,
-          threads: int, tta: int) -> Pool:
+          threads: int, tta: int, metadata: bool = False) -> Pool:
     """Start (local) or join the cluster, put the model's ONNX form in its object store; a Pool."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "1" if os.environ.get(USAGE_ENV) == "1" else "0"
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ notices (failures still raise)
@@ -389,7 +426,7 @@ def start(address: Address, *, workers: int, runner, directory: Path, top_k: int
         raise SkinclfError(f"cannot {where}: {_reason(exc)}") from None
     constructor = {"model": [ref], "name": Path(runner.onnx_path).name, "directory": str(Path(directory).resolve()),
                    "top_k": top_k, "all_probs": all_probs, "batch_size": batch_size, "threads": threads or 1,
-                   "tta": tta}
+                   "tta": tta, "metadata": metadata}
     return Pool(address, workers=workers or max(1, cpus), model_ref=ref, constructor=constructor,
                 batch_size=batch_size, temp_dir=temp_dir)
 

@@ -141,8 +141,7 @@ def evaluate_model(
     """Run a model over a labelled folder (with `engine`: auto, keras or onnx) and write the report into `out`.
     With `metadata` (a CSV as `predict --metadata` reads it), the report's `metadata` section has
     the figures with and without the model's metadata head on the same images."""
-    from skinclf.batch.metadata import join, read_metadata
-    from skinclf.batch.predict import metadata_head, with_metadata
+    from skinclf.batch.metadata import join, metadata_head, read_metadata, with_metadata
     from skinclf.engines.load import load_engine
     from skinclf.engines.runner import predict_files
     from skinclf.parallel import usable_cpus
