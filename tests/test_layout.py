@@ -56,6 +56,10 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_subpackage_is_a_known_stage_with_a_docstring() -> None:
+    # A folder of modules without __init__.py still imports from a checkout (a namespace package),
+    # which hides a file the wheel or git left out; every stage has one.
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE}
+    assert not [f for f in folders if not (f / "__init__.py").is_file()], "a subpackage without __init__.py"
     for init in PACKAGE.glob("*/__init__.py"):
         stage = init.parent.name
         assert stage in STAGES, f"skinclf/{stage}/ is not in the stage order {STAGES}"
@@ -101,3 +105,18 @@ def test_the_layout_test_sees_a_planted_upward_import(tmp_path: Path) -> None:
     planted.write_text("def f():\n    from skinclf.web.app import create_app\n", encoding="utf-8")
     assert imports_of(planted) == {"skinclf.web.app"}
     assert stage_of("skinclf.web.app") == "web" and stage_of("skinclf.config") == ""
+
+
+def test_no_source_file_matches_an_ignore_pattern() -> None:
+    # The wheel's build (hatchling) leaves out what .gitignore names: `data/` once dropped
+    # skinclf/data/ from every installed copy while the checkout's tests still passed.
+    import shutil
+    import subprocess
+
+    root = PACKAGE.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(root)) for p in PACKAGE.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True,
+                          check=False)
+    assert done.stdout.strip() == "", f"ignored by git, so left out of the wheel: {done.stdout.split()}"
