@@ -119,3 +119,14 @@ def test_the_sidecar_and_the_readme_explain_the_class_abbreviations(runner, tiny
     for full in ("actinic keratosis / Bowen's disease", "basal cell carcinoma", "benign keratosis", "dermatofibroma",
                  "melanoma", "melanocytic nevus", "vascular lesion"):
         assert full in text
+
+
+def test_an_empty_or_folder_out_is_one_line_before_any_work(runner, tiny_bundle, tmp_path) -> None:
+    folder = tmp_path / "f"
+    folder.mkdir()
+    lesion_image((120, 60, 40), 1).save(folder / "a.jpg")
+    for out, says in (("", "Error: --out is empty: give a CSV file name"), (str(folder), "is a folder, not a file")):
+        result = runner.invoke(app, ["predict", str(folder), "--out", out, "--model", str(tiny_bundle)])
+        assert result.exit_code == 1 and says in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg"]

@@ -108,6 +108,9 @@ def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, worke
             raise SkinclfError("--resume needs a file for --out, not stdout")
         return None
     target = Path(out)
+    if target.is_dir() or not target.name:  # '' arrives as '.', a folder
+        what = f"--out {out} is a folder, not a file" if str(out) else "--out is empty"
+        raise SkinclfError(f"{what}: give a CSV file name, e.g. --out results.csv (or - for the terminal)")
     # Never over an image, a model or anything else the user has: only an earlier predict output.
     for path, kind in ((target, CSV), (partial_path(target), CSV), (sidecar_path(target), JSON),
                        (record_path(target), JSON)):
