@@ -125,8 +125,23 @@ def test_an_empty_or_folder_out_is_one_line_before_any_work(runner, tiny_bundle,
     folder = tmp_path / "f"
     folder.mkdir()
     lesion_image((120, 60, 40), 1).save(folder / "a.jpg")
-    for out, says in (("", "Error: --out is empty: give a CSV file name"), (str(folder), "is a folder, not a file")):
+    for out, says in (("", "Error: --out is empty: give a CSV file name"), (str(folder), "is a folder: give a file name")):
         result = runner.invoke(app, ["predict", str(folder), "--out", out, "--model", str(tiny_bundle)])
         assert result.exit_code == 1 and says in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert sorted(p.name for p in folder.iterdir()) == ["a.jpg"]
+
+
+def test_files_passed_over_on_purpose_are_counted_in_the_summary(runner, tiny_bundle, tmp_path) -> None:
+    folder = tmp_path / "f"
+    (folder / "sub").mkdir(parents=True)
+    lesion_image((120, 60, 40), 1).save(folder / "a.jpg")
+    (folder / "b.webp").write_bytes(b"RIFF....WEBP")
+    (folder / ".hidden.jpg").write_bytes(b"")
+    (folder / "sub" / "notes.txt").write_text("visit notes")
+    result = runner.invoke(app, ["predict", str(folder), "--out", str(tmp_path / "r.csv"), "--model", str(tiny_bundle)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "1 file: 1 classified" in text
+    assert "3 other files passed over (hidden, or not .jpg, .jpeg, .png, .bmp, .tif or .tiff: e.g. .hidden.jpg, " \
+           "b.webp, sub/notes.txt)" in text

@@ -53,6 +53,8 @@ class PredictSummary:
     model: dict[str, Any]
     startup_seconds: float = 0.0  # loading, folding and compiling the model
     unreadable: int = 0  # folders, links and other entries that could not be read (rows with an error)
+    skipped: int = 0  # files passed over on purpose (hidden, or not an image by extension): no row
+    skipped_examples: list[str] = field(default_factory=list)
     warnings: int = 0  # classified rows with a warning
     dropped: int = 0  # rows of a resumed CSV whose files are no longer in the folder
     unlike_training: int = 0  # images flagged by the model's out-of-distribution threshold (warnings)
@@ -108,8 +110,8 @@ def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, worke
             raise SkinclfError("--resume needs a file for --out, not stdout")
         return None
     target = Path(out)
-    if target.is_dir() or not target.name:  # '' arrives as '.', a folder
-        what = f"--out {out} is a folder, not a file" if str(out) else "--out is empty"
+    if not target.name:  # '' arrives as '.'
+        what = f"--out {out} is a folder" if str(out) else "--out is empty"
         raise SkinclfError(f"{what}: give a CSV file name, e.g. --out results.csv (or - for the terminal)")
     # Never over an image, a model or anything else the user has: only an earlier predict output.
     for path, kind in ((target, CSV), (partial_path(target), CSV), (sidecar_path(target), JSON),
@@ -364,7 +366,8 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
     problem_paths = {p.path for p in found.problems}
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
                              errors=tally.errors, seconds=seconds, model=runner.identity(), startup_seconds=startup,
-                             unreadable=len(problem_paths), warnings=tally.warned,
+                             unreadable=len(problem_paths), warnings=tally.warned, skipped=found.skipped,
+                             skipped_examples=found.skipped_examples,
                              dropped=len([p for p in output.dropped if p not in problem_paths]),
                              unlike_training=tally.unlike, redone=dict(output.redone),
                              cluster=pool.describe() if pool is not None else None,

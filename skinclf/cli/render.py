@@ -105,6 +105,10 @@ def predict_summary(summary) -> str:
         parts.append(redone_text(Counter(summary.redone)))
     if summary.dropped:
         parts.append(f"{plural(summary.dropped, 'row')} dropped: their files are no longer in the folder")
+    if getattr(summary, "skipped", 0):
+        examples = ", ".join(summary.skipped_examples)
+        parts.append(f"{plural(summary.skipped, 'other file')} passed over (hidden, or not .jpg, .jpeg, .png, .bmp, "
+                     f".tif or .tiff: e.g. {examples})")
     meta = getattr(summary, "metadata", None)
     if meta:
         parts.append(f"{meta['images_with_metadata']} with patient metadata (the rest from the image alone; "

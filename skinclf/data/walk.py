@@ -31,6 +31,8 @@ class Walk:
 
     files: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    skipped: int = 0  # files passed over on purpose: hidden, or not an image by their extension
+    skipped_examples: list[str] = field(default_factory=list)  # the first few, for the summary
 
 
 def describe(exc: OSError) -> str:
@@ -47,6 +49,13 @@ def _broken_link_may_hide_images(name: str) -> bool:
     """A dangling link is reported when it could have been an image or a folder of them."""
     suffix = Path(name).suffix.lower()
     return suffix in IMAGE_EXTENSIONS or not suffix
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 class _Walker:
@@ -76,6 +85,13 @@ class _Walker:
         for entry in entries:
             if not entry.name.startswith("."):
                 self.entry(entry)
+            elif not _is_dir(entry):  # a hidden file: passed over, but counted
+                self.skip(entry.path)
+
+    def skip(self, path: str) -> None:
+        self.walk.skipped += 1
+        if len(self.walk.skipped_examples) < 3:
+            self.walk.skipped_examples.append(_relative(self.root, path))
 
     def entry(self, entry: os.DirEntry) -> None:
         try:
@@ -96,6 +112,8 @@ class _Walker:
                 self.walk.files.append(_relative(self.root, entry.path))
             else:
                 self.problem(entry.path, "not a regular file (a device, pipe or socket)")
+        elif is_file:
+            self.skip(entry.path)
 
 
 def walk_images(directory: Path, *, recursive: bool = True) -> Walk:
