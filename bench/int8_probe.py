@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from skinclf.data.images import load_image
 from skinclf.data.layout import list_labelled_images
+from skinclf.engines.export import quantize
 from skinclf.metrics import balanced_accuracy
 from skinclf.model.onnx_meta import read_model_meta, session
 
@@ -49,25 +49,6 @@ def variants(model) -> dict[str, dict]:
                                                        "nodes_to_exclude": before_first_conv + first_convs},
         "everything but colour constancy and heads": {"nodes_to_exclude": before_first_conv + heads},
     }
-
-
-def quantize(float_path: Path, calib: np.ndarray, **kwargs) -> bytes:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._batches = iter([{"image": calib[i : i + 8]} for i in range(0, len(calib), 8)])
-
-        def get_next(self):
-            return next(self._batches, None)
-
-    with tempfile.TemporaryDirectory(prefix="skinclf-int8-") as tmp:
-        pre, dst = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, **kwargs)
-        return dst.read_bytes()
 
 
 def run(sess, x: np.ndarray) -> np.ndarray:
@@ -114,7 +95,7 @@ def main() -> None:
     sessions = {"float": ref_sess}
     model = onnx.load(str(args.onnx))
     for name, kwargs in variants(model).items():
-        sess = session(quantize(args.onnx, calib.astype("float32"), **kwargs))
+        sess = session(quantize(args.onnx.read_bytes(), calib.astype("float32"), **kwargs))
         sessions[name] = sess
         print(f"- {name}: {figures(run(sess, x))}", flush=True)
     times = speed(sessions, x[:64])

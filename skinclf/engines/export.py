@@ -144,8 +144,9 @@ def _check_features(data: bytes, images: np.ndarray, folded, tolerance: float) -
     return diff
 
 
-def _quantize(float_onnx: bytes, calibration: np.ndarray) -> bytes:
-    """Static int8 quantization (QDQ, per-channel weights), calibrated on `calibration` images."""
+def quantize(float_onnx: bytes, calibration: np.ndarray, **options) -> bytes:
+    """Static int8 quantization (QDQ, per-channel weights), calibrated on `calibration` images;
+    `options` go to ONNX Runtime's `quantize_static` (e.g. `nodes_to_exclude`: bench/int8_probe.py)."""
     import tempfile
 
     from onnxruntime.quantization import (
@@ -168,7 +169,7 @@ def _quantize(float_onnx: bytes, calibration: np.ndarray) -> bytes:
         src.write_bytes(float_onnx)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, **options)
         import onnx
 
         proto = onnx.load(str(dst))
@@ -289,7 +290,7 @@ def _int8(bundle, folded, meta: dict, float_data: bytes, images: np.ndarray, exp
     calib = _decoded(_sample_images(Path(calibration), bundle.classes, calibration_images), size)
     meta["export"]["calibration"] = {"images": len(calib), "folder": str(calibration),
                                      "method": "static, QDQ, per-channel int8 weights, int8 activations"}
-    data = _quantize(_onnx_bytes(bundle, folded, meta), calib)
+    data = quantize(_onnx_bytes(bundle, folded, meta), calib)
     int8_probs = _onnx_run(data, images)
     diff = float(np.abs(int8_probs - expected).max())
     agree, figures = [int8_probs.argmax(1) == expected.argmax(1)], {}
