@@ -70,8 +70,7 @@ class Group(typer.core.TyperGroup):
 
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as exc:  # `skinclf` alone: the help, not an error
-            typer.echo(exc.ctx.get_help())
+        except click.exceptions.NoArgsIsHelpError:  # `skinclf` alone: the help (already shown), not an error
             code = 0
         except click.exceptions.ClickException as exc:
             if not standalone_mode:
