@@ -68,6 +68,8 @@ class TrainDefaults:
     fixres_epochs: int = 0
     # Shades of Gray colour constancy as the model's first layer.
     colour_constancy: bool = False
+    # The base network: "mobilenet" (v1 1.0/224) or "mobilenetv2" (1.0/224, batch norms frozen).
+    arch: str = "mobilenet"
     # Post-hoc prior correction of the logits, -tau * log(class prior): "none", "fit" (tau chosen
     # on validation balanced accuracy) or a number.
     prior_correction: str = "none"

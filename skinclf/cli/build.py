@@ -62,6 +62,8 @@ def train(
     seed: int = typer.Option(TRAIN.seed, "--seed", metavar="N", help="Seed for initialisation, shuffling and augmentation."),
     image_size: int = typer.Option(TRAIN.image_size, "--image-size", metavar="N", help="Input side in pixels."),
     alpha: float = typer.Option(TRAIN.alpha, "--alpha", metavar="X", help="MobileNet width multiplier (0.25, 0.5, 0.75, 1.0)."),
+    arch: str = typer.Option(TRAIN.arch, "--arch", metavar="NAME",
+                             help="Base network: mobilenet (v1) or mobilenetv2 (batch norms frozen; --trainable-layers 3..153)."),
     cache_views: int = typer.Option(
         TRAIN.cache_views, "--cache-views",
         metavar="N", help="Cache the frozen layers' outputs for N augmented views per training image (0: augment afresh each epoch).",
@@ -126,7 +128,7 @@ def train(
             image_size=image_size, alpha=alpha, cache_views=cache_views, color_jitter=color_jitter,
             crop_scale=crop_scale, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
             train_size=train_size, fixres_epochs=fixres_epochs, colour_constancy=colour_constancy,
-            prior_correction=prior_correction, calibrate=calibrate, workers=workers, run_dir=run_dir,
+            prior_correction=prior_correction, calibrate=calibrate, workers=workers, arch=arch, run_dir=run_dir,
             resume=resume, overwrite=overwrite,
         )
     val = result.val_metrics

@@ -32,6 +32,8 @@ keras = load_keras()
 BASE_FIRST, BASE_LAST = "conv1", "conv_pw_13_relu"
 MIN_TRAINABLE = 3  # conv_pw_13 + its batch norm + relu: the offline weights leave it untrained
 BASE_LAYERS = 85  # layers of keras.applications.MobileNet without top, input excluded
+# Each architecture's (first, last) base layer and its layer count (input excluded).
+ARCHITECTURES = {"mobilenet": (BASE_FIRST, BASE_LAST, BASE_LAYERS), "mobilenetv2": ("Conv1", "out_relu", 153)}
 PREPROCESSING = {
     "color": "RGB",
     "decode": "EXIF orientation applied; grayscale, palette, alpha, CMYK and 16-bit converted to 8-bit RGB",
@@ -109,13 +111,21 @@ def build_model(
     dropout: float = 0.25,
     seed: int | None = None,
     colour_constancy: bool = False,
+    arch: str = "mobilenet",
 ):
-    """MobileNet(alpha, image_size) with `weights`, preprocessing in front and a new head.
+    """MobileNet(alpha, image_size) (or MobileNetV2 1.0) with `weights`, preprocessing in front and a new head.
 
     `image_size` None accepts any square size (the weights do not depend on it);
     `colour_constancy` puts a Shades of Gray layer before the scaling."""
     if num_classes < 2:
         raise SkinclfError(f"need at least 2 classes to train, found {num_classes}")
+    if arch == "mobilenetv2":
+        from skinclf.model.mobilenet_v2 import build_student
+
+        if weights == "imagenet":
+            raise SkinclfError("--arch mobilenetv2 needs --weights PATH (a MobileNetV2 1.0 .weights.h5) or none")
+        return build_student(num_classes=num_classes, image_size=image_size, weights=weights, dropout=dropout,
+                             seed=seed, colour_constancy=colour_constancy)
     base = _mobilenet(image_size, alpha, weights)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = ShadesOfGray(name="colour_constancy")(inputs) if colour_constancy else inputs
@@ -129,9 +139,10 @@ def build_model(
 
 
 def base_layer_range(model) -> tuple[int, int]:
-    """Indices (in `model.layers`) of the first and last MobileNet base layers."""
+    """Indices (in `model.layers`) of the first and last base layers (MobileNet or MobileNetV2)."""
     names = [layer.name for layer in model.layers]
-    return names.index(BASE_FIRST), names.index(BASE_LAST)
+    first, last = next((f, l) for f, l, _ in ARCHITECTURES.values() if f in names)
+    return names.index(first), names.index(last)
 
 
 def check_trainable_layers(trainable_layers: int, n_base: int = BASE_LAYERS) -> None:
@@ -152,8 +163,11 @@ def set_trainable(model, trainable_layers: int) -> int:
     first, last = base_layer_range(model)
     check_trainable_layers(trainable_layers, last - first + 1)
     start = last + 1 - trainable_layers
+    # MobileNetV2's offline weights fold each batch norm into its convolution (gamma 1, mean 0):
+    # training those layers would renormalise with batch statistics, so they stay frozen.
+    keep_bn_frozen = model.layers[first].name == ARCHITECTURES["mobilenetv2"][0]
     for i, layer in enumerate(model.layers):
-        layer.trainable = i >= start
+        layer.trainable = i >= start and not (keep_bn_frozen and isinstance(layer, keras.layers.BatchNormalization))
     return start
 
 
@@ -177,16 +191,11 @@ def split_model(model, start: int):
 
 
 def with_input_size(model, image_size: int):
-    """A copy of a chain model with a fixed `image_size` input (same layers' weights).
+    """A copy of a functional model with a fixed `image_size` input (same layers' weights).
 
     Models trained at several sizes accept any; the bundle fixes the size predict uses."""
-    inputs = keras.Input((image_size, image_size, 3), name=model.inputs[0].name)
-    x = inputs
-    for layer in model.layers[1:]:
-        x = layer.__class__.from_config(layer.get_config())(x)
-    fixed = keras.Model(inputs, x, name=model.name)
-    for src, dst in zip(model.layers[1:], fixed.layers[1:]):
-        dst.set_weights(src.get_weights())
+    fixed = keras.models.clone_model(model, input_tensors=keras.Input((image_size, image_size, 3), name=model.inputs[0].name))
+    fixed.set_weights(model.get_weights())
     return fixed
 
 
@@ -201,16 +210,17 @@ def logits_model(model):
                            name=f"{model.name}_logits", activation="linear")
     if "predictions" not in {layer.name for layer in model.layers}:
         raise SkinclfError(f"model {model.name} has no classifier layer named 'predictions'")
-    inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name=model.inputs[0].name)
-    x = inputs
-    for layer in model.layers[1:]:
+
+    def clone(layer):
         config = layer.get_config()
         if layer.name == "predictions":
             config["activation"] = "linear"
-        clone = layer.__class__.from_config(config)
-        x = clone(x)
-        clone.set_weights(layer.get_weights())
-    return keras.Model(inputs, x, name=f"{model.name}_logits")
+        return layer.__class__.from_config(config)
+
+    logits = keras.models.clone_model(model, clone_function=clone)
+    logits.set_weights(model.get_weights())
+    logits.name = f"{model.name}_logits"
+    return logits
 
 
 def fold_logit_transform(model, *, shift=None, temperature: float = 1.0) -> None:

@@ -44,6 +44,7 @@ from skinclf.files import (
 from skinclf.metrics import classification_report
 from skinclf.model.bundle import save_bundle
 from skinclf.model.network import (
+    ARCHITECTURES,
     PREPROCESSING,
     build_model,
     check_trainable_layers,
@@ -281,6 +282,7 @@ def train_model(
     prior_correction: str = TRAIN.prior_correction,
     calibrate: bool = TRAIN.calibrate,
     workers: int = TRAIN.workers,
+    arch: str = TRAIN.arch,
     run_dir: Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -300,7 +302,11 @@ def train_model(
               warmup_epochs=warmup_epochs if schedule == "cosine" else 0, train_size=train_size,
               fixres_epochs=fixres_epochs, patience=patience, workers=workers, prior_correction=prior_correction,
               focal_gamma=focal_gamma, seed=seed)
-    check_trainable_layers(trainable_layers)
+    if arch not in ARCHITECTURES:
+        raise SkinclfError(f"--arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    if arch != "mobilenet" and (cache_views or alpha != 1.0):
+        raise SkinclfError(f"--arch {arch} trains from images at width 1.0: drop --cache-views and --alpha")
+    check_trainable_layers(trainable_layers, ARCHITECTURES[arch][2])
     out, data = _check_out(Path(out), overwrite=overwrite, resume=resume), Path(data)
     train_set = _labelled(data, "train")
     val_set = _labelled(data, "val", classes=train_set.classes)
@@ -321,7 +327,7 @@ def train_model(
 # Options a run's checkpoints depend on: --resume refuses to continue with other values.
 _SETTINGS = ("batch_size", "lr", "trainable_layers", "class_weight", "loss", "focal_gamma", "monitor", "patience",
              "dropout", "label_smoothing", "seed", "image_size", "alpha", "cache_views", "color_jitter", "crop_scale",
-             "weight_decay", "schedule", "warmup_epochs", "train_size", "fixres_epochs", "colour_constancy")
+             "weight_decay", "schedule", "warmup_epochs", "train_size", "fixres_epochs", "colour_constancy", "arch")
 
 
 def _settings(options: dict[str, Any], *, data: Path, weights_arg, train_set: LabelledImages,
@@ -364,7 +370,7 @@ def _train(settings: dict, state: dict | None, *, train_set: LabelledImages, val
     keras.utils.set_random_seed(settings["seed"])
     model = build_model(num_classes=len(classes), image_size=image_size if len(phases) == 1 and phases[0][2] == image_size else None,
                         alpha=settings["alpha"], weights=weights_arg, dropout=settings["dropout"], seed=settings["seed"],
-                        colour_constancy=settings["colour_constancy"])
+                        colour_constancy=settings["colour_constancy"], arch=settings.get("arch", "mobilenet"))
     start = set_trainable(model, settings["trainable_layers"])
     sample_weights = [weight_of[classes[label]] for label in train_set.labels]
     trainable, make_train, val_ds = _datasets(
@@ -513,7 +519,7 @@ def _bundle_meta(model, *, out: Path, start: int, training: dict, post_hoc: dict
         "input_size": [training["image_size"], training["image_size"]],
         "preprocessing": {**PREPROCESSING, **({"colour_constancy": "Shades of Gray, p = 6 (layer 'colour_constancy', "
                                                                    "before the scaling)"} if colour_constancy else {})},
-        "architecture": {"base": "MobileNet", "alpha": training["alpha"],
+        "architecture": {"base": {"mobilenetv2": "MobileNetV2"}.get(training.get("arch"), "MobileNet"), "alpha": training["alpha"],
                          "head": "global average pool, dropout, dense softmax", "dropout": training["dropout"],
                          "first_trainable_layer": model.layers[start].name, "colour_constancy": colour_constancy},
         "training": training,
