@@ -18,7 +18,9 @@
 #    on validation, test figures a first look; refit here whenever the image model changes (a head fitted
 #    to another version of the image model is refused at run time). Reads HAM10000_metadata.csv beside the
 #    repo (../shared/data/ham10000/) or from $HAM10000_METADATA;
-# 3. the ONNX form with its `features` output, checked against Keras (skinclf export);
+# 3. the ONNX forms, checked: float (the graph ends at the pooled features; the numpy head is stored
+#    beside it) against Keras, and int8 (mixed precision, bench/int8_probe.py) against float on the
+#    whole validation split: the light install's default engine when it holds;
 # 4. validation and test reports (reports/val, reports/test: the test split is a second look);
 # 5. the test figures' PNGs in models/, the fixed-image outputs the integration test checks
 #    (tests/fixed_image_expected.json) and every figures table in README.md and the model card
@@ -49,7 +51,9 @@ python tools/held_out_figures.py --model "$model" --test data/prepared/test \
   --note "second look: the test split was evaluated once before, for the previous bundled model (exp02)"
 python tools/fit_metadata_head.py --model "$model" --test --report reports/metadata_head.json \
   ${HAM10000_METADATA:+--metadata "$HAM10000_METADATA"}
-skinclf export "$model" --format onnx --out models/skinclf-mobilenet.onnx
+skinclf export "$model" --format onnx --out models/skinclf-mobilenet.onnx --overwrite
+skinclf export "$model" --format onnx-int8 --out models/skinclf-mobilenet.int8.onnx --overwrite \
+  --calibration data/prepared/train --validation data/prepared/val
 skinclf evaluate --model "$model" --data data/prepared/val --out reports/val --engine keras --json > reports/val.json
 skinclf evaluate --model "$model" --data data/prepared/test --out reports/test --engine keras --json > reports/test.json
 python tools/test_calibration.py > reports/test_calibration.json

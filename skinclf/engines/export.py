@@ -78,7 +78,7 @@ def probe_images(size: int, *, count: int = EXPORT.probes, folder: Path | None =
     return np.concatenate(images).astype("float32")
 
 
-def _sample_images(folder: Path, classes: list[str], count: int) -> list[Path]:
+def sample_images(folder: Path, classes: list[str], count: int) -> list[Path]:
     """Up to `count` images spread evenly over a labelled folder (every k-th, all classes)."""
     from skinclf.data.layout import list_labelled_images
 
@@ -101,9 +101,11 @@ def _keras_logits(bundle) -> Any:
 
 
 def _export_meta(bundle, fmt: str) -> dict[str, Any]:
+    outputs = (["features (pooled; logits = the skinclf.head affine map of them, probabilities = softmax)"]
+               if fmt.startswith("onnx") else ["logits", "probabilities"])
     return {**bundle.meta, "export": {"format": fmt, "source": bundle.path.name, "source_sha256": bundle.sha256,
                                       "skinclf": __version__, "inputs": "image: NHWC float32 RGB 0..255, any batch",
-                                      "outputs": ["logits", "probabilities"] + (["features"] if fmt.startswith("onnx") else [])}}
+                                      "outputs": outputs}}
 
 
 def _onnx_bytes(bundle, folded, meta: dict[str, Any]) -> bytes:
@@ -115,27 +117,37 @@ def _onnx_bytes(bundle, folded, meta: dict[str, Any]) -> bytes:
     return proto.SerializeToString()
 
 
+def float_onnx(bundle) -> bytes:
+    """The bundle's float ONNX form (features graph, head in its metadata), unchecked: what int8
+    quantizes (bench/int8_probe.py)."""
+    return _onnx_bytes(bundle, _keras_logits(bundle), _export_meta(bundle, "onnx"))
+
+
 def _onnx_run(data: bytes, images: np.ndarray, *, batch: int = 16) -> np.ndarray:
+    """Probabilities of an exported graph: its features, the numpy head, the softmax."""
+    from skinclf.engines.base import softmax
+    from skinclf.model.head import HEAD_KEY, LinearHead
     from skinclf.model.onnx_meta import session
 
     sess = session(data)
-    return np.concatenate([sess.run(["probabilities"], {"image": images[i : i + batch]})[0]
+    head = LinearHead.from_json(sess.get_modelmeta().custom_metadata_map[HEAD_KEY])
+    return np.concatenate([softmax(head(sess.run(["features"], {"image": images[i : i + batch]})[0]))
                            for i in range(0, len(images), batch)])
 
 
 def _check_features(data: bytes, images: np.ndarray, folded, tolerance: float) -> float:
     """The ONNX `features` output against the Keras engine's pooled features on the probe images
     (what the out-of-distribution score reads); raises like `_check`."""
-    from skinclf.engines.keras import with_features
+    from skinclf.engines.keras import features_model
     from skinclf.model.onnx_meta import session
 
     sess = session(data)
     exported = np.concatenate([sess.run(["features"], {"image": images[i : i + 16]})[0]
                                for i in range(0, len(images), 16)])
-    both = with_features(folded)
-    if both is None:
+    pooled = features_model(folded)
+    if pooled is None:
         raise SkinclfError("the model has no global average pooling to take features from; nothing written")
-    expected = np.asarray(both.predict(images, batch_size=16, verbose=0)[1], dtype="float32")
+    expected = np.asarray(pooled.predict(images, batch_size=16, verbose=0), dtype="float32")
     diff = float(np.nanmax(np.abs(exported - expected))) if exported.shape == expected.shape else float("inf")
     scale = max(1.0, float(np.abs(expected).max()))  # features are not bounded by 1 like probabilities
     if not diff <= tolerance * scale:
@@ -168,8 +180,9 @@ def quantize(float_onnx: bytes, calibration: np.ndarray, **options) -> bytes:
         src, pre, dst = Path(tmp) / "float.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(float_onnx)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, **options)
+        settings = {"quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QInt8,
+                    "weight_type": QuantType.QInt8, **options}
+        quantize_static(str(pre), str(dst), Reader(), **settings)
         import onnx
 
         proto = onnx.load(str(dst))
@@ -278,6 +291,19 @@ def _paths(*, format: str | None, model: Path | None, out: Path | None, overwrit
     return format, path, out
 
 
+def _with_meta(data: bytes, meta: dict[str, Any]) -> bytes:
+    """`data` (an ONNX model) with its skinclf.json metadata replaced by `meta`."""
+    import onnx
+
+    from skinclf.model.onnx_meta import META_KEY
+
+    proto = onnx.load_from_string(data)
+    for entry in proto.metadata_props:
+        if entry.key == META_KEY:
+            entry.value = json.dumps(meta)
+    return proto.SerializeToString()
+
+
 def _int8(bundle, folded, meta: dict, float_data: bytes, images: np.ndarray, expected: np.ndarray, *,
           calibration: Path, calibration_images: int, validation: Path | None,
           min_agreement: float) -> tuple[bytes, float, float, dict]:
@@ -287,10 +313,16 @@ def _int8(bundle, folded, meta: dict, float_data: bytes, images: np.ndarray, exp
         raise SkinclfError(f"--calibration {calibration}: int8 needs a labelled folder of training images "
                            "(e.g. data/prepared/train, made by skinclf prepare)")
     size = bundle.image_size
-    calib = _decoded(_sample_images(Path(calibration), bundle.classes, calibration_images), size)
+    calib = _decoded(sample_images(Path(calibration), bundle.classes, calibration_images), size)
+    from skinclf.engines.int8 import float_nodes
+
+    keep = EXPORT.int8_float_convs
     meta["export"]["calibration"] = {"images": len(calib), "folder": str(calibration),
-                                     "method": "static, QDQ, per-channel int8 weights, int8 activations"}
-    data = quantize(_onnx_bytes(bundle, folded, meta), calib)
+                                     "method": "static, QDQ, per-channel int8 weights, int8 activations (min-max)",
+                                     "float": f"colour constancy, preprocessing, the first {keep} convolutions of "
+                                              "every member, and the numpy head"}
+    source = _onnx_bytes(bundle, folded, meta)
+    data = quantize(source, calib, nodes_to_exclude=float_nodes(source, keep))
     int8_probs = _onnx_run(data, images)
     diff = float(np.abs(int8_probs - expected).max())
     agree, figures = [int8_probs.argmax(1) == expected.argmax(1)], {}
@@ -304,12 +336,17 @@ def _int8(bundle, folded, meta: dict, float_data: bytes, images: np.ndarray, exp
         agree.append(q.argmax(1) == ref.argmax(1))
         figures = {"images": len(labels), "folder": str(validation), "float": _class_figures(ref, labels, bundle.classes),
                    "int8": _class_figures(q, labels, bundle.classes)}
-    agreement = float(np.mean(np.concatenate(agree)))
+    # Validation images when given (a random-noise probe's top class means nothing), else the probes.
+    agreement = float(np.mean(agree[-1]))
+    if figures:
+        figures["top1_agreement"] = round(agreement, 4)
+        meta["export"]["int8_validation"] = figures
+        data = _with_meta(data, meta)
     if agreement < min_agreement:
         cost = (f"; validation balanced accuracy {figures['float']['balanced_accuracy']:.3f} float vs "
                 f"{figures['int8']['balanced_accuracy']:.3f} int8" if figures else "")
-        raise SkinclfError(f"the int8 export agrees with the Keras model on top-1 for only {agreement:.1%} of "
-                           f"the check images (< {min_agreement:.0%}){cost}; nothing written. Use --format onnx")
+        raise SkinclfError(f"the int8 export agrees with the float model on top-1 for only {agreement:.1%} of "
+                           f"the {'validation' if figures else 'probe'} images (< {min_agreement:.0%}){cost}; nothing written. Use --format onnx")
     return data, diff, agreement, figures
 
 

@@ -12,18 +12,21 @@ from skinclf.engines.base import Engine
 
 
 class KerasEngine(Engine):
-    """The `.keras` bundle on the active Keras backend, batch norms folded, softmax split off."""
+    """The `.keras` bundle on the active Keras backend, batch norms folded: the network up to its
+    pooled features, then the numpy head (`model.head`), the same path as the ONNX engine."""
 
     name = "keras"
 
     def __init__(self, bundle, *, batch_size: int) -> None:
         super().__init__(meta=bundle.meta, path=bundle.path, sha256=bundle.sha256, batch_size=batch_size)
+        from skinclf.model.head import head_of
         from skinclf.model.network import logits_model
 
         logits = inference_model(logits_model(bundle.model), image_size=bundle.image_size)
-        # One model, two outputs: the pooled features come free with the logits' forward pass.
-        self.model = with_features(logits) or logits
-        self._two = len(self.model.outputs) == 2
+        self.model = features_model(logits)
+        # A model without global average pooling (tests' tiny graphs): its logits, no features.
+        self.head = head_of(bundle.model) if self.model is not None else None
+        self.model = self.model or logits
 
     @classmethod
     def from_model(cls, model, *, batch_size: int, image_size: int | None = None,
@@ -38,55 +41,41 @@ class KerasEngine(Engine):
 
     @property
     def features_dim(self) -> int:
-        return int(self.model.outputs[1].shape[-1]) if self._two else 0
+        return self.head.features_dim if self.head is not None else 0
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        if not self._two:  # a model without global average pooling: logits only
-            return np.asarray(self.model.predict_on_batch(x), dtype="float32"), None
-        logits, features = self.model.predict_on_batch(x)
-        return np.asarray(logits, dtype="float32"), np.asarray(features, dtype="float32")
+        out = np.asarray(self.model.predict_on_batch(x), dtype="float32")
+        return (out, None) if self.head is None else (self.head(out), out)
 
 
-def with_features(model):
-    """A model giving `[logits, features]` from one forward pass of `model` (a logits chain or an
-    ensemble of them, as `inference_model` returns it), or None when it has no global average
-    pooling: the same layers (weights shared) re-applied to a fresh input, the features taken
+def features_model(model):
+    """A model giving the pooled features of `model` (a logits network or an ensemble of them, as
+    `inference_model` returns it), or None when it has no global average pooling: the features
     where the (last) GlobalAveragePooling2D is applied ('pool', before dropout and the
-    classifier). An ensemble's features are its members' side by side, in member order."""
+    classifier); an ensemble's are its members' side by side, in member order. Works for any
+    functional graph (MobileNetV2's residual blocks too): each network is cloned, so its pooling
+    layer has one call site to read the output of."""
     from skinclf.backend import load_keras
     from skinclf.model.ensemble import members
 
     keras = load_keras()
-    inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name="image")
+    pooling = keras.layers.GlobalAveragePooling2D
+
+    def pooled(chain):
+        clone = keras.models.clone_model(chain)
+        clone.set_weights(chain.get_weights())
+        pools = [layer for layer in clone.layers if isinstance(layer, pooling)]
+        return keras.Model(clone.inputs, pools[-1].output, name=f"{chain.name}_features") if pools else None
+
     nested = members(model)
     if not nested:
-        logits, features = _chain_with_features(model, inputs)
-        return None if features is None else keras.Model(inputs, [logits, features], name=f"{model.name}_features")
-    pairs = []
-    for m in nested:  # each member its own sub-model: members' layers share names
-        own = keras.Input(tuple(m.inputs[0].shape[1:]), name="image")
-        logits, features = _chain_with_features(m, own)
-        if features is None:
-            return None
-        pairs.append(keras.Model(own, [logits, features], name=m.name)(inputs))
-    mean = keras.layers.Average(name="mean_logits")([z for z, _ in pairs])
-    logits = model.get_layer("predictions")(mean)
-    features = keras.layers.Concatenate(name="features")([f for _, f in pairs])
-    return keras.Model(inputs, [logits, features], name=f"{model.name}_features")
-
-
-def _chain_with_features(model, x):
-    # Re-applying the layers (not `layer.output`): a layer shared by several graphs has several
-    # call sites, and its `.output` would name the wrong one.
-    from skinclf.backend import load_keras
-
-    pooling = load_keras().layers.GlobalAveragePooling2D
-    features = None
-    for layer in model.layers[1:]:
-        x = layer(x)
-        if isinstance(layer, pooling):
-            features = x
-    return x, features
+        return pooled(model)
+    parts = [pooled(m) for m in nested]
+    if any(p is None for p in parts):
+        return None
+    inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name="image")
+    features = keras.layers.Concatenate(name="features")([p(inputs) for p in parts])
+    return keras.Model(inputs, features, name=f"{model.name}_features")
 
 
 def keras_available() -> bool:

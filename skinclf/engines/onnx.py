@@ -14,7 +14,7 @@ import numpy as np
 from skinclf.engines.base import Engine
 from skinclf.errors import SkinclfError
 from skinclf.files import sha256_file
-from skinclf.model.onnx_meta import read_meta, session
+from skinclf.model.onnx_meta import read_head, read_meta, session
 from skinclf.parallel import usable_cpus
 
 
@@ -40,8 +40,12 @@ class OnnxEngine(Engine):
                          batch_size=batch_size)
         self.format = export.get("format", "onnx")
         outputs = {o.name: o for o in sess.get_outputs()}
-        # Files exported before the `features` output still run, with the logit-based flag only.
-        self._outputs = ["logits", "features"] if "features" in outputs else ["logits"]
+        self.head = read_head(sess)
+        # One pass: the graph ends at the pooled features and the head runs in numpy. Files exported
+        # before that (logits in the graph) still run, and those before the `features` output too,
+        # with the logit-based flag only.
+        self._outputs = (["features"] if self.head is not None else
+                         ["logits", "features"] if "features" in outputs else ["logits"])
         self._features_dim = int(outputs["features"].shape[-1]) if "features" in outputs else 0
 
     @property
@@ -61,4 +65,6 @@ class OnnxEngine(Engine):
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         out = self.session.run(self._outputs, {"image": np.ascontiguousarray(x, dtype="float32")})
+        if self.head is not None:
+            return self.head(out[0]), out[0]
         return out[0], (out[1] if len(out) > 1 else None)

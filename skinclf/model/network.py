@@ -190,13 +190,20 @@ def split_model(model, start: int):
     return prefix, chain(features, model.layers[start:], "trainable_suffix")
 
 
+def _copy(model, *, name: str, **clone_options):
+    """A copy of a one-output functional model (any graph: MobileNetV2's residual blocks too) with
+    the same weights and one output tensor (clone_model may give a one-element list)."""
+    clone = keras.models.clone_model(model, **clone_options)
+    clone.set_weights(model.get_weights())
+    return keras.Model(clone.inputs, clone.outputs[0], name=name)
+
+
 def with_input_size(model, image_size: int):
     """A copy of a functional model with a fixed `image_size` input (same layers' weights).
 
     Models trained at several sizes accept any; the bundle fixes the size predict uses."""
-    fixed = keras.models.clone_model(model, input_tensors=keras.Input((image_size, image_size, 3), name=model.inputs[0].name))
-    fixed.set_weights(model.get_weights())
-    return fixed
+    return _copy(model, name=model.name,
+                 input_tensors=keras.Input((image_size, image_size, 3), name=model.inputs[0].name))
 
 
 def logits_model(model):
@@ -217,10 +224,7 @@ def logits_model(model):
             config["activation"] = "linear"
         return layer.__class__.from_config(config)
 
-    logits = keras.models.clone_model(model, clone_function=clone)
-    logits.set_weights(model.get_weights())
-    logits.name = f"{model.name}_logits"
-    return logits
+    return _copy(model, name=f"{model.name}_logits", clone_function=clone)
 
 
 def fold_logit_transform(model, *, shift=None, temperature: float = 1.0) -> None:

@@ -10,14 +10,14 @@ the layers, each mapped to one or a few ONNX nodes:
     DepthwiseConv2D    Conv with group = channels
     BatchNormalization Mul, Add (those not folded into a convolution)
     ReLU / Activation  Relu, Clip (ReLU6), LeakyRelu
-    GlobalAveragePool  GlobalAveragePool, Flatten
-    Dropout            nothing (inference)
-    Dense              Gemm; the last one's softmax split off
+    GlobalAveragePool  GlobalAveragePool, Flatten (where the graph ends)
 
 The graph takes `image`, NHWC float32 RGB 0..255 with a dynamic batch (what `images.load_image`
-returns), transposes it to NCHW once, and gives three outputs: `logits`, `probabilities`
-(= softmax(logits)) and `features`, the global-average-pooled features the classifier reads (an
-ensemble's members' side by side), for the out-of-distribution score. Anything else raises SkinclfError naming the layer. The caller
+returns), transposes it to NCHW once, and gives one output, `features`: the global-average-pooled
+features the classifier reads (an ensemble's members' side by side). The linear head after them
+(dropout, the Dense layers, an ensemble's mean and classifier) is one affine map applied in numpy
+(`skinclf.model.head`), stored in the file's metadata; the out-of-distribution score and the
+metadata head read the same features. Anything else raises SkinclfError naming the layer. The caller
 (`skinclf.export`) checks the converted graph against Keras before writing it.
 """
 
@@ -31,7 +31,7 @@ from skinclf.errors import SkinclfError
 
 OPSET = 17
 SUPPORTED = ("InputLayer", "Rescaling", "ShadesOfGray", "ZeroPadding2D", "Conv2D", "DepthwiseConv2D",
-             "BatchNormalization", "ReLU", "Activation", "GlobalAveragePooling2D", "Dropout", "Dense")
+             "BatchNormalization", "ReLU", "Activation", "GlobalAveragePooling2D")
 
 
 class _Graph:
@@ -72,7 +72,7 @@ def _activation(g: _Graph, x: str, activation: str, base: str) -> str:
     if activation == "tanh":
         return g.op("Tanh", [x], base)
     raise SkinclfError(f"layer {base}: activation {activation!r} has no ONNX form here (linear, relu, relu6, "
-                       "sigmoid, tanh; softmax only on the last Dense)")
+                       "sigmoid, tanh)")
 
 
 def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -127,23 +127,16 @@ def _shades_of_gray(g: _Graph, x: str, layer) -> str:
     return g.op("Clip", [g.op("Mul", [x, gain], base), g.const(base, 0.0), g.const(base, 255.0)], base)
 
 
-def _chain(g: _Graph, model, x: str, hw: tuple[int, int], *, output: str | None) -> tuple[str, str]:
-    """Convert one chain model's layers from NCHW input `x`; returns its logits' and pooled
-    features' names."""
+def _chain(g: _Graph, model, x: str, hw: tuple[int, int]) -> str:
+    """Convert one chain model's layers from NCHW input `x` up to its global average pooling;
+    returns the pooled features' name (the head after it runs in numpy: `model.head`)."""
     layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
-    denses = [i for i, layer in enumerate(layers) if type(layer).__name__ == "Dense"]
-    if not denses:
-        raise SkinclfError("the model has no Dense classifier layer to export")
-    flat = False
-    logits = features = ""
-    for i, layer in enumerate(layers):
+    for layer in layers:
         kind = type(layer).__name__
         cfg = layer.get_config()
         if kind == "Rescaling":
-            x = g.op("Mul", [x, g.const(f"{layer.name}.scale", np.reshape(cfg["scale"], (-1, 1, 1)) if not flat
-                                        else cfg["scale"])], layer.name)
-            x = g.op("Add", [x, g.const(f"{layer.name}.offset", np.reshape(cfg["offset"], (-1, 1, 1)) if not flat
-                                        else cfg["offset"])], layer.name)
+            x = g.op("Mul", [x, g.const(f"{layer.name}.scale", np.reshape(cfg["scale"], (-1, 1, 1)))], layer.name)
+            x = g.op("Add", [x, g.const(f"{layer.name}.offset", np.reshape(cfg["offset"], (-1, 1, 1)))], layer.name)
         elif kind == "ShadesOfGray":
             x = _shades_of_gray(g, x, layer)
         elif kind == "ZeroPadding2D":
@@ -157,9 +150,8 @@ def _chain(g: _Graph, model, x: str, hw: tuple[int, int], *, output: str | None)
             gamma, beta, mean, var = (np.asarray(w, dtype="float64") for w in layer.get_weights())
             scale = gamma / np.sqrt(var + layer.epsilon)
             shift = beta - mean * scale
-            shape_c = (-1,) if flat else (-1, 1, 1)
-            x = g.op("Mul", [x, g.const(f"{layer.name}.scale", scale.reshape(shape_c))], layer.name)
-            x = g.op("Add", [x, g.const(f"{layer.name}.shift", shift.reshape(shape_c))], layer.name)
+            x = g.op("Mul", [x, g.const(f"{layer.name}.scale", scale.reshape(-1, 1, 1))], layer.name)
+            x = g.op("Add", [x, g.const(f"{layer.name}.shift", shift.reshape(-1, 1, 1))], layer.name)
         elif kind == "ReLU":
             x = _relu(g, x, layer, cfg)
         elif kind == "Activation":
@@ -167,23 +159,11 @@ def _chain(g: _Graph, model, x: str, hw: tuple[int, int], *, output: str | None)
         elif kind == "GlobalAveragePooling2D":
             if cfg.get("keepdims"):
                 raise SkinclfError(f"layer {layer.name}: GlobalAveragePooling2D(keepdims=True) is not supported")
-            x = g.op("Flatten", [g.op("GlobalAveragePool", [x], layer.name)], layer.name, axis=1)
-            flat, features = True, x
-        elif kind == "Dropout":
-            continue
-        elif kind == "Dense":
-            if not flat:
-                raise SkinclfError(f"layer {layer.name}: a Dense layer before global pooling is not supported")
-            last = i == denses[-1]
-            x = _dense(g, x, layer, cfg, last=last, output=output)
-            if last:
-                logits = x
-                if i != len(layers) - 1:
-                    raise SkinclfError(f"layers after the classifier {layer.name} are not supported")
+            return g.op("Flatten", [g.op("GlobalAveragePool", [x], layer.name)], layer.name, axis=1)
         else:
             raise SkinclfError(f"layer {layer.name} ({kind}) has no ONNX form in skinclf's converter "
                                f"(supported: {', '.join(SUPPORTED[1:])})")
-    return logits, features
+    raise SkinclfError(f"model {model.name} has no GlobalAveragePooling2D layer to take features from")
 
 
 def _relu(g: _Graph, x: str, layer, cfg: dict) -> str:
@@ -198,72 +178,44 @@ def _relu(g: _Graph, x: str, layer, cfg: dict) -> str:
     return g.op("Relu", [x], layer.name)
 
 
-def _dense(g: _Graph, x: str, layer, cfg: dict, *, last: bool, output: str | None) -> str:
-    """Gemm; the classifier (`last`) keeps its logits (softmax split off) under `output`."""
-    kernel, *bias = (np.asarray(w, dtype="float32") for w in layer.get_weights())
-    bias_name = g.const(f"{layer.name}.bias", bias[0] if bias else np.zeros(kernel.shape[1], "float32"))
-    if last and cfg["activation"] not in ("softmax", "linear"):
-        raise SkinclfError(f"layer {layer.name}: the classifier's activation {cfg['activation']!r} is not softmax")
-    y = g.op("Gemm", [x, g.const(f"{layer.name}.weight", kernel), bias_name], layer.name,
-             output=output if last else None)
-    return y if last else _activation(g, y, cfg["activation"], layer.name)
-
-
-def _features_width(model, nested: list) -> int:
-    """Channels entering the pooling layer(s): the width of the `features` output."""
-    def width(chain) -> int:
-        pools = [layer for layer in chain.layers if type(layer).__name__ == "GlobalAveragePooling2D"]
-        return int(pools[0].output.shape[-1]) if pools else 0
-
-    return sum(width(m) for m in nested) if nested else width(model)
-
-
 def keras_to_onnx(model, *, doc: str = "", metadata: dict[str, str] | None = None):
-    """An `onnx.ModelProto` computing `model` (a skinclf chain, or an ensemble of chains) with
-    outputs logits, probabilities and features.
+    """An `onnx.ModelProto` computing the pooled features of `model` (a skinclf chain, or an
+    ensemble of chains: its members' features side by side), output `features`.
 
-    Pass the model with its batch norms folded (`model.fold_batch_norm`) for the fastest graph;
-    unfolded batch norms become Mul/Add. An ensemble (`skinclf ensemble`) becomes each member's
-    nodes on the one input, a Mean of their logits and the ensemble's classifier.
+    The head after the pooling is linear (`model.head.head_of`): it is stored beside the graph
+    under `skinclf.head` and applied in numpy, so the graph stops at the features. Pass the model
+    with its batch norms folded (`fold_batch_norm`) for the fastest graph; unfolded batch norms
+    become Mul/Add.
     """
     import onnx
     from onnx import TensorProto, helper
 
     from skinclf.model.ensemble import members
+    from skinclf.model.head import HEAD_KEY, head_of
 
     shape = tuple(model.inputs[0].shape[1:])
     if len(shape) != 3 or shape[2] != 3 or shape[0] is None or shape[1] is None:
         raise SkinclfError(f"the model's input shape {shape} is not a fixed-size RGB image (height, width, 3)")
+    head = head_of(model)
     g = _Graph()
     hw = (int(shape[0]), int(shape[1]))
     x = g.op("Transpose", ["image"], "to_nchw", perm=[0, 3, 1, 2])
-    nested = members(model)
-    if nested:
-        chains = [_chain(g, m, x, hw, output=None) for m in nested]
-        mean = g.op("Mean", [z for z, _ in chains], "mean_logits")
-        head = model.get_layer("predictions")
-        logits = _dense(g, mean, head, head.get_config(), last=True, output="logits")
-        g.op("Concat", [f for _, f in chains], "features", output="features", axis=1)
+    chains = members(model) or [model]
+    pooled = [_chain(g, m, x, hw) for m in chains]
+    if len(pooled) > 1:
+        g.op("Concat", pooled, "features", output="features", axis=1)
     else:
-        logits, features = _chain(g, model, x, hw, output="logits")
-        g.op("Identity", [features], "features", output="features")
-    if not all(f for _, f in (chains if nested else [(logits, features)])):
-        raise SkinclfError("the model has no GlobalAveragePooling2D layer to take features from")
-    g.op("Softmax", [logits], "softmax", output="probabilities", axis=1)
-    n_classes = int(model.outputs[0].shape[-1])
-    width = _features_width(model, nested)
+        g.op("Identity", pooled, "features", output="features")
     graph = helper.make_graph(
         g.nodes, "skinclf",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", int(shape[0]), int(shape[1]), 3])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", n_classes]),
-         helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", head.features_dim])],
         initializer=g.inits,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="skinclf",
                               doc_string=doc)
     proto.ir_version = min(proto.ir_version, 9)  # readable by older ONNX Runtime releases too
-    for key, value in (metadata or {}).items():
+    for key, value in {**(metadata or {}), HEAD_KEY: head.to_json()}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
