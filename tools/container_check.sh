@@ -92,7 +92,7 @@ def held(name):
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
-print(",".join(m for m in ("tensorflow", "keras", "opentelemetry.sdk", "opentelemetry.exporter", "pip") if held(m)) or "none")' 2>&1)
+print(",".join(m for m in ("tensorflow", "keras", "opentelemetry.sdk", "opentelemetry.exporter", "pip") if held(m)) or "none")' 2>/dev/null)
 if [ "$held" = none ]; then ok "contents: no TensorFlow, no pip, no telemetry SDK or exporter"; else fail "contents: image holds $held"; fi
 
 # --- predict: inside (no network, images read-only, output on a second volume) vs on the host -------

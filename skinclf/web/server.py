@@ -114,11 +114,14 @@ def serve(
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if ":" in host else host
     answered = "any host name (--allowed-hosts '*')" if allowed is None else ", ".join(allowed)
-    warnings = [] if is_loopback(host) and allowed is not None else [
+    warnings = [] if is_loopback(host) else [
         f"listening on {host}: anyone who can reach this machine on port {bound} can use the page and the API. "
         "They have no authentication and no encryption (HTTPS); use only on a trusted network. "
         f"Requests are answered under: {answered}."
     ]
+    if allowed is None and not warnings:
+        warnings.append("--allowed-hosts '*': requests are answered under any host name, so another site's page "
+                        "whose DNS name is rebound to this machine can use the server")
     info = ServeInfo(url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{bound}/", host=host,
                      port=bound, model=loaded.identity(), limits=limits, warnings=warnings)
     if on_ready is not None:
