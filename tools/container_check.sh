@@ -7,7 +7,7 @@
 #
 # IMAGES_DIR: dermoscopic images for predict (default ../shared/data/ham10000-fullres; synthetic
 # images when absent); the first $CHECK_FILES (40) are used. The host side of the comparison is
-# `skinclf` on PATH (the light install), else `python3 -m skinclf` from this checkout.
+# `python3 -m skinclf` run in this checkout, with python3's packages (CI: the light install's venv).
 # Environment: SHARED (../shared), KEEP_IMAGE=1 keeps the image as localhost/skinclf:check.
 set -uo pipefail
 
@@ -38,8 +38,8 @@ die() { echo "FAIL $*"; exit 1; }
 bounded() { timeout --kill-after=10 "$@"; }  # every podman call has a limit: bounded <seconds> cmd...
 
 [ -x "$podman" ] || die "no shared container recipe at $podman (set SHARED)"
-if command -v skinclf >/dev/null; then host_skinclf=(skinclf); else host_skinclf=(python3 -m skinclf); fi
-(cd "$repo" && "${host_skinclf[@]}" --version >/dev/null 2>&1) || die "no skinclf on this host to compare with (pip install .)"
+host_skinclf=(python3 -m skinclf)
+(cd "$repo" && "${host_skinclf[@]}" --version >/dev/null 2>&1) || die "python3 cannot run skinclf here to compare with (pip install . first)"
 
 # --- the images to classify: a sample of real ones, else a few synthetic ones -----------------------
 mkdir -p "$work/in" "$work/out-host" "$work/out" "$work/out-ro"
@@ -96,7 +96,7 @@ print(",".join(m for m in ("tensorflow", "keras", "opentelemetry.sdk", "opentele
 if [ "$held" = none ]; then ok "contents: no TensorFlow, no pip, no telemetry SDK or exporter"; else fail "contents: image holds $held"; fi
 
 # --- predict: inside (no network, images read-only, output on a second volume) vs on the host -------
-(cd "$work" && "${host_skinclf[@]}" predict "$work/in" --out "$work/out-host/results.csv" >/dev/null 2>"$work/host.err") \
+(cd "$repo" && "${host_skinclf[@]}" predict "$work/in" --out "$work/out-host/results.csv" >/dev/null 2>"$work/host.err") \
     || { cat "$work/host.err"; die "predict on the host failed"; }
 if "${run[@]}" --network=none -v "$work/in:/in:ro" -v "$work/out:/out" "$tag" \
         predict /in --out /out/results.csv >/dev/null 2>"$work/in.err"; then
@@ -128,6 +128,15 @@ if "${run[@]}" --read-only --tmpfs /tmp --network=none -v "$work/in:/in:ro" -v "
     ok "predict --read-only --network=none: works, same CSV"
 else
     tail -5 "$work/ro.err"; fail "predict --read-only --network=none"
+fi
+
+# Another model bundle, mounted read-only and named with --model (here: the bundled one, from the checkout).
+if "${run[@]}" --read-only --network=none -v "$repo/models:/models:ro" -v "$work/in:/in:ro" -v "$work/out-ro:/out" "$tag" \
+        predict /in --out /out/other.csv --model /models/skinclf-mobilenet.keras >/dev/null 2>"$work/model.err" \
+   && cmp -s "$work/out-host/results.csv" "$work/out-ro/other.csv"; then
+    ok "predict --model /models/...: a mounted bundle is used, same CSV"
+else
+    tail -5 "$work/model.err"; fail "predict --model with a mounted bundle"
 fi
 
 # --- serve: the default command, read-only, through a published loopback port ----------------------
