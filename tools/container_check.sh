@@ -122,10 +122,11 @@ EOF
 else
     tail -5 "$work/in.err"; fail "predict --network=none failed"
 fi
-if "${run[@]}" --read-only --tmpfs /tmp --network=none -v "$work/in:/in:ro" -v "$work/out-ro:/out" "$tag" \
+locked=(--read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges)  # as compose.yaml runs it
+if "${run[@]}" "${locked[@]}" --network=none -v "$work/in:/in:ro" -v "$work/out-ro:/out" "$tag" \
         predict /in --out /out/results.csv >/dev/null 2>"$work/ro.err" \
    && cmp -s "$work/out-host/results.csv" "$work/out-ro/results.csv"; then
-    ok "predict --read-only --network=none: works, same CSV"
+    ok "predict --read-only --cap-drop ALL --network=none: works, same CSV"
 else
     tail -5 "$work/ro.err"; fail "predict --read-only --network=none"
 fi
@@ -141,7 +142,7 @@ fi
 
 # --- serve: the default command, read-only, through a published loopback port ----------------------
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-if bounded 60 "$podman" run -d --name "$run_id-serve" --read-only -p "127.0.0.1:$port:8000" "$tag" >/dev/null 2>"$work/serve.err"; then
+if bounded 60 "$podman" run -d --name "$run_id-serve" "${locked[@]}" -p "127.0.0.1:$port:8000" "$tag" >/dev/null 2>"$work/serve.err"; then
     url="http://127.0.0.1:$port"
     deadline=$(( $(date +%s) + wait_s ))
     until curl -fsS --max-time 3 "$url/healthz" >"$work/health.json" 2>/dev/null; do
@@ -151,7 +152,7 @@ if bounded 60 "$podman" run -d --name "$run_id-serve" --read-only -p "127.0.0.1:
         sleep 1
     done
     if grep -q '"ok"' "$work/health.json" 2>/dev/null; then
-        ok "serve: /healthz answers through 127.0.0.1:$port after $(( $(date +%s) - deadline + wait_s )) s"
+        ok "serve (read-only, no capabilities): /healthz answers through 127.0.0.1:$port after $(( $(date +%s) - deadline + wait_s )) s"
         if bounded 30 "$podman" healthcheck run "$run_id-serve" >/dev/null 2>&1; then ok "serve: the image's HEALTHCHECK passes"
         else fail "serve: the image's HEALTHCHECK fails"; fi
         first=$(ls "$work/in" | head -1)
