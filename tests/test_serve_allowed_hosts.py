@@ -63,7 +63,8 @@ def test_api_answers_only_the_allowed_names_and_the_origin_check_follows_the_hos
     own = client.post("/api/predict", headers={"Origin": "http://skinclf.lan:8000", "Sec-Fetch-Site": "same-origin"},
                       files=files(("a.png", image((40, 30)))))
     assert own.status_code == 200 and app.state.classifier.calls == 1
-    other = client.post("/api/predict", headers={"Origin": "http://evil.example"}, files=files(("a.png", image((40, 30)))))
+    other = client.post("/api/predict", headers={"Origin": "http://evil.example"},
+                        files=files(("a.png", image((40, 30)))))
     assert other.status_code == 403 and app.state.classifier.calls == 1
     # A rebound name reaching the server is refused before the Origin check could call it "own".
     rebound = client.post("/api/predict", headers={"Host": "evil.example:8000", "Origin": "http://evil.example:8000"},
@@ -115,8 +116,10 @@ def test_cli_serve_allowed_hosts_star_turns_the_check_off_and_says_so(served: di
     result = CliRunner().invoke(cli_app, ["serve", "--port", "0", "--allowed-hosts", "*"])
     assert result.exit_code == 0, result.output
     assert served["status"]["evil.example"] == 200
-    assert "Warning: --allowed-hosts '*': requests are answered under any host name" in result.output  # even on loopback
-    on_all = CliRunner().invoke(cli_app, ["serve", "--host", "0.0.0.0", "--port", "0"], env={"SKINCLF_ALLOWED_HOSTS": "*"})
+    # even on loopback:
+    assert "Warning: --allowed-hosts '*': requests are answered under any host name" in result.output
+    on_all = CliRunner().invoke(cli_app, ["serve", "--host", "0.0.0.0", "--port", "0"],
+                                env={"SKINCLF_ALLOWED_HOSTS": "*"})
     assert on_all.exit_code == 0 and "answered under: any host name (--allowed-hosts '*')" in on_all.output
 
 
