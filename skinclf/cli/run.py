@@ -169,6 +169,7 @@ def predict(
         "skinclf serve --port 8080 --model my-model.keras",
         "skinclf serve --max-files 16 --max-file-mb 10",
         "skinclf serve --host 0.0.0.0       # no authentication: trusted networks only",
+        "skinclf serve --host 0.0.0.0 --allowed-hosts skinclf.lan  # answered under that name too",
         "curl -F files=@a.jpg 'http://127.0.0.1:8000/api/predict?format=csv'",
     )
 )
@@ -183,6 +184,11 @@ def serve(
     max_files: int = typer.Option(SERVE.max_files, "--max-files", help="Most files in one request (413 above)."),
     max_request_mb: float = typer.Option(
         SERVE.max_request_mb, "--max-request-mb", help="Largest accepted request, in MB (413 above)."
+    ),
+    allowed_hosts: str = typer.Option(
+        "", "--allowed-hosts", metavar="NAMES", envvar="SKINCLF_ALLOWED_HOSTS",
+        help="Host names or addresses (comma-separated) the server answers to, besides localhost, 127.0.0.1, ::1 "
+             "and the --host address; other Host headers get 400. '*': any (no DNS-rebinding protection).",
     ),
 ) -> None:
     """Serve a local web page and JSON API that classify images with the same model as predict.
@@ -204,7 +210,8 @@ def serve(
         from skinclf.web.server import serve as run_server
 
         run_server(host=host, port=port, model=model, engine=engine, batch_size=batch_size, top_k=top_k,
-                   max_file_mb=max_file_mb, max_files=max_files, max_request_mb=max_request_mb, on_ready=ready)
+                   max_file_mb=max_file_mb, max_files=max_files, max_request_mb=max_request_mb,
+                   allowed_hosts=allowed_hosts, on_ready=ready)
 
 
 @app.command(

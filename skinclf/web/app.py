@@ -42,7 +42,7 @@ from skinclf.web.classifier import (
     ModelUnavailable,
     classify_uploads,
 )
-from skinclf.web.guards import Rejected, cross_origin_refusal
+from skinclf.web.guards import Rejected, cross_origin_refusal, host_of
 from skinclf.batch.metadata import metas_from_json
 from skinclf.web.uploads import drain, read_uploads
 
@@ -258,10 +258,8 @@ def _add_guards(app, allowed_hosts: Sequence[str] | None, limits: Limits) -> Non
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if allowed_hosts is not None:
-            host = request.headers.get("host") or ""
-            host = host[1:].split("]")[0] if host.startswith("[") else host.split(":")[0]
-            if host not in allowed_hosts:
-                return JSONResponse({"detail": "unknown host"}, status_code=400)
+            if host_of(request.headers.get("host") or "") not in allowed_hosts:
+                return JSONResponse({"detail": "unknown host (not in the server's --allowed-hosts)"}, status_code=400)
         refusal = cross_origin_refusal(request.method, request.url.scheme, request.headers)
         if refusal is not None:
             app.state.refused += 1

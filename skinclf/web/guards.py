@@ -11,10 +11,14 @@ that bounds how many images decode at once and how many pixels they hold between
 import contextlib
 import ctypes
 import io
+import ipaddress
+import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from PIL import Image
+
+from skinclf.errors import SkinclfError
 
 # Methods a browser lets any page send without asking; none of these routes changes or runs anything.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -58,6 +62,51 @@ def cross_origin_refusal(method: str, scheme: str, headers: Mapping[str, str]) -
         return (f"cross-origin request refused: Sec-Fetch-Site {_shown(site)} (only this server's own page "
                 f"at {own}/ may send it; curl and scripts send no such header)")
     return None
+
+
+# The `Host` names a server answers to whatever it listens on: what a browser on this machine (or
+# a port published on the host's loopback by a container) sends. Anything else is refused (400),
+# so a DNS name rebound to this machine cannot make another site's page "same-origin" with it.
+LOCAL_HOST_NAMES = ("127.0.0.1", "localhost", "::1")
+WILDCARD_BINDS = frozenset({"0.0.0.0", "::"})  # every interface: names no host, so adds none
+ANY_HOST = "*"
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+
+
+def host_of(header: str) -> str:
+    """The host part of a `Host` header (`[::1]:8000` -> `::1`, `Example.org.:80` -> `example.org`)."""
+    header = header.strip().lower()
+    host = header[1:].split("]")[0] if header.startswith("[") else header.split(":")[0]
+    return host.rstrip(".")
+
+
+def allowed_host_names(bind: str, extra: str | Iterable[str] = ()) -> list[str] | None:
+    """The host names `Host` may carry for a server listening on `bind`: the localhost names, the
+    address bound unless it is a wildcard (0.0.0.0, ::), and `extra` (names or addresses, a
+    comma-separated string or a list, as `--allowed-hosts`/SKINCLF_ALLOWED_HOSTS give them).
+    `*` among them: any host (None, no check). SkinclfError for a name that is not a host name."""
+    if isinstance(extra, str):
+        extra = extra.split(",")
+    names = set(LOCAL_HOST_NAMES)
+    bound = bind.strip().strip("[]").lower()
+    if bound and bound not in WILDCARD_BINDS:
+        names.add(bound)
+    for raw in extra:
+        name = raw.strip()
+        if not name:
+            continue
+        if name == ANY_HOST:
+            return None
+        plain = name.lower().strip("[]").rstrip(".")
+        try:
+            plain = str(ipaddress.ip_address(plain))
+        except ValueError:
+            if not _HOST_NAME.match(plain):
+                raise SkinclfError(f"--allowed-hosts: {_shown(name)} is not a host name or address (no scheme, "
+                                   f"port or path; comma-separated, e.g. skinclf.clinic.local,10.0.0.5; "
+                                   f"'*' for any)") from None
+        names.add(plain)
+    return sorted(names)
 
 
 def _shown(value: str) -> str:

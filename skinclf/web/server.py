@@ -5,13 +5,14 @@ import contextlib
 import ipaddress
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from skinclf.config import SERVE
 from skinclf.errors import SkinclfError
 from skinclf.web.app import create_app
 from skinclf.web.classifier import MB, MISSING_EXTRA, Limits, ServeInfo, probe_engine
+from skinclf.web.guards import allowed_host_names
 
 
 def is_loopback(host: str) -> bool:
@@ -81,9 +82,13 @@ def serve(
     max_file_mb: float = SERVE.max_file_mb,
     max_files: int = SERVE.max_files,
     max_request_mb: float = SERVE.max_request_mb,
+    allowed_hosts: str | Iterable[str] = (),
     on_ready: Callable[[ServeInfo], None] | None = None,
 ) -> None:
-    """Load the model once, open `host:port`, call `on_ready`, and serve until interrupted."""
+    """Load the model once, open `host:port`, call `on_ready`, and serve until interrupted.
+
+    Requests are answered only under the localhost names, the address bound and `allowed_hosts`
+    (see `guards.allowed_host_names`; `*`: any), on loopback and elsewhere alike."""
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401
@@ -96,6 +101,7 @@ def serve(
                           ("--max-request-mb", max_request_mb)):
         if not value > 0:
             raise SkinclfError(f"{option} {value}: must be positive")
+    allowed = allowed_host_names(host, allowed_hosts)  # a bad name is refused before the model loads
     limits = Limits(max_file_bytes=int(max_file_mb * MB), max_files=max_files,
                     max_request_bytes=int(max_request_mb * MB))
     from skinclf.data.layout import default_model_path
@@ -104,15 +110,18 @@ def serve(
     loaded = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size)
     probe_engine(loaded)  # a model whose outputs do not match its classes is refused before the port opens
     sock = _listen(host, port)
-    loopback = is_loopback(host)
-    allowed = sorted({"127.0.0.1", "localhost", "::1", host.strip("[]")}) if loopback else None
     app = create_app(loaded, limits=limits, top_k=top_k, allowed_hosts=allowed)
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if ":" in host else host
-    warnings = [] if loopback else [
+    answered = "any host name (--allowed-hosts '*')" if allowed is None else ", ".join(allowed)
+    warnings = [] if is_loopback(host) else [
         f"listening on {host}: anyone who can reach this machine on port {bound} can use the page and the API. "
-        "They have no authentication and no encryption (HTTPS); use only on a trusted network."
+        "They have no authentication and no encryption (HTTPS); use only on a trusted network. "
+        f"Requests are answered under: {answered}."
     ]
+    if allowed is None and not warnings:
+        warnings.append("--allowed-hosts '*': requests are answered under any host name, so another site's page "
+                        "whose DNS name is rebound to this machine can use the server")
     info = ServeInfo(url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{bound}/", host=host,
                      port=bound, model=loaded.identity(), limits=limits, warnings=warnings)
     if on_ready is not None:
