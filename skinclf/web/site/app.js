@@ -184,40 +184,35 @@
 
   function clip8(v) { return v >= 255 * ONE ? 255 : v <= 0 ? 0 : Math.floor(v / ONE); }
 
-  function resize(rgb, w, h, size) {
-    // Pillow Image.resize((size, size), BILINEAR): horizontal pass, then vertical, uint8 in between.
-    let src = rgb, sw = w;
-    if (w !== size) {
-      const { kk, bounds, ksize } = coeffs(w, size);
-      const mid = new Uint8ClampedArray(size * h * 3);
-      for (let y = 0; y < h; y++) for (let x = 0; x < size; x++) {
-        const xmin = bounds[x * 2], n = bounds[x * 2 + 1];
-        let r = ONE / 2, g = ONE / 2, b = ONE / 2;
-        for (let k = 0; k < n; k++) {
-          const c = kk[x * ksize + k], i = (y * w + xmin + k) * 3;
-          r += src[i] * c; g += src[i + 1] * c; b += src[i + 2] * c;
-        }
-        const o = (y * size + x) * 3;
-        mid[o] = clip8(r); mid[o + 1] = clip8(g); mid[o + 2] = clip8(b);
+  function pass(src, w, h, size, horizontal) {
+    // One pass of Pillow's resample: along rows (horizontal) or columns, 22-bit fixed point, clipped to uint8.
+    const n = horizontal ? w : h;
+    const { kk, bounds, ksize } = coeffs(n, size);
+    const ow = horizontal ? size : w, oh = horizontal ? h : size;
+    const out = new Uint8ClampedArray(ow * oh * 3);
+    for (let y = 0; y < oh; y++) for (let x = 0; x < ow; x++) {
+      const o = horizontal ? x : y, start = bounds[o * 2], count = bounds[o * 2 + 1];
+      let r = ONE / 2, g = ONE / 2, b = ONE / 2;
+      for (let k = 0; k < count; k++) {
+        const c = kk[o * ksize + k];
+        const i = horizontal ? (y * w + start + k) * 3 : ((start + k) * w + x) * 3;
+        r += src[i] * c; g += src[i + 1] * c; b += src[i + 2] * c;
       }
-      src = mid; sw = size;
-    }
-    if (h === size) return src;
-    const { kk, bounds, ksize } = coeffs(h, size);
-    const out = new Uint8ClampedArray(size * size * 3);
-    for (let y = 0; y < size; y++) {
-      const ymin = bounds[y * 2], n = bounds[y * 2 + 1];
-      for (let x = 0; x < sw; x++) {
-        let r = ONE / 2, g = ONE / 2, b = ONE / 2;
-        for (let k = 0; k < n; k++) {
-          const c = kk[y * ksize + k], i = ((ymin + k) * sw + x) * 3;
-          r += src[i] * c; g += src[i + 1] * c; b += src[i + 2] * c;
-        }
-        const o = (y * size + x) * 3;
-        out[o] = clip8(r); out[o + 1] = clip8(g); out[o + 2] = clip8(b);
-      }
+      const j = (y * ow + x) * 3;
+      out[j] = clip8(r); out[j + 1] = clip8(g); out[j + 2] = clip8(b);
     }
     return out;
+  }
+
+  function resize(rgb, w, h, size) {
+    // Pillow Image.resize((size, size), BILINEAR): two passes, uint8 in between; Pillow runs the
+    // vertical pass first when the image is taller than wide (measured: exact on lossless images).
+    if (h > w) {
+      const mid = h !== size ? pass(rgb, w, h, size, false) : rgb;
+      return w !== size ? pass(mid, w, size, size, true) : mid;
+    }
+    const mid = w !== size ? pass(rgb, w, h, size, true) : rgb;
+    return h !== size ? pass(mid, size, h, size, false) : mid;
   }
 
   async function decode(file) {
