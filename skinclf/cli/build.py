@@ -180,7 +180,7 @@ def export(
         help="onnx-int8: labelled folder to compare int8 and float balanced accuracy on (skipped if absent).",
     ),
     runtime: Optional[Path] = typer.Option(
-        None, "--runtime", help="web: a local onnxruntime-web-<version>.tgz (npm pack) instead of the npm registry "
+        None, "--runtime", help="web: a local onnxruntime-web-VERSION.tgz (npm pack) instead of the npm registry "
         "download; checked against the pinned hash either way."
     ),
     weights: str = typer.Option(
