@@ -151,13 +151,15 @@ def train(
         "skinclf export runs/exp02.keras                              # writes runs/exp02.onnx",
         "skinclf export --format onnx-int8 --calibration data/prepared/train --validation data/prepared/val",
         "skinclf export --format tflite --out skinclf.tflite",
+        "skinclf export --format web --out site/          # a static site: classify in the browser",
     ),
 )
 def export(
     model: Optional[Path] = typer.Argument(None, help="Model bundle (.keras) [default: the bundled model]."),
     fmt: Optional[str] = typer.Option(
         None, "--format", metavar="FORMAT",
-        help="onnx (float32), onnx-int8 (static int8, calibrated), tflite (float32) or tfjs (not available: its "
+        help="onnx (float32), onnx-int8 (static int8, calibrated), tflite (float32), web (a static site running the "
+        "ONNX form in the browser: --out is a folder) or tfjs (not available: its "
         "converter cannot be installed beside TensorFlow 2.21 / Keras 3) [default: what --out's suffix names, "
         f"else {EXPORT.format}].",
     ),
@@ -177,6 +179,15 @@ def export(
         EXPORT.validation, "--validation",
         help="onnx-int8: labelled folder to compare int8 and float balanced accuracy on (skipped if absent).",
     ),
+    runtime: Optional[Path] = typer.Option(
+        None, "--runtime", help="web: a local onnxruntime-web-VERSION.tgz (npm pack) instead of the npm registry "
+        "download; checked against the pinned hash either way."
+    ),
+    weights: str = typer.Option(
+        "float16", "--weights", metavar="FORM",
+        help="web: the model's weights: float16 (stored as float16, computed in float32; fits the 30 MB budget), "
+        "float32, or int8 (the .int8.onnx export).",
+    ),
     overwrite: options.Overwrite = False,
 ) -> None:
     """Convert a model bundle to ONNX (float32 or int8) or TensorFlow Lite, checked before it is written.
@@ -187,6 +198,13 @@ def export(
     runs it with ONNX Runtime alone. Re-export whenever the .keras model changes: predict uses the
     .onnx beside a .keras only while its recorded SHA-256 matches.
     """
+    if fmt == "web":  # a static site for the browser: skinclf/web/static_site.py
+        with user_errors():
+            from skinclf.web.static_site import export_web, report_line
+
+            out.print(report_line(export_web(model=model, out=out_path, weights=weights, runtime=runtime,
+                                             overwrite=overwrite)), markup=False, highlight=False)
+        return
     with user_errors():
         from skinclf.engines.export import export_model
 

@@ -168,6 +168,7 @@ def predict(
         "skinclf serve                      # then open http://127.0.0.1:8000/",
         "skinclf serve --port 8080 --model my-model.keras",
         "skinclf serve --max-files 16 --max-file-mb 10",
+        "skinclf serve --static site/       # a site from skinclf export --format web",
         "skinclf serve --host 0.0.0.0       # no authentication: trusted networks only",
         "skinclf serve --host 0.0.0.0 --allowed-hosts skinclf.lan  # answered under that name too",
         "curl -F files=@a.jpg 'http://127.0.0.1:8000/api/predict?format=csv'",
@@ -190,6 +191,10 @@ def serve(
         help="Host names or addresses (comma-separated) the server answers to, besides localhost, 127.0.0.1, ::1 "
              "and the --host address; other Host headers get 400. '*': any (no DNS-rebinding protection).",
     ),
+    static: Optional[Path] = typer.Option(
+        None, "--static", metavar="DIR", help="Host a site made by `skinclf export --format web` instead (loopback "
+        "only; the browser classifies, the server never receives an image)."
+    ),
 ) -> None:
     """Serve a local web page and JSON API that classify images with the same model as predict.
 
@@ -206,6 +211,14 @@ def serve(
         typer.echo(f"Model {info.model['name']} ({info.model['sha256'][:12]}, {info.model['engine']} engine) loaded.")
         typer.echo(f"Open {info.url} in a browser (Ctrl-C to stop). Decision support, not a diagnosis.")
 
+    if static is not None:  # skinclf/web/static_host.py
+        with user_errors():
+            from skinclf.web.static_host import serve_static
+
+            serve_static(static, host=host, port=port, on_ready=lambda url: typer.echo(
+                f"Open {url} in a browser (Ctrl-C to stop): images are classified in the browser and never sent "
+                "here. Decision support, not a diagnosis."))
+        return
     with user_errors():
         from skinclf.web.server import serve as run_server
 
