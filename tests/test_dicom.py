@@ -250,3 +250,23 @@ def test_predict_sr_refuses_a_file(tmp_path: Path, runner) -> None:
                                "--sr", str(tmp_path / "taken")])
     assert done.exit_code == 1 and "--sr" in done.output and "not a folder" in done.output
     assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.integration
+def test_serve_classifies_a_dcm_upload_as_its_jpeg(tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from skinclf.engines.load import load_engine
+    from skinclf.web.app import create_app
+
+    jpg = require(SHARED_FULLRES / SAMPLES[0])
+    dcm = D.encapsulated_jpeg(jpg, tmp_path / "a.dcm")
+    client = TestClient(create_app(load_engine(require(ONNX), batch_size=4)))
+    r = client.post("/api/predict", files=[("files", ("a.jpg", jpg.read_bytes(), "image/jpeg")),
+                                           ("files", ("a.dcm", dcm.read_bytes(), "application/dicom"))])
+    assert r.status_code == 200, r.text
+    jpeg_result, dicom_result = r.json()["results"]
+    assert not dicom_result.get("error"), dicom_result
+    assert {k: v for k, v in dicom_result.items() if k != "path"} == {k: v for k, v in jpeg_result.items() if k != "path"}
+    assert not [v for v in D.PHI.values() if v in r.text]

@@ -183,6 +183,15 @@ def read_tags(source: Path | str | BinaryIO | bytes) -> DicomTags:
     return tags_of(_dataset(source, header_only=True))
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a DICOM header claims, without reading its pixels; None if unreadable."""
+    try:
+        ds = _dataset(data, header_only=True)
+        return int(ds.Columns), int(ds.Rows)
+    except Exception:  # noqa: BLE001 - decoding then gives the file its error
+        return None
+
+
 def _kind(ds) -> str:
     sop = ds.get("SOPClassUID", None)
     name = getattr(sop, "name", "") if sop is not None else ""
