@@ -145,9 +145,9 @@ def decode_image(data: bytes, size: int, *, notes: list[str] | None = None, name
 
 def _open_and_decode(source: Path | BinaryIO, size: int, notes: list[str] | None, name: str | None) -> np.ndarray:
     """The one path behind `load_image` and `decode_image`: header checks, then `_decode`."""
-    from skinclf.dicom.read import is_dicom  # --- issue 32: DICOM (.dcm or the DICM preamble) ---
+    from skinclf.dicom.read import DICOM_EXTENSIONS  # --- issue 32: DICOM by name; by content below ---
 
-    if is_dicom(source, name):
+    if name is not None and Path(name).suffix.lower() in DICOM_EXTENSIONS:
         return _decode_dicom(source, size, notes)
     try:
         with open_image(source, name) as im:  # reads the header only
@@ -159,11 +159,23 @@ def _open_and_decode(source: Path | BinaryIO, size: int, notes: list[str] | None
             return _decode(im, size)
     except ImageError:
         raise
+    except UnidentifiedImageError as exc:
+        if _is_dicom_content(source):  # issue 32: the DICM preamble, whatever the name
+            return _decode_dicom(source, size, notes)
+        raise _image_error(exc) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-file error
         raise _image_error(exc) from None
 
 
 # --- issue 32: DICOM --------------------------------------------------------------------------
+def _is_dicom_content(source: Path | BinaryIO) -> bool:
+    from skinclf.dicom.read import is_dicom
+
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return is_dicom(source, "")
+
+
 def _decode_dicom(source: Path | BinaryIO, size: int, notes: list[str] | None) -> np.ndarray:
     """A DICOM image through the same `_decode` as any file: its encapsulated JPEG as a JPEG
     (same decoder, same DCT scaling), its uncompressed RGB pixels as a PNG's would be."""
