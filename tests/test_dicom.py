@@ -270,3 +270,24 @@ def test_serve_classifies_a_dcm_upload_as_its_jpeg(tmp_path: Path) -> None:
     assert not dicom_result.get("error"), dicom_result
     assert {k: v for k, v in dicom_result.items() if k != "path"} == {k: v for k, v in jpeg_result.items() if k != "path"}
     assert not [v for v in D.PHI.values() if v in r.text]
+
+
+@pytest.mark.integration
+def test_predict_without_the_extra_classifies_jpegs_and_names_the_install(tmp_path: Path) -> None:
+    import subprocess
+
+    jpg = require(SHARED_FULLRES / SAMPLES[0])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(jpg, folder / "a.jpg")
+    D.encapsulated_jpeg(jpg, folder / "b.dcm")
+    out = tmp_path / "r.csv"
+    code = ("import sys\n"
+            "for m in ('pydicom', 'highdicom', 'pynetdicom', 'pylibjpeg'): sys.modules[m] = None  # not installed\n"
+            "from skinclf.cli import app\n"
+            f"app(['predict', {str(folder)!r}, '--out', {str(out)!r}, '--model', {str(require(ONNX))!r}])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = _rows(out)
+    assert rows["a.jpg"]["error"] == "" and rows["a.jpg"]["top1_class"]
+    assert 'pip install "skinclf[dicom]"' in rows["b.dcm"]["error"]

@@ -73,7 +73,7 @@ class Listener:
         if config.max_associations < 1:
             raise ListenError(f"--max-associations {config.max_associations}: must be at least 1")
         if config.max_bytes < 1024:
-            raise ListenError(f"--max-mb: must allow at least 1 KB per object")
+            raise ListenError("--max-mb: must allow at least 1 KB per object")
         self.config, self.on_object, self.counters = config, on_object, Counters()
         self.allow = [_check_title(a, "--allow") for a in config.allow]
         self.ae = AE(ae_title=_check_title(config.ae_title, "--ae-title"))
