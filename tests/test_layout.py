@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "skinclf"
 # Lowest first. A module may import its own stage and every stage before it; the top-level
 # modules (config, errors, files, ...) are the ground floor, and the CLI sits above everything.
-STAGES = ("", "data", "model", "engines", "batch", "evaluation", "trust", "training", "web", "cli")
+STAGES = ("", "dicom", "data", "model", "engines", "batch", "evaluation", "trust", "training", "web", "cli")
 MAX_LINES = 600
 MAX_TOP_LEVEL = 12
 

@@ -273,6 +273,8 @@ def predict_directory(
     metadata: Path | None = None,
     ray: str | None = None,
     ray_workers: int = 0,
+    sr: Path | None = None,
+    dicom_metadata: bool = True,
 ) -> PredictSummary:
     """Classify every image in `directory` into a CSV at `out` ('-' for stdout).
 
@@ -282,6 +284,9 @@ def predict_directory(
     `ray_workers` of them (0: one per CPU of the cluster); the CSV and its guarantees are the same.
     `metadata`: a CSV of age, sex and body site per image (`batch.metadata`), added by the
     model's metadata head; the CSV gains a `metadata` column (used / missing).
+    DICOM files (issue 32, `batch.dicom_rows`): a `sop_instance_uid` column when the folder holds
+    any; their age/sex/site tags feed the head unless `dicom_metadata` is False (a `metadata` CSV
+    row wins; the cell says `dicom`); `sr`: a folder for one DICOM SR per classified DICOM image.
     """
     from skinclf.batch.metadata import join, metadata_head, read_metadata
 
@@ -296,6 +301,9 @@ def predict_directory(
 
         address = cluster.check(ray, engine=engine, workers=ray_workers)
     source = read_metadata(Path(metadata)) if metadata is not None else None  # checked before any work
+    from skinclf.batch import dicom_rows  # issue 32
+
+    sr_dir = dicom_rows.check_sr_dir(sr)
     directory = Path(directory)
     found = list_images(directory, recursive=recursive)
     from skinclf.parallel import usable_cpus
@@ -303,8 +311,20 @@ def predict_directory(
     runner, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k,
                                    onnx_only=address is not None)
     patient = None
-    if source is not None:
-        patient = PatientData(source=source, joined=join(source, found.files), head=metadata_head(runner))
+    dicom = dicom_rows.scan(directory, found.files)  # --- issue 32: DICOM tags, SOP UIDs, SRs ---
+    dicom = dicom if dicom.files else None
+    head = metadata_head(runner) if source is not None else None
+    use_tags = dicom_metadata and dicom is not None and any(t.has_metadata for t in dicom.tags.values())
+    if use_tags and head is None:
+        from skinclf.model.metadata import load_head
+
+        head = load_head(runner.meta, path=runner.path)  # a model without a head: the tags go unused
+        use_tags = head is not None and not (head.needs_features and not runner.features_dim)
+    if source is not None or use_tags:
+        joined = join(source, found.files) if source is not None else None
+        patient = PatientData(source=source, joined=dicom_rows.Sources(joined, dicom or dicom_rows.DicomScan(),
+                                                                       use_tags=use_tags), head=head)
+    extra = {"dicom": dicom, "sr_dir": sr_dir}  # --- end issue 32 ---
     start = None
     if address is not None:
         def start():
@@ -314,25 +334,30 @@ def predict_directory(
     return _run(runner, start, target=target, out=out, directory=directory, found=found, top_k=top_k,
                 all_probs=all_probs, recursive=recursive, resume=resume, overwrite=overwrite, strict=strict,
                 tta=tta, batch_size=batch_size, workers=workers or usable_cpus(), startup=startup,
-                show_progress=show_progress, patient=patient)
+                show_progress=show_progress, patient=patient, **extra)
 
 
 def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path, found: Walk, top_k: int,
          all_probs: bool, recursive: bool, resume: bool, overwrite: bool, strict: bool, tta: int, batch_size: int,
-         workers: int, startup: float, show_progress: bool | None, patient: PatientData | None) -> PredictSummary:
+         workers: int, startup: float, show_progress: bool | None, patient: PatientData | None, dicom=None,
+         sr_dir: Path | None = None) -> PredictSummary:
     """Open the output, classify what is left to do (here, or on the workers of the cluster that
     `start` connects to, once the output is open), finish."""
     joined = patient.joined if patient is not None else None
-    header = columns(runner.classes, top_k, all_probs) + (["metadata"] if joined is not None else [])
+    from skinclf.batch import dicom_rows  # issue 32
+
+    header = (columns(runner.classes, top_k, all_probs) + (["metadata"] if joined is not None else [])
+              + ([dicom_rows.SOP_COLUMN] if dicom is not None else []))
+    sha = patient.source.sha256 if patient is not None and patient.source is not None else ""
     run = run_record(identity=runner.identity(), engine=runner.name, top_k=top_k, all_probs=all_probs, tta=tta,
-                     directory=directory, metadata=patient.source.sha256 if patient is not None else "")
+                     directory=directory, metadata=sha + ("+dicom" if joined is not None and joined.tag_metas else ""))
     files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
     output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run)
     todo = [f for f in found.files if f not in output.done]
     from skinclf.batch.metadata import metadata_cell
 
     problems = [row(p.path, None, p.reason, runner.classes, top_k, all_probs) + metadata_cell(joined, p.path, p.reason)
-                for p in found.problems]
+                + dicom_rows.sop_cell(dicom, p.path) for p in found.problems]
     pool = None
     t0 = time.perf_counter()
     try:
@@ -344,6 +369,9 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
                                 batch_size=batch_size, workers=workers, tta=tta, patient=patient)
         else:
             batches = pool.rows(todo, metas=joined.per_file if joined is not None else None)
+        if dicom is not None:  # issue 32: the sop_instance_uid cell, and an SR per DICOM row with --sr
+            batches = dicom_rows.with_dicom(batches, header=header, directory=directory, dicom=dicom, sr_dir=sr_dir,
+                                            model=runner.identity(), sources=joined)
         tally = _classify(output, batches, total=len(todo), problems=problems, header=header,
                           show_progress=show_progress)
     except KeyboardInterrupt:

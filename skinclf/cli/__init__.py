@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 # The import order is the order of the commands in `skinclf --help`: the pipeline's.
-from skinclf.cli import data, build, run  # noqa: F401, I001 - registers the commands on `app`
+from skinclf.cli import data, build, run, listen  # noqa: F401, I001 - registers the commands on `app` (listen: issue 32)
 from skinclf.cli.app import app
 
 __all__ = ["app", "main"]

@@ -100,7 +100,7 @@ def evaluate(
     )
 )
 def predict(
-    directory: Path = typer.Argument(..., metavar="DIR", help="Folder of images (JPEG, PNG, BMP, TIFF) to classify."),
+    directory: Path = typer.Argument(..., metavar="DIR", help="Folder of images (JPEG, PNG, BMP, TIFF, DICOM) to classify."),
     out_csv: str = typer.Option("results.csv", "--out", metavar="CSV", help="CSV to write, or - for stdout."),
     model: options.Model = None,
     top_k: Optional[int] = typer.Option(
@@ -137,6 +137,15 @@ def predict(
     ray_workers: int = typer.Option(
         0, "--ray-workers", metavar="N", help="With --ray: model actors on the cluster (0: one per CPU of the cluster)."
     ),
+    sr: Optional[Path] = typer.Option(  # issue 32
+        None, "--sr", metavar="DIR",
+        help='DICOM images: write one DICOM Comprehensive SR per classified image into DIR (never over a file). '
+        'Needs pip install "skinclf[dicom]".',
+    ),
+    dicom_metadata: bool = typer.Option(  # issue 32
+        True, "--dicom-metadata/--no-dicom-metadata", metavar="",
+        help="Use DICOM files' PatientAge, PatientSex and anatomic region for the metadata head (a --metadata row wins).",
+    ),
 ) -> None:
     """Classify every image in a folder into a CSV of the top-k classes and their probabilities.
 
@@ -156,6 +165,7 @@ def predict(
             directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
             all_probs=all_probs, resume=resume, overwrite=overwrite, strict=strict, tta=tta, workers=workers,
             engine=engine, threads=threads, metadata=metadata, ray=ray, ray_workers=ray_workers,
+            sr=sr, dicom_metadata=dicom_metadata,
         )
     for note in summary.notes:
         typer.echo(f"Note: {note}", err=True)

@@ -15,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm"})  # .dcm: skinclf.dicom
 
 # The only Pillow decoders a file ever reaches. Pillow picks a plugin by content, not by name, so
 # without this list a PostScript file named lesion.jpg went to the EPS plugin and Ghostscript
@@ -145,6 +145,10 @@ def decode_image(data: bytes, size: int, *, notes: list[str] | None = None, name
 
 def _open_and_decode(source: Path | BinaryIO, size: int, notes: list[str] | None, name: str | None) -> np.ndarray:
     """The one path behind `load_image` and `decode_image`: header checks, then `_decode`."""
+    from skinclf.dicom.read import DICOM_EXTENSIONS  # --- issue 32: DICOM by name; by content below ---
+
+    if name is not None and Path(name).suffix.lower() in DICOM_EXTENSIONS:
+        return _decode_dicom(source, size, notes)
     try:
         with open_image(source, name) as im:  # reads the header only
             width, height = im.size
@@ -155,8 +159,42 @@ def _open_and_decode(source: Path | BinaryIO, size: int, notes: list[str] | None
             return _decode(im, size)
     except ImageError:
         raise
+    except UnidentifiedImageError as exc:
+        if _is_dicom_content(source):  # issue 32: the DICM preamble, whatever the name
+            return _decode_dicom(source, size, notes)
+        raise _image_error(exc) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-file error
         raise _image_error(exc) from None
+
+
+# --- issue 32: DICOM --------------------------------------------------------------------------
+def _is_dicom_content(source: Path | BinaryIO) -> bool:
+    from skinclf.dicom.read import is_dicom
+
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return is_dicom(source, "")
+
+
+def _decode_dicom(source: Path | BinaryIO, size: int, notes: list[str] | None) -> np.ndarray:
+    """A DICOM image through the same `_decode` as any file: its encapsulated JPEG as a JPEG
+    (same decoder, same DCT scaling), its uncompressed RGB pixels as a PNG's would be."""
+    from skinclf.dicom.read import DicomError, read_dicom
+
+    try:
+        image = read_dicom(source, max_pixels=MAX_PIXELS)
+    except DicomError as exc:
+        raise ImageError(str(exc)) from None
+    if notes is not None:
+        notes += size_warnings(image.width, image.height, size)
+    try:
+        if image.jpeg is not None:
+            with Image.open(io.BytesIO(image.jpeg), formats=["JPEG"]) as im:
+                return _decode(im, size)
+        return _decode(Image.fromarray(image.pixels, "RGB"), size)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-file error
+        raise _image_error(exc) from None
+# --- end issue 32 ------------------------------------------------------------------------------
 
 
 def _image_error(exc: BaseException) -> ImageError:

@@ -112,8 +112,17 @@ class _Walker:
                 self.walk.files.append(_relative(self.root, entry.path))
             else:
                 self.problem(entry.path, "not a regular file (a device, pipe or socket)")
+        elif is_file and _has_dicom_preamble(entry.path):  # issue 32: a DICOM file without .dcm
+            self.walk.files.append(_relative(self.root, entry.path))
         elif is_file:
             self.skip(entry.path)
+
+
+def _has_dicom_preamble(path: str) -> bool:
+    """Issue 32: a file of any name whose bytes 128-131 are DICM is a DICOM file (read 132 bytes)."""
+    from skinclf.dicom.read import is_dicom
+
+    return is_dicom(Path(path), name="")
 
 
 def walk_images(directory: Path, *, recursive: bool = True) -> Walk:

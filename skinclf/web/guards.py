@@ -117,6 +117,10 @@ def _shown(value: str) -> str:
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from an image's header, without decoding a pixel (Pillow's `open` is lazy);
     None when Pillow cannot even read the header (decoding then reports why, at no cost)."""
+    from skinclf.dicom.read import has_magic, image_size  # issue 32: a DICOM upload's Rows x Columns
+
+    if has_magic(data[:132]):
+        return image_size(data)
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
