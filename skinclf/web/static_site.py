@@ -210,9 +210,10 @@ def _float16_weights(proto) -> int:
     return done
 
 
-def site_model(source: Path, weights: str) -> tuple[bytes, dict[str, Any]]:
-    """The ONNX bytes the site loads (metadata stripped: the page reads `skinclf-web.json`), and
-    the source's metadata."""
+def site_model(source: Path, weights: str) -> tuple[bytes, dict[str, Any], dict[str, Any] | None]:
+    """The ONNX bytes the site loads (metadata stripped: the page reads `skinclf-web.json`), the
+    source's metadata, and its numpy head (`model.head`: the page applies it to the features) or
+    None for a graph that computes its logits itself."""
     try:
         import onnx
     except ImportError:
@@ -221,21 +222,24 @@ def site_model(source: Path, weights: str) -> tuple[bytes, dict[str, Any]]:
 
     meta = read_model_meta(source)
     proto = onnx.load(str(source))
+    from skinclf.model.head import HEAD_KEY
+
     outputs = {o.name for o in proto.graph.output}
-    if "logits" not in outputs:
-        raise SkinclfError(f"{source}: no logits output; re-export it with skinclf export")
+    head = {p.key: p.value for p in proto.metadata_props}.get(HEAD_KEY)
+    if "logits" not in outputs and not (head and "features" in outputs):
+        raise SkinclfError(f"{source}: no logits or features output; re-export it with skinclf export")
     if weights == "float16":
         _float16_weights(proto)
     del proto.metadata_props[:]
     proto.doc_string = f"skinclf {meta.get('name', source.stem)}: {SHORT_DISCLAIMER}"
-    return proto.SerializeToString(), meta
+    return proto.SerializeToString(), meta, (json.loads(head) if head else None)
 
 
 # --- what the page needs ----------------------------------------------------------------------------
 
 
 def site_config(meta: dict[str, Any], *, weights: str, model_bytes: bytes, top_k: int, has_features: bool,
-                source: Path) -> dict[str, Any]:
+                source: Path, classifier: dict[str, Any] | None = None) -> dict[str, Any]:
     """`skinclf-web.json`: everything the page needs to reproduce predict's row."""
     from skinclf.batch.results import DISCLAIMER, class_names, columns
     from skinclf.data import images
@@ -276,7 +280,7 @@ def site_config(meta: dict[str, Any], *, weights: str, model_bytes: bytes, top_k
                   "source_sha256": meta.get("export", {}).get("source_sha256", ""), "source": source.name,
                   "onnx_sha256": hashlib.sha256(model_bytes).hexdigest(), "bytes": len(model_bytes),
                   "weights": weights, "inputs": "image: NHWC float32 RGB 0..255",
-                  "outputs": ["logits"] + (["features"] if has_features else []),
+                  "outputs": ["features"] if classifier else ["logits"] + (["features"] if has_features else []),
                   "intended_use": meta.get("intended_use")},
         "classes": classes,
         "class_names": class_names(classes),
@@ -297,7 +301,11 @@ def site_config(meta: dict[str, Any], *, weights: str, model_bytes: bytes, top_k
             "min_side_share": images.MIN_SIDE_SHARE,
             "extensions": sorted(images.IMAGE_EXTENSIONS),
         },
-        "post_hoc": {"where": "folded into the ONNX graph's last layer: probabilities = softmax(logits)",
+        # One pass: the graph ends at the pooled features; logits = features @ weight + bias.
+        "classifier": classifier,
+        "post_hoc": {"where": "folded into the classifier (logits = features x weight + bias, float32 little-endian, "
+                              "base64): probabilities = softmax(logits)" if classifier else
+                              "folded into the ONNX graph's last layer: probabilities = softmax(logits)",
                      "tau": post_hoc.get("tau"), "prior_correction": post_hoc.get("prior_correction"),
                      "decision_weight": post_hoc.get("decision_weight"),
                      "temperature": (meta.get("calibration") or {}).get("temperature", post_hoc.get("temperature"))},
@@ -365,12 +373,12 @@ def export_web(*, model: Path | None, out: Path | None, weights: str = "float16"
     source = _source_onnx(Path(model or default_model_path()), weights)
     rt_path, rt_data = fetch_runtime(runtime)
     files = runtime_files(rt_data)
-    data, meta = site_model(source, weights)
+    data, meta, classifier = site_model(source, weights)
     if not 1 <= top_k <= len(meta["classes"]):
         raise SkinclfError(f"--top-k {top_k}: must be 1..{len(meta['classes'])}")
     has_features = _has_output(data, "features")
     config = site_config(meta, weights=weights, model_bytes=data, top_k=top_k, has_features=has_features,
-                         source=source)
+                         source=source, classifier=classifier)
     page = resources.files("skinclf.web").joinpath("site")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -108,6 +108,7 @@
       if (cfg.ood.features.background) state.gBack = prepareGaussian(cfg.ood.features.background);
     }
     if (cfg.metadata_head) state.head = prepareHead(cfg.metadata_head);
+    if (cfg.classifier) state.classifier = prepareClassifier(cfg.classifier);
     ort.env.wasm.numThreads = 1;  // single-threaded: works from any static server, no cross-origin isolation
     ort.env.wasm.proxy = false;
     ort.env.wasm.wasmPaths = new URL("ort/", document.baseURI).href;
@@ -311,6 +312,26 @@
 
   function hasMeta(m) { return !!m && ((m.age !== null && m.age !== undefined && m.age !== "") || !!m.sex || !!m.site); }
 
+  // --- the classifier: one affine map of the pooled features (skinclf.model.head) -----------------
+  function float32s(b64) {
+    const bytes = Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+    return new Float32Array(bytes.buffer);  // little-endian, as every browser's typed arrays are
+  }
+
+  function prepareClassifier(c) {
+    return { rows: c.shape[0], cols: c.shape[1], w: float32s(c.weight), b: float32s(c.bias) };
+  }
+
+  function classifierLogits(features) {
+    const c = state.classifier, z = new Array(c.cols);
+    for (let j = 0; j < c.cols; j++) {
+      let s = c.b[j];
+      for (let i = 0; i < c.rows; i++) s += features[i] * c.w[i * c.cols + j];
+      z[j] = s;
+    }
+    return z;
+  }
+
   // --- one image to one predict row ----------------------------------------------------------------
   async function classify(e) {
     const cfg = state.cfg, size = cfg.input_size;
@@ -319,8 +340,8 @@
       const input = new Float32Array(size * size * 3);
       for (let i = 0; i < input.length; i++) input[i] = pixels[i];
       const out = await state.session.run({ image: new ort.Tensor("float32", input, [1, size, size, 3]) }, state.outputs);
-      e.logits = Array.from(out.logits.data);
       e.features = out.features ? Float64Array.from(out.features.data) : null;
+      e.logits = state.classifier ? classifierLogits(e.features) : Array.from(out.logits.data);
       e.notes = notes;
       for (const k of Object.keys(out)) if (out[k].dispose) out[k].dispose();
     }
