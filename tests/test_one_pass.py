@@ -121,3 +121,44 @@ def test_float_nodes_keep_the_first_convolutions_of_every_member(pair, tmp_path)
     assert kept_convs == [convs[0], convs[3]]  # each member's first convolution
     assert any(nodes[name].op_type == "Transpose" for name in kept)  # the input's preprocessing stays float
     assert [name for name in float_nodes(data, 0) if nodes[name].op_type == "Conv"] == []
+
+
+def test_a_residual_network_folds_and_exports_like_a_chain(tmp_path) -> None:
+    """MobileNetV2-style blocks (Conv-BN-ReLU6 with an Add around them): batch norms fold, the
+    converter walks the graph, and the ONNX features and logits equal Keras'."""
+    pytest.importorskip("onnxruntime")
+    from skinclf.backend import load_keras
+    from skinclf.engines.export import export_model
+    from skinclf.engines.load import load_engine
+    from skinclf.model.bundle import save_bundle
+
+    keras = load_keras()
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="Conv1")(x)
+    x = keras.layers.BatchNormalization(name="bn_Conv1")(x)
+    block = keras.layers.ReLU(6.0, name="Conv1_relu")(x)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="block_1_depthwise")(block)
+    y = keras.layers.BatchNormalization(name="block_1_depthwise_BN")(y)
+    y = keras.layers.ReLU(6.0, name="block_1_depthwise_relu")(y)
+    y = keras.layers.Conv2D(8, 1, use_bias=False, name="block_1_project")(y)
+    y = keras.layers.BatchNormalization(name="block_1_project_BN")(y)
+    x = keras.layers.Add(name="block_1_add")([block, y])
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs, name="residual")
+    rng = np.random.default_rng(2)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.get_weights()[0].shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, n), rng.normal(0, 1, n), rng.normal(0, 1, n), rng.uniform(0.5, 2, n)])
+    save_bundle(model, tmp_path / "r.keras", {"name": "r", "classes": ["a", "b", "c"], "input_size": [32, 32]})
+    export_model(model=tmp_path / "r.keras", format="onnx", out=tmp_path / "r.onnx")
+    x = _images(5)
+    keras_engine = load_engine(tmp_path / "r.keras", engine="keras", batch_size=4)
+    onnx_engine = load_engine(tmp_path / "r.onnx", engine="onnx", batch_size=4)
+    np.testing.assert_allclose(onnx_engine.forward(x)[1], keras_engine.forward(x)[1], atol=1e-4)
+    np.testing.assert_allclose(onnx_engine.logits(x), np.log(np.asarray(model.predict_on_batch(x)))
+                               - np.log(np.asarray(model.predict_on_batch(x))).mean(1, keepdims=True)
+                               + onnx_engine.logits(x).mean(1, keepdims=True), atol=1e-4)

@@ -245,43 +245,72 @@ def fold_logit_transform(model, *, shift=None, temperature: float = 1.0) -> None
     layer.set_weights([(kernel / temperature).astype(kernel.dtype), ((bias + shift) / temperature).astype(bias.dtype)])
 
 
-def fold_batch_norm(model):
-    """An inference-only copy of a chain model with each batch norm folded into the
-    convolution before it (kernel scaled by gamma / sqrt(var + eps), a bias added).
+@keras.saving.register_keras_serializable(package="skinclf")
+class FoldedBatchNorm(keras.layers.Layer):
+    """Where a batch norm was folded into the convolution before it: passes its input on."""
 
-    The same function up to float rounding, with 27 fewer layers for MobileNet: about 1.4x
+    def call(self, x, training=None, mask=None):  # the batch norm's call arguments, ignored
+        return x
+
+
+def _folded(conv, bn) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel and bias of convolution `conv` with batch norm `bn` after it folded in
+    (kernel scaled by gamma / sqrt(var + eps), a bias added)."""
+    gamma, beta, mean, var = (np.asarray(w) for w in bn.get_weights())
+    scale = gamma / np.sqrt(var + bn.epsilon)
+    weights = [np.asarray(w) for w in conv.get_weights()]
+    kernel = weights[0]
+    if isinstance(conv, keras.layers.DepthwiseConv2D):  # kernel (h, w, channels, multiplier)
+        kernel = kernel * scale.reshape(1, 1, kernel.shape[2], kernel.shape[3])
+    else:  # kernel (h, w, in, out)
+        kernel = kernel * scale.reshape(1, 1, 1, -1)
+    return kernel, beta - mean * scale + (weights[1] * scale if conv.use_bias else 0.0)
+
+
+def _foldable(model) -> dict[str, Any]:
+    """Batch norm name -> the convolution it follows, for each batch norm that alone reads a
+    convolution's output (so the convolution can absorb it)."""
+    conv_types = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+    pairs = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization) and len(layer._inbound_nodes) == 1:
+            parent = layer._inbound_nodes[0].input_tensors[0]._keras_history[0]
+            if isinstance(parent, conv_types) and len(parent._outbound_nodes) == 1:
+                pairs[layer.name] = parent
+    return pairs
+
+
+def fold_batch_norm(model):
+    """An inference-only copy of a model (any functional graph: MobileNet's chain, MobileNetV2's
+    residual blocks; an ensemble member by member) with each batch norm folded into the
+    convolution before it; the batch norm becomes a pass-through (`FoldedBatchNorm`).
+
+    The same function up to float rounding, with 27 fewer operations for MobileNet: about 1.4x
     faster on a CPU. Only for inference: the folded copy cannot be fine-tuned as before.
     """
     nested = members(model)
     if nested:
         return ensemble_of([fold_batch_norm(m) for m in nested], model.get_layer("predictions"),
                            name=f"{model.name}_inference")
-    conv_types = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
-    inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name=model.inputs[0].name)
-    x = inputs
-    layers = model.layers[1:]
-    i = 0
-    while i < len(layers):
-        layer = layers[i]
-        following = layers[i + 1] if i + 1 < len(layers) else None
-        if isinstance(layer, conv_types) and isinstance(following, keras.layers.BatchNormalization):
-            gamma, beta, mean, var = (np.asarray(w) for w in following.get_weights())
-            scale = gamma / np.sqrt(var + following.epsilon)
-            weights = [np.asarray(w) for w in layer.get_weights()]
-            kernel = weights[0]
-            if isinstance(layer, keras.layers.DepthwiseConv2D):  # kernel (h, w, channels, multiplier)
-                kernel = kernel * scale.reshape(1, 1, kernel.shape[2], kernel.shape[3])
-            else:  # kernel (h, w, in, out)
-                kernel = kernel * scale.reshape(1, 1, 1, -1)
-            bias = beta - mean * scale + (weights[1] * scale if layer.use_bias else 0.0)
-            folded = layer.__class__.from_config({**layer.get_config(), "use_bias": True, "name": layer.name})
-            x = folded(x)
-            folded.set_weights([kernel, bias])
-            i += 2
-        else:
-            x = layer(x)
-            i += 1
-    return keras.Model(inputs, x, name=f"{model.name}_inference")
+    pairs = _foldable(model)
+    convs = {conv.name: bn for bn_name, conv in pairs.items() for bn in [model.get_layer(bn_name)]}
+
+    def clone(layer):
+        if layer.name in pairs:
+            return FoldedBatchNorm(name=layer.name)
+        config = layer.get_config()
+        if layer.name in convs:
+            config["use_bias"] = True
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in copy.layers:
+        source = model.get_layer(layer.name)
+        if layer.name in convs:
+            layer.set_weights(list(_folded(source, convs[layer.name])))
+        elif layer.weights:
+            layer.set_weights(source.get_weights())
+    return keras.Model(copy.inputs, copy.outputs[0], name=f"{model.name}_inference")
 
 
 # --- the bundle ---------------------------------------------------------------------------

@@ -1,14 +1,16 @@
-"""A small Keras -> ONNX converter for skinclf's chain models (and ensembles of them), built with `onnx.helper`.
+"""A small Keras -> ONNX converter for skinclf's networks (and ensembles of them), built with `onnx.helper`.
 
-skinclf models are plain chains (MobileNet and its head), so converting them is a walk over
-the layers, each mapped to one or a few ONNX nodes:
+skinclf networks are graphs of single-input layers (MobileNet's chain) joined by Add
+(MobileNetV2's residual blocks), so converting one is a walk over its nodes, input first, each
+layer mapped to one or a few ONNX nodes:
 
     Rescaling          Mul, Add
     ShadesOfGray       Max, Div, Pow, ReduceMean (H, W), Pow, ReduceMean (C), Max, Div, Mul, Clip
     ZeroPadding2D      Pad
     Conv2D             Conv (TensorFlow 'same' padding made explicit)
     DepthwiseConv2D    Conv with group = channels
-    BatchNormalization Mul, Add (those not folded into a convolution)
+    BatchNormalization Mul, Add (those not folded into a convolution; folded ones pass through)
+    Add                Add
     ReLU / Activation  Relu, Clip (ReLU6), LeakyRelu
     GlobalAveragePool  GlobalAveragePool, Flatten (where the graph ends)
 
@@ -31,7 +33,7 @@ from skinclf.errors import SkinclfError
 
 OPSET = 17
 SUPPORTED = ("InputLayer", "Rescaling", "ShadesOfGray", "ZeroPadding2D", "Conv2D", "DepthwiseConv2D",
-             "BatchNormalization", "ReLU", "Activation", "GlobalAveragePooling2D")
+             "BatchNormalization", "FoldedBatchNorm", "ReLU", "Activation", "Add", "GlobalAveragePooling2D")
 
 
 class _Graph:
@@ -127,43 +129,66 @@ def _shades_of_gray(g: _Graph, x: str, layer) -> str:
     return g.op("Clip", [g.op("Mul", [x, gain], base), g.const(base, 0.0), g.const(base, 255.0)], base)
 
 
+def _layer(g: _Graph, layer, x: str, hw: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+    """One single-input layer's ONNX nodes on NCHW input `x`; its output's name and size."""
+    kind = type(layer).__name__
+    cfg = layer.get_config()
+    if kind == "Rescaling":
+        x = g.op("Mul", [x, g.const(f"{layer.name}.scale", np.reshape(cfg["scale"], (-1, 1, 1)))], layer.name)
+        return g.op("Add", [x, g.const(f"{layer.name}.offset", np.reshape(cfg["offset"], (-1, 1, 1)))], layer.name), hw
+    if kind == "ShadesOfGray":
+        return _shades_of_gray(g, x, layer), hw
+    if kind == "ZeroPadding2D":
+        (top, bottom), (left, right) = cfg["padding"]
+        pads = g.const(layer.name, [0, 0, top, left, 0, 0, bottom, right], "int64")
+        return g.op("Pad", [x, pads], layer.name, mode="constant"), (hw[0] + top + bottom, hw[1] + left + right)
+    if kind in ("Conv2D", "DepthwiseConv2D"):
+        y, hw, _ = _conv(g, x, layer, hw, depthwise=kind == "DepthwiseConv2D")
+        return y, hw
+    if kind == "BatchNormalization":
+        gamma, beta, mean, var = (np.asarray(w, dtype="float64") for w in layer.get_weights())
+        scale = gamma / np.sqrt(var + layer.epsilon)
+        x = g.op("Mul", [x, g.const(f"{layer.name}.scale", scale.reshape(-1, 1, 1))], layer.name)
+        return g.op("Add", [x, g.const(f"{layer.name}.shift", (beta - mean * scale).reshape(-1, 1, 1))], layer.name), hw
+    if kind == "ReLU":
+        return _relu(g, x, layer, cfg), hw
+    if kind == "Activation":
+        return _activation(g, x, cfg["activation"], layer.name), hw
+    if kind in ("FoldedBatchNorm", "Identity"):
+        return x, hw
+    if kind == "GlobalAveragePooling2D":
+        if cfg.get("keepdims"):
+            raise SkinclfError(f"layer {layer.name}: GlobalAveragePooling2D(keepdims=True) is not supported")
+        return g.op("Flatten", [g.op("GlobalAveragePool", [x], layer.name)], layer.name, axis=1), (1, 1)
+    raise SkinclfError(f"layer {layer.name} ({kind}) has no ONNX form in skinclf's converter "
+                       f"(supported: {', '.join(SUPPORTED[1:])})")
+
+
 def _chain(g: _Graph, model, x: str, hw: tuple[int, int]) -> str:
-    """Convert one chain model's layers from NCHW input `x` up to its global average pooling;
-    returns the pooled features' name (the head after it runs in numpy: `model.head`)."""
-    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
-    for layer in layers:
-        kind = type(layer).__name__
-        cfg = layer.get_config()
-        if kind == "Rescaling":
-            x = g.op("Mul", [x, g.const(f"{layer.name}.scale", np.reshape(cfg["scale"], (-1, 1, 1)))], layer.name)
-            x = g.op("Add", [x, g.const(f"{layer.name}.offset", np.reshape(cfg["offset"], (-1, 1, 1)))], layer.name)
-        elif kind == "ShadesOfGray":
-            x = _shades_of_gray(g, x, layer)
-        elif kind == "ZeroPadding2D":
-            (top, bottom), (left, right) = cfg["padding"]
-            x = g.op("Pad", [x, g.const(layer.name, [0, 0, top, left, 0, 0, bottom, right], "int64")], layer.name,
-                     mode="constant")
-            hw = (hw[0] + top + bottom, hw[1] + left + right)
-        elif kind in ("Conv2D", "DepthwiseConv2D"):
-            x, hw, _ = _conv(g, x, layer, hw, depthwise=kind == "DepthwiseConv2D")
-        elif kind == "BatchNormalization":
-            gamma, beta, mean, var = (np.asarray(w, dtype="float64") for w in layer.get_weights())
-            scale = gamma / np.sqrt(var + layer.epsilon)
-            shift = beta - mean * scale
-            x = g.op("Mul", [x, g.const(f"{layer.name}.scale", scale.reshape(-1, 1, 1))], layer.name)
-            x = g.op("Add", [x, g.const(f"{layer.name}.shift", shift.reshape(-1, 1, 1))], layer.name)
-        elif kind == "ReLU":
-            x = _relu(g, x, layer, cfg)
-        elif kind == "Activation":
-            x = _activation(g, x, cfg["activation"], layer.name)
-        elif kind == "GlobalAveragePooling2D":
-            if cfg.get("keepdims"):
-                raise SkinclfError(f"layer {layer.name}: GlobalAveragePooling2D(keepdims=True) is not supported")
-            return g.op("Flatten", [g.op("GlobalAveragePool", [x], layer.name)], layer.name, axis=1)
-        else:
-            raise SkinclfError(f"layer {layer.name} ({kind}) has no ONNX form in skinclf's converter "
-                               f"(supported: {', '.join(SUPPORTED[1:])})")
-    raise SkinclfError(f"model {model.name} has no GlobalAveragePooling2D layer to take features from")
+    """Convert one network (a chain like MobileNet, or any graph of single-input layers and Add,
+    like MobileNetV2) from NCHW input `x` up to its global average pooling; returns the pooled
+    features' name (the head after it runs in numpy: `model.head`)."""
+    tensors: dict[int, tuple[str, tuple[int, int]]] = {}
+    features = ""
+    # Keras numbers a graph's nodes by their distance to the output: deepest first is input first.
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            layer, kind = node.operation, type(node.operation).__name__
+            if kind in ("Dropout", "Dense"):  # the head: numpy
+                continue
+            inputs = [tensors[id(t)] for t in node.input_tensors]
+            if kind == "InputLayer":
+                out = (x, hw)
+            elif kind == "Add":
+                out = (g.op("Add", [name for name, _ in inputs], layer.name), inputs[0][1])
+            else:
+                out = _layer(g, layer, *inputs[0])
+                if kind == "GlobalAveragePooling2D":
+                    features = out[0]
+            tensors[id(node.outputs[0])] = out
+    if not features:
+        raise SkinclfError(f"model {model.name} has no GlobalAveragePooling2D layer to take features from")
+    return features
 
 
 def _relu(g: _Graph, x: str, layer, cfg: dict) -> str:
