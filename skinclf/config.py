@@ -119,7 +119,7 @@ class ExportDefaults:
     min_agreement: float = 0.9
 
 
-# Test-time augmentation: how many flips/rotations may be averaged (see `skinclf.inference`).
+# Test-time augmentation: how many flips/rotations may be averaged (see `skinclf.engines.runner`).
 TTA_CHOICES = (1, 2, 4, 8)
 
 

@@ -275,8 +275,8 @@ def test_torch_backend_trains_a_bundle_tensorflow_loads(prepared: Path, tmp_path
     env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run(
         [torch_python, "-c",
-         "import numpy as np, sys; from pathlib import Path; from skinclf.train import train_model; "
-         "from skinclf.model import load_bundle; "
+         "import numpy as np, sys; from pathlib import Path; from skinclf.training.train import train_model; "
+         "from skinclf.model.bundle import load_bundle; "
          f"r = train_model(data=Path({str(prepared)!r}), out=Path('t.keras'), epochs=1, batch_size=8, weights='none', "
          "alpha=0.25, image_size=64, trainable_layers=85, workers=2, show_progress=False); "
          "x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype('float32'); "

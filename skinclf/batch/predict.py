@@ -1,10 +1,10 @@
 """`skinclf predict`: a whole folder of images into a top-k CSV, fast and unbreakable by bad files.
 
 Every option and output path is checked before any work. Rows are appended to `<out>.partial`
-as batches finish (whole lines, flushed per batch; see `skinclf.output`); at the end that file
+as batches finish (whole lines, flushed per batch; see `skinclf.batch.output`); at the end that file
 replaces `<out>` in one rename. An interrupted run therefore leaves every finished row in the
 `.partial` file and the previous `<out>` untouched; `resume=True` continues from it. A file
-that cannot be decoded, and a folder that cannot be listed (`skinclf.walk`), becomes a row with
+that cannot be decoded, and a folder that cannot be listed (`skinclf.data.walk`), becomes a row with
 an `error`, and the batch goes on; an image the model cannot judge well gets a `warning`.
 """
 

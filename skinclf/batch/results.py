@@ -5,7 +5,7 @@
 One row per file, `path` relative to the classified folder, probabilities to 4 decimals, an
 empty `error` on success. A folder below it that could not be read is a row too (its path ends
 in '/'), with an error. `ood_score` is higher the less an image is like the training images
-(see `skinclf.ood`). `warning` holds short cautions about a classified image (far too small for
+(see `skinclf.model.outlier` and `skinclf.trust.ood`). `warning` holds short cautions about a classified image (far too small for
 the model, unlike the training images), joined by "; " (see `warning_cell`); warnings never count
 as errors. The rows hold nothing else, so the file opens as-is in pandas or a
 spreadsheet; the model's identity and the reminder that this is not a diagnosis go in a JSON

@@ -201,33 +201,3 @@ def _main(
     ),
 ) -> None:
     """Classify dermoscopic skin-lesion images in batches."""
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -18,7 +18,7 @@ The graph takes `image`, NHWC float32 RGB 0..255 with a dynamic batch (what `ima
 returns), transposes it to NCHW once, and gives three outputs: `logits`, `probabilities`
 (= softmax(logits)) and `features`, the global-average-pooled features the classifier reads (an
 ensemble's members' side by side), for the out-of-distribution score. Anything else raises SkinclfError naming the layer. The caller
-(`skinclf.export`) checks the converted graph against Keras before writing it.
+(`skinclf.engines.export`) checks the converted graph against Keras before writing it.
 """
 
 from __future__ import annotations
