@@ -64,7 +64,7 @@ def test_onnx_export_matches_keras_and_carries_all_metadata(mobilenet_bundle, tm
     from skinclf.engines.export import export_model, probe_images
     from skinclf.engines.onnx import OnnxEngine
     from skinclf.files import sha256_file
-    from skinclf.model.meta import read_bundle_meta
+    from skinclf.model.bundle_meta import read_bundle_meta
 
     result = export_model(model=mobilenet_bundle, format="onnx", out=tmp_path / "m.onnx")
     assert result.out.is_file() and result.max_abs_diff <= 1e-4

@@ -189,7 +189,7 @@ def test_formula_names_are_neutralised_in_the_apis_csv(onnx_model: Path) -> None
     from fastapi.testclient import TestClient
 
     from skinclf.engines.load import load_engine
-    from skinclf.web.app import create_app
+    from skinclf.web.routes import create_app
 
     client = TestClient(create_app(load_engine(onnx_model)))
     files = [("files", ("=1+1.jpg", jpeg_bytes(), "image/jpeg")), ("files", ("@x.jpg", b"not an image", "image/jpeg"))]

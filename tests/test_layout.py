@@ -102,9 +102,9 @@ def test_modules_are_short_and_the_top_level_is_small() -> None:
 
 def test_the_layout_test_sees_a_planted_upward_import(tmp_path: Path) -> None:
     planted = tmp_path / "x.py"
-    planted.write_text("def f():\n    from skinclf.web.app import create_app\n", encoding="utf-8")
-    assert imports_of(planted) == {"skinclf.web.app"}
-    assert stage_of("skinclf.web.app") == "web" and stage_of("skinclf.config") == ""
+    planted.write_text("def f():\n    from skinclf.web.routes import create_app\n", encoding="utf-8")
+    assert imports_of(planted) == {"skinclf.web.routes"}
+    assert stage_of("skinclf.web.routes") == "web" and stage_of("skinclf.config") == ""
 
 
 def test_no_source_file_matches_an_ignore_pattern() -> None:

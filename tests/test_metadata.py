@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLED_MODEL, CLASS_COLOURS, CLASSES, SHARED_HAM, lesion_image, make_tiny_bundle, require
-from skinclf.batch.metadata import join, metas_from_json, read_metadata
+from skinclf.batch.patient import join, metas_from_json, read_metadata
 from skinclf.cli import app
 from skinclf.errors import SkinclfError
-from skinclf.model.metadata import (
+from skinclf.model.patient_head import (
     ENCODING_WIDTH,
     HEAD_KEY,
     NO_METADATA,
@@ -34,7 +34,7 @@ HAM_HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
 # --- fixtures ---------------------------------------------------------------------------------------
 def random_spec(meta: dict, *, features: int = 0, hidden: int = 0, seed: int = 0, temperature: float = 1.3) -> dict:
     """A head with random weights (large enough to change answers), as the fitting tool stores it."""
-    from skinclf.training.metadata import Fitted, Variant
+    from skinclf.training.patient_fit import Fitted, Variant
 
     rng = np.random.default_rng(seed)
     k = len(meta["classes"])
@@ -220,7 +220,7 @@ def test_no_metadata_gives_exactly_the_image_only_logits() -> None:
 def test_numpy_forward_equals_the_training_forward(hidden: int, features: int) -> None:
     """The head fitted by `training.metadata` (float64, the function L-BFGS differentiates) and the
     numpy forward every engine runs from the bundle's JSON agree to 1e-5."""
-    from skinclf.training.metadata import Outputs, Variant, fit_variant
+    from skinclf.training.patient_fit import Outputs, Variant, fit_variant
 
     rng = np.random.default_rng(0)
     n = 300
@@ -319,7 +319,7 @@ def test_serve_gives_the_same_answers_as_predict_with_metadata(clinic: Path, hea
 
     from skinclf.batch.predict import list_images, predict_directory
     from skinclf.engines.load import load_engine
-    from skinclf.web.app import create_app
+    from skinclf.web.routes import create_app
 
     meta_csv = write(tmp_path / "meta.csv", "image,age_approx,sex,anatom_site_general_challenge\n"
                      "ISIC_0000001,70,male,posterior torso\nISIC_0000003,65,female,head/neck\n"
@@ -367,7 +367,7 @@ def test_evaluate_reports_figures_with_and_without_metadata(runner, head_model: 
 def test_bundled_head_on_shared_ham10000_images(tmp_path: Path) -> None:
     """The bundled model's head on real images with HAM10000's own metadata CSV: images with
     metadata get the head's answer, the rest exactly the image-only one, on either engine."""
-    from skinclf.model.meta import read_bundle_meta
+    from skinclf.model.bundle_meta import read_bundle_meta
 
     model = require(BUNDLED_MODEL)
     if HEAD_KEY not in read_bundle_meta(model):
@@ -394,7 +394,7 @@ def test_bundled_head_on_shared_ham10000_images(tmp_path: Path) -> None:
 def test_product_of_experts_head_numpy_forward_equals_training_forward() -> None:
     """The chosen form: p(class | metadata) fitted on train, weight, shift and temperature on
     validation; the bundle's numpy forward reproduces the training-side one to 1e-5."""
-    from skinclf.training.metadata import Outputs, choose
+    from skinclf.training.patient_fit import Outputs, choose
 
     rng = np.random.default_rng(3)
 

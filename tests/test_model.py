@@ -10,7 +10,7 @@ import pytest
 
 from skinclf.errors import SkinclfError
 from skinclf.model.bundle import load_bundle, save_bundle
-from skinclf.model.meta import read_bundle_meta
+from skinclf.model.bundle_meta import read_bundle_meta
 from skinclf.model.network import build_model, fold_batch_norm, set_trainable, split_model
 from skinclf.training.augment import AugmentSpec, random_affine
 

@@ -409,7 +409,7 @@ def test_bad_zip_given_with_from_is_not_to_be_deleted(tmp_path) -> None:
 
 
 def test_legacy_h5_model_is_named_as_such(tmp_path) -> None:
-    from skinclf.model.meta import read_bundle_meta
+    from skinclf.model.bundle_meta import read_bundle_meta
 
     legacy = tmp_path / "model.h5"
     legacy.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
@@ -506,7 +506,7 @@ def test_readme_samples_are_mostly_training_images(tmp_path) -> None:
 
     from skinclf.data.prepare import prepare_dataset
     from skinclf.evaluation.evaluate import evaluate_predictions
-    from skinclf.model.meta import read_bundle_meta
+    from skinclf.model.bundle_meta import read_bundle_meta
 
     require(SHARED_FULLRES), require(SHARED_HAM), require(BUNDLED_MODEL)
     split = prepare_dataset(src=SHARED_HAM, out=tmp_path / "prepared", seed=42, val=0.15, test=0.15,

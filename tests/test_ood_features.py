@@ -312,7 +312,7 @@ def test_serve_flags_with_features_and_api_model_shows_test_figures_and_flag_rat
     from PIL import Image
 
     from skinclf.engines.load import load_engine
-    from skinclf.web.app import model_info
+    from skinclf.web.routes import model_info
     from skinclf.web.classifier import Classifier, Limits, Upload, classify_uploads
 
     model, stripes = _feature_bundle(load_engine(conv_bundle, engine="keras"), conv_bundle, tmp_path / "f.keras")

@@ -145,7 +145,7 @@ def test_serve_in_process_leaves_nothing(sandbox) -> None:
     code = f"""
 from fastapi.testclient import TestClient
 from skinclf.engines.load import load_engine
-from skinclf.web.app import create_app
+from skinclf.web.routes import create_app
 
 with TestClient(create_app(load_engine({str(sandbox["onnx"])!r}))) as client:
     data = open({str(sandbox["images"] / "lesion_0.jpg")!r}, "rb").read()

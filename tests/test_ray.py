@@ -154,7 +154,7 @@ def test_ray_local_applies_the_metadata_head_as_the_embedded_pipeline_does(folde
     from test_metadata import random_spec
 
     from skinclf.batch.predict import predict_directory
-    from skinclf.model.metadata import HEAD_KEY
+    from skinclf.model.patient_head import HEAD_KEY
 
     meta = {"format": "skinclf-bundle/1", "name": "tiny-head", "classes": list(CLASSES), "input_size": [32, 32],
             "export": {"format": "onnx", "source_sha256": ""}}

@@ -27,7 +27,7 @@ pytest.importorskip("fastapi", reason="skinclf[serve] (FastAPI) is not installed
 from fastapi.testclient import TestClient  # noqa: E402
 
 from skinclf.web import server as serve_module  # noqa: E402
-from skinclf.web.app import create_app  # noqa: E402
+from skinclf.web.routes import create_app  # noqa: E402
 from skinclf.web.classifier import Classifier, Limits
 
 TINY_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]

@@ -30,7 +30,7 @@ from fastapi.testclient import TestClient
 from test_serve import TINY_CLASSES, headless_chromium
 
 from skinclf.errors import SkinclfError
-from skinclf.web.app import create_app
+from skinclf.web.routes import create_app
 from skinclf.web.classifier import Classifier, Limits, ModelUnavailable, probe_engine
 from skinclf.web.server import background_server
 
@@ -362,7 +362,7 @@ SERVER_SCRIPT = """
 import dataclasses, sys, threading
 import numpy as np
 from skinclf.web import server
-from skinclf.web.app import create_app
+from skinclf.web.routes import create_app
 from skinclf.web.classifier import Classifier
 
 hang = threading.Event()

@@ -41,7 +41,7 @@ def run_cli(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> s
 
 
 def test_balanced_class_weights_by_hand() -> None:
-    from skinclf.training.posthoc import class_weights
+    from skinclf.training.posthoc_fit import class_weights
 
     # n = 40 images, k = 2 classes: weight = n / (k * n_c)
     assert class_weights("balanced", {"a": 10, "b": 30}) == pytest.approx({"a": 2.0, "b": 40 / 60})
@@ -53,7 +53,7 @@ def test_balanced_class_weights_by_hand() -> None:
 
 
 def test_explicit_class_weights() -> None:
-    from skinclf.training.posthoc import class_weights
+    from skinclf.training.posthoc_fit import class_weights
 
     assert class_weights("mel=4,nv=1.25", {"mel": 5, "nv": 9, "df": 1}) == {"mel": 4.0, "nv": 1.25, "df": 1.0}
     # A base with changes: melanoma's balanced weight doubled, df's set outright.

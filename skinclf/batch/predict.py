@@ -37,7 +37,7 @@ from skinclf.data.layout import default_model_path
 from skinclf.data.walk import Walk, walk_images
 from skinclf.errors import Interrupted, SkinclfError
 from skinclf.files import CSV, JSON, atomic_write_json, check_output_file
-from skinclf.options import at_least, one_of
+from skinclf.checks import at_least, one_of
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def _embedded(runner, *, directory: Path, todo: list[str], top_k: int, all_probs
     """The rows of `todo`, batch by batch, classified on this machine (decoding in `workers` threads)."""
     from dataclasses import replace
 
-    from skinclf.batch.metadata import metadata_cell, with_metadata
+    from skinclf.batch.patient import metadata_cell, with_metadata
     from skinclf.engines.runner import predict_files
 
     ood = _active(runner)
@@ -283,7 +283,7 @@ def predict_directory(
     `metadata`: a CSV of age, sex and body site per image (`batch.metadata`), added by the
     model's metadata head; the CSV gains a `metadata` column (used / missing).
     """
-    from skinclf.batch.metadata import join, metadata_head, read_metadata
+    from skinclf.batch.patient import join, metadata_head, read_metadata
 
     target = _check_options(out=out, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta, resume=resume,
                             overwrite=overwrite, threads=threads)
@@ -329,7 +329,7 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
     files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
     output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run)
     todo = [f for f in found.files if f not in output.done]
-    from skinclf.batch.metadata import metadata_cell
+    from skinclf.batch.patient import metadata_cell
 
     problems = [row(p.path, None, p.reason, runner.classes, top_k, all_probs) + metadata_cell(joined, p.path, p.reason)
                 for p in found.problems]

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from skinclf.errors import SkinclfError
-from skinclf.options import at_least
+from skinclf.checks import at_least
 
 INSTALL = 'pip install "skinclf[ray]"'
 LISTEN_ENV = "SKINCLF_RAY_LISTEN"  # "all": a local Ray may listen on this machine's network addresses
@@ -202,7 +202,7 @@ class Classifier:
         self.root, self.top_k, self.all_probs, self.tta = Path(directory), top_k, all_probs, tta
         self.head = None
         if metadata:  # --metadata: the head the driver checked, from the same ONNX file
-            from skinclf.model.metadata import load_head
+            from skinclf.model.patient_head import load_head
 
             self.head = load_head(self.engine.meta, path=name)
 
@@ -227,7 +227,7 @@ class Classifier:
         """The rows of one batch with the metadata head applied, exactly as predict does on one machine."""
         from dataclasses import replace
 
-        from skinclf.batch.metadata import MISSING, USED, with_metadata
+        from skinclf.batch.patient import MISSING, USED, with_metadata
         from skinclf.batch.results import batch_rows
 
         probs, present = with_metadata(self.head, result.logits, result.probs, metas, result.features)
@@ -332,7 +332,7 @@ def _paths(todo: list[str], rows: int, metas: dict[str, Any] | None = None):
 
 def _meta(text: str):
     """An image's PatientMeta from its `meta` cell (JSON; null: no row in the metadata file)."""
-    from skinclf.model.metadata import NO_METADATA, PatientMeta
+    from skinclf.model.patient_head import NO_METADATA, PatientMeta
 
     value = json.loads(text)
     return PatientMeta(**value) if value else NO_METADATA

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from skinclf.model.meta import ModelInfo
+from skinclf.model.bundle_meta import ModelInfo
 
 ENGINES = ("auto", "keras", "onnx")
 

@@ -54,7 +54,7 @@ def with_features(model):
     where the (last) GlobalAveragePooling2D is applied ('pool', before dropout and the
     classifier). An ensemble's features are its members' side by side, in member order."""
     from skinclf.backend import load_keras
-    from skinclf.model.ensemble import members
+    from skinclf.model.ensemble_graph import members
 
     keras = load_keras()
     inputs = keras.Input(tuple(model.inputs[0].shape[1:]), name="image")

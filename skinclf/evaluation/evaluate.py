@@ -28,7 +28,7 @@ from skinclf.errors import SkinclfError
 from skinclf.evaluation.seen import SeenImages, seen_images, seen_report
 from skinclf.files import JSON, PNG, atomic_write_json, check_output_dir, check_output_files, sha256_file, sha256_text
 from skinclf.metrics import classification_report
-from skinclf.options import at_least, one_of
+from skinclf.checks import at_least, one_of
 
 # What evaluate writes into --out.
 REPORT_FILES = {"report.json": JSON, "confusion_matrix.png": PNG, "roc.png": PNG, "history.png": PNG,
@@ -141,7 +141,7 @@ def evaluate_model(
     """Run a model over a labelled folder (with `engine`: auto, keras or onnx) and write the report into `out`.
     With `metadata` (a CSV as `predict --metadata` reads it), the report's `metadata` section has
     the figures with and without the model's metadata head on the same images."""
-    from skinclf.batch.metadata import join, metadata_head, read_metadata, with_metadata
+    from skinclf.batch.patient import join, metadata_head, read_metadata, with_metadata
     from skinclf.engines.load import load_engine
     from skinclf.engines.runner import predict_files
     from skinclf.parallel import usable_cpus
@@ -298,7 +298,7 @@ def _seen_for_predictions(model: Path | None, model_info: dict | None, split: Pa
 
 def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path:
     """Write the training curves stored in a model bundle as `history.png`."""
-    from skinclf.model.meta import read_bundle_meta
+    from skinclf.model.bundle_meta import read_bundle_meta
 
     path = model or default_model_path()
     meta = read_bundle_meta(path)

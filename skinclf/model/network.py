@@ -25,7 +25,7 @@ import numpy as np
 
 from skinclf.backend import load_keras
 from skinclf.errors import SkinclfError
-from skinclf.model.ensemble import ensemble_of, members
+from skinclf.model.ensemble_graph import ensemble_of, members
 
 keras = load_keras()
 

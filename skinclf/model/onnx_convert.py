@@ -229,7 +229,7 @@ def keras_to_onnx(model, *, doc: str = "", metadata: dict[str, str] | None = Non
     import onnx
     from onnx import TensorProto, helper
 
-    from skinclf.model.ensemble import members
+    from skinclf.model.ensemble_graph import members
 
     shape = tuple(model.inputs[0].shape[1:])
     if len(shape) != 3 or shape[2] != 3 or shape[0] is None or shape[1] is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from skinclf.errors import SkinclfError
-from skinclf.model.meta import check_graph, check_meta, read_bundle_meta
+from skinclf.model.bundle_meta import check_graph, check_meta, read_bundle_meta
 from skinclf.parallel import usable_cpus
 
 META_KEY = "skinclf.json"

@@ -52,7 +52,7 @@ from skinclf.model.network import (
     split_model,
     with_input_size,
 )
-from skinclf.options import at_least
+from skinclf.checks import at_least
 from skinclf.training.augment import AugmentSpec
 from skinclf.training.callbacks import (
     BalancedAccuracy,
@@ -62,7 +62,7 @@ from skinclf.training.callbacks import (
     training_callbacks,
 )
 from skinclf.training.loader import FeatureBatches, ImageBatches, in_background
-from skinclf.training.posthoc import (
+from skinclf.training.posthoc_fit import (
     class_weights,
     post_hoc,
     prior_tau,

@@ -305,7 +305,7 @@ def classify_uploads(classifier: Classifier, uploads: Sequence[Upload], *, class
             notes[j].append(UNLIKE_TRAINING)
     cells: list[list[str]] = [[] for _ in uploads]
     if metas is not None:
-        from skinclf.batch.metadata import with_metadata
+        from skinclf.batch.patient import with_metadata
 
         probs, _ = with_metadata(head, logits, probs, list(metas), features if classifier.features_dim else None)
         cells = [[""] if e else ["used" if m.present else "missing"] for m, e in zip(metas, errors)]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from skinclf.config import SERVE
 from skinclf.errors import SkinclfError
-from skinclf.web.app import create_app
+from skinclf.web.routes import create_app
 from skinclf.web.classifier import MB, MISSING_EXTRA, Limits, ServeInfo, probe_engine
 
 

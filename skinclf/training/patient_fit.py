@@ -1,4 +1,4 @@
-"""Fitting the metadata head (`skinclf.model.metadata`) on the image model's cached outputs.
+"""Fitting the metadata head (`skinclf.model.patient_head`) on the image model's cached outputs.
 
 The chosen form is a product of experts: a multinomial logistic regression p(class | metadata)
 fitted on the TRAINING split's metadata alone (each field hidden at random in extra copies of
@@ -13,7 +13,7 @@ comparison) trusts the image too much and moves the decision towards nevi; the m
 never sees them. The test split is never read here.
 
 `forward` is the training-side forward pass (float64, the function the optimiser
-differentiates); `skinclf.model.metadata.MetadataHead.apply` is the numpy one every engine uses,
+differentiates); `skinclf.model.patient_head.MetadataHead.apply` is the numpy one every engine uses,
 from the JSON; a test checks they agree to 1e-5.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from skinclf.errors import SkinclfError
 from skinclf.metrics import balanced_accuracy
-from skinclf.model.metadata import ENCODING_WIDTH, FIELDS, HEAD_FORMAT, SEXES, SITE_GROUPS, SITES
+from skinclf.model.patient_head import ENCODING_WIDTH, FIELDS, HEAD_FORMAT, SEXES, SITE_GROUPS, SITES
 from skinclf.model.posthoc import fit_temperature, softmax
 
 

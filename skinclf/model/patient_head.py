@@ -16,7 +16,7 @@ dividing by the training prior turns it into a likelihood ratio that shifts the 
 g is an optional learned map (linear, or one ReLU layer then linear) of x = [metadata, z, ...];
 `shift` is a per-class constant (the decision re-balanced on validation, as the image model's
 own prior correction and melanoma weight were), beta its weight and T a temperature, all three
-chosen on validation (`skinclf.training.metadata`).
+chosen on validation (`skinclf.training.patient_fit`).
 
 The metadata encoding (21 numbers): age scaled ((age - 50) / 20), its square and a missing flag;
 sex one-hot (female, male, unknown); body site one-hot over HAM10000's 14 sites plus unknown. A
@@ -61,7 +61,7 @@ ENCODING_WIDTH = 3 + len(SEXES) + 1 + len(SITES) + 1
 # Each field's columns in the encoding and the column that says it is missing (training hides fields).
 FIELDS = {"age": (slice(0, 3), 2), "sex": (slice(3, 3 + len(SEXES) + 1), 3 + len(SEXES)),
           "site": (slice(4 + len(SEXES), ENCODING_WIDTH), ENCODING_WIDTH - 1)}
-MISSING = ("", "unknown", "unk", "na", "n/a", "nan", "none", "null", "?", "-", "not specified", "unspecified",
+NO_VALUE = ("", "unknown", "unk", "na", "n/a", "nan", "none", "null", "?", "-", "not specified", "unspecified",
            "missing")
 _SEX_ALIASES = {"f": "female", "female": "female", "woman": "female", "w": "female", "girl": "female",
                 "m": "male", "male": "male", "man": "male", "boy": "male"}
@@ -93,7 +93,7 @@ NO_METADATA = PatientMeta()
 
 
 def _missing(text: str) -> bool:
-    return text.strip().lower() in MISSING
+    return text.strip().lower() in NO_VALUE
 
 
 def parse_age(value: Any) -> float | None:

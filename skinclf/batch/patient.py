@@ -23,7 +23,7 @@ import numpy as np
 
 from skinclf.errors import SkinclfError
 from skinclf.files import sha256_file
-from skinclf.model.metadata import NO_METADATA, PatientMeta, parse_age, parse_sex, parse_site
+from skinclf.model.patient_head import NO_METADATA, PatientMeta, parse_age, parse_sex, parse_site
 
 COLUMNS = {
     "id": ("image_id", "image", "isic_id", "image_name", "id"),
@@ -297,7 +297,7 @@ def metadata_cell(joined, rel: str, error: str | None) -> list[str]:
 
 def metadata_head(runner):
     """The model's metadata head, checked against this engine, for --metadata (SkinclfError if unusable)."""
-    from skinclf.model.metadata import load_head
+    from skinclf.model.patient_head import load_head
 
     head = load_head(runner.meta, path=runner.path)
     if head is None:

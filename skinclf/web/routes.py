@@ -43,7 +43,7 @@ from skinclf.web.classifier import (
     classify_uploads,
 )
 from skinclf.web.guards import Rejected, cross_origin_refusal
-from skinclf.batch.metadata import metas_from_json
+from skinclf.batch.patient import metas_from_json
 from skinclf.web.uploads import drain, read_uploads
 
 # Validation metrics shown on the page and by /api/model (the confusion matrices stay in the model).
@@ -226,7 +226,7 @@ def _add_predict(app, engine, info: dict[str, Any], top_k: int) -> None:
 
 def serve_head(engine):
     """The model's metadata head if this engine can run it, else None (metadata is then refused)."""
-    from skinclf.model.metadata import load_head
+    from skinclf.model.patient_head import load_head
 
     try:
         head = load_head(engine.meta, path=engine.path)
@@ -239,7 +239,7 @@ def serve_head(engine):
 
 def metadata_info(engine) -> dict[str, Any]:
     """/api/model's `metadata`: whether age, sex and site can be sent, what is accepted, the figures."""
-    from skinclf.model.metadata import HEAD_KEY, SEXES, SITE_GROUPS, SITES
+    from skinclf.model.patient_head import HEAD_KEY, SEXES, SITE_GROUPS, SITES
 
     head = serve_head(engine)
     spec = engine.meta.get(HEAD_KEY) or {}
