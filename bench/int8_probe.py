@@ -27,7 +27,7 @@ from skinclf.data.images import load_image
 from skinclf.data.layout import list_labelled_images
 from skinclf.engines.export import quantize
 from skinclf.metrics import balanced_accuracy
-from skinclf.model.onnx_meta import read_model_meta, session
+from skinclf.engines.onnx import read_model_meta, session
 
 
 def variants(model) -> dict[str, dict]:

@@ -64,7 +64,7 @@ def test_a_stale_onnx_form_is_not_used(pair, tmp_path) -> None:
 
 def test_explicit_onnx_without_onnxruntime_is_a_clear_error(monkeypatch, pair) -> None:
     from skinclf.engines.load import load_engine
-    from skinclf.model import onnx_meta as onnx_engine
+    from skinclf.engines import onnx as onnx_engine
 
     monkeypatch.setattr(onnx_engine, "onnxruntime_available", lambda: False)
     with pytest.raises(SkinclfError, match="--engine onnx needs ONNX Runtime.*pip install onnxruntime"):

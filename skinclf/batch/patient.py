@@ -167,7 +167,7 @@ class Joined:
 
     def status(self, rel: str) -> str:
         """The CSV's `metadata` cell for a classified image: used, or missing (no row, or a row with no value)."""
-        return USED if self.get(rel).present else MISSING
+        return metadata_cell(self.get(rel), None)[0]
 
     def record(self) -> dict[str, Any]:
         """What the sidecar says about the metadata file."""
@@ -288,23 +288,24 @@ def with_metadata(head, batch_logits: np.ndarray, batch_probs: np.ndarray, metas
     return probs, present
 
 
-def metadata_cell(joined, rel: str, error: str | None) -> list[str]:
-    """The `metadata` column's cell (none at all without --metadata)."""
-    if joined is None:
+def metadata_cell(meta: PatientMeta | None, error: str | None) -> list[str]:
+    """The `metadata` column's cell for an image with `meta` (None: no --metadata, so no cell at
+    all): empty on an error row, else used or missing (no row, or a row with no value)."""
+    if meta is None:
         return []
-    return [""] if error else [joined.status(rel)]
+    return [""] if error else [USED if meta.present else MISSING]
 
 
-def metadata_head(runner):
+def metadata_head(engine):
     """The model's metadata head, checked against this engine, for --metadata (SkinclfError if unusable)."""
     from skinclf.model.patient_head import load_head
 
-    head = load_head(runner.meta, path=runner.path)
+    head = load_head(engine.meta, path=engine.path)
     if head is None:
-        raise SkinclfError(f"--metadata: model {runner.path} has no metadata head, so it cannot use age, sex or site; "
+        raise SkinclfError(f"--metadata: model {engine.path} has no metadata head, so it cannot use age, sex or site; "
                            "run without --metadata, or fit one: python tools/fit_metadata_head.py --model MODEL")
-    if head.needs_features and not runner.features_dim:
-        raise SkinclfError(f"--metadata: the metadata head of {runner.path} needs the pooled features, which this "
-                           f"{runner.name} engine does not give (an ONNX file exported before they existed); "
+    if head.needs_features and not engine.features_dim:
+        raise SkinclfError(f"--metadata: the metadata head of {engine.path} needs the pooled features, which this "
+                           f"{engine.name} engine does not give (an ONNX file exported before they existed); "
                            "re-export it with skinclf export, or use --engine keras")
     return head

@@ -33,7 +33,6 @@ from skinclf.batch.results import (
 from skinclf.batch.resume import file_key, record_path, run_record, sidecar_record
 from skinclf.config import PREDICT, TTA_CHOICES
 from skinclf.data.images import IMAGE_EXTENSIONS
-from skinclf.data.layout import default_model_path
 from skinclf.data.walk import Walk, walk_images
 from skinclf.errors import Interrupted, SkinclfError
 from skinclf.files import CSV, JSON, atomic_write_json, check_output_file
@@ -134,11 +133,11 @@ def _count(lines: list[list[str]], header: list[str]) -> tuple[int, int]:
     return sum(1 for r in lines if r[error]), sum(1 for r in lines if r[warning])
 
 
-def _active(runner) -> dict[str, Any] | None:
+def _active(engine) -> dict[str, Any] | None:
     """The model's OOD record this engine can score (a feature score needs its features)."""
     from skinclf.model.outlier import active_record
 
-    return active_record(runner.meta.get("ood"), runner.features_dim > 0)
+    return active_record(engine.meta.get("ood"), engine.features_dim > 0)
 
 
 def _ood_note(ood: dict[str, Any] | None, flagged: int) -> dict[str, Any]:
@@ -179,16 +178,16 @@ def _load(model: Path | None, *, engine: str, batch_size: int, threads: int, tta
 
     started = time.perf_counter()
     try:
-        runner = load_engine(model or default_model_path(), engine="onnx" if onnx_only else engine,
+        engine = load_engine(model, engine="onnx" if onnx_only else engine,
                              batch_size=batch_size, threads=threads or None)
     except SkinclfError as exc:
         if not onnx_only:
             raise
         raise SkinclfError(f"--ray runs the model's ONNX form on the workers: {exc}") from None
-    top_k = _top_k(top_k, runner.classes)
-    size = runner.image_size
-    engine_tta(runner, tta)(np.zeros((1, size, size, 3), dtype="float32"))
-    return runner, top_k, time.perf_counter() - started
+    top_k = _top_k(top_k, engine.classes)
+    size = engine.image_size
+    engine_tta(engine, tta)(np.zeros((1, size, size, 3), dtype="float32"))
+    return engine, top_k, time.perf_counter() - started
 
 
 def _merged(pending: list[list[str]], rows: list[list[str]], *, last: bool = False) -> list[list[str]]:
@@ -209,27 +208,18 @@ class PatientData:
     head: Any  # model.metadata head
 
 
-def _embedded(runner, *, directory: Path, todo: list[str], top_k: int, all_probs: bool, batch_size: int,
+def _embedded(engine, *, directory: Path, todo: list[str], top_k: int, all_probs: bool, batch_size: int,
               workers: int, tta: int, patient: PatientData | None = None) -> Iterator[list[list[str]]]:
     """The rows of `todo`, batch by batch, classified on this machine (decoding in `workers` threads)."""
-    from dataclasses import replace
-
-    from skinclf.batch.patient import metadata_cell, with_metadata
     from skinclf.engines.runner import predict_files
 
-    ood = _active(runner)
-    for batch in predict_files(runner, [directory / f for f in todo], image_size=runner.image_size,
+    ood = _active(engine)
+    for batch in predict_files(engine, [directory / f for f in todo], image_size=engine.image_size,
                                batch_size=batch_size, workers=workers, tta=tta):
-        if patient is None:
-            yield batch_rows(batch, directory=directory, classes=runner.classes, top_k=top_k, all_probs=all_probs,
-                             ood=ood)
-            continue
         rels = [Path(p).relative_to(directory).as_posix() for p in batch.paths]
-        probs, _ = with_metadata(patient.head, batch.logits, batch.probs, [patient.joined.get(r) for r in rels],
-                                 batch.features)
-        rows = batch_rows(replace(batch, probs=probs), directory=directory, classes=runner.classes, top_k=top_k,
-                          all_probs=all_probs, ood=ood)  # the OOD flag reads the image's own logits
-        yield [r + metadata_cell(patient.joined, rel, error) for r, rel, error in zip(rows, rels, batch.errors)]
+        metas = None if patient is None else [patient.joined.get(r) for r in rels]
+        yield batch_rows(batch, names=rels, classes=engine.classes, top_k=top_k, all_probs=all_probs, ood=ood,
+                         metas=metas, head=None if patient is None else patient.head)
 
 
 def _classify(output, batches: Iterable[list[list[str]]], *, total: int, problems: list[list[str]],
@@ -300,39 +290,39 @@ def predict_directory(
     found = list_images(directory, recursive=recursive)
     from skinclf.parallel import usable_cpus
 
-    runner, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k,
+    engine, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k,
                                    onnx_only=address is not None)
     patient = None
     if source is not None:
-        patient = PatientData(source=source, joined=join(source, found.files), head=metadata_head(runner))
+        patient = PatientData(source=source, joined=join(source, found.files), head=metadata_head(engine))
     start = None
     if address is not None:
         def start():
-            return cluster.start(address, workers=ray_workers, runner=runner, directory=directory, top_k=top_k,
+            return cluster.start(address, workers=ray_workers, engine=engine, directory=directory, top_k=top_k,
                                  all_probs=all_probs, batch_size=batch_size, threads=threads, tta=tta,
                                  metadata=patient is not None)
-    return _run(runner, start, target=target, out=out, directory=directory, found=found, top_k=top_k,
+    return _run(engine, start, target=target, out=out, directory=directory, found=found, top_k=top_k,
                 all_probs=all_probs, recursive=recursive, resume=resume, overwrite=overwrite, strict=strict,
                 tta=tta, batch_size=batch_size, workers=workers or usable_cpus(), startup=startup,
                 show_progress=show_progress, patient=patient)
 
 
-def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path, found: Walk, top_k: int,
+def _run(engine, start, *, target: Path | None, out: Path | str, directory: Path, found: Walk, top_k: int,
          all_probs: bool, recursive: bool, resume: bool, overwrite: bool, strict: bool, tta: int, batch_size: int,
          workers: int, startup: float, show_progress: bool | None, patient: PatientData | None) -> PredictSummary:
     """Open the output, classify what is left to do (here, or on the workers of the cluster that
     `start` connects to, once the output is open), finish."""
     joined = patient.joined if patient is not None else None
-    header = columns(runner.classes, top_k, all_probs) + (["metadata"] if joined is not None else [])
-    run = run_record(identity=runner.identity(), engine=runner.name, top_k=top_k, all_probs=all_probs, tta=tta,
+    header = columns(engine.classes, top_k, all_probs) + (["metadata"] if joined is not None else [])
+    run = run_record(identity=engine.identity(), engine=engine.name, top_k=top_k, all_probs=all_probs, tta=tta,
                      directory=directory, metadata=patient.source.sha256 if patient is not None else "")
     files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
     output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run)
     todo = [f for f in found.files if f not in output.done]
     from skinclf.batch.patient import metadata_cell
 
-    problems = [row(p.path, None, p.reason, runner.classes, top_k, all_probs) + metadata_cell(joined, p.path, p.reason)
-                for p in found.problems]
+    problems = [row(p.path, None, p.reason, engine.classes, top_k, all_probs)
+                + metadata_cell(None if joined is None else joined.get(p.path), p.reason) for p in found.problems]
     pool = None
     t0 = time.perf_counter()
     try:
@@ -340,7 +330,7 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
             pool = start()
             startup, t0 = startup + time.perf_counter() - t0, time.perf_counter()
         if pool is None:
-            batches = _embedded(runner, directory=directory, todo=todo, top_k=top_k, all_probs=all_probs,
+            batches = _embedded(engine, directory=directory, todo=todo, top_k=top_k, all_probs=all_probs,
                                 batch_size=batch_size, workers=workers, tta=tta, patient=patient)
         else:
             batches = pool.rows(todo, metas=joined.per_file if joined is not None else None)
@@ -359,13 +349,13 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
             pool.close()
     seconds = time.perf_counter() - t0
     if target is not None:
-        tally = _finish(output, runner=runner, directory=directory, header=header, files=len(found.files), run=run,
+        tally = _finish(output, engine=engine, directory=directory, header=header, files=len(found.files), run=run,
                         options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive, "tta": tta,
-                                 "engine": runner.name, **({"metadata": joined.record()} if joined is not None else {})},
+                                 "engine": engine.name, **({"metadata": joined.record()} if joined is not None else {})},
                         cluster=pool.describe() if pool is not None else None)
     problem_paths = {p.path for p in found.problems}
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
-                             errors=tally.errors, seconds=seconds, model=runner.identity(), startup_seconds=startup,
+                             errors=tally.errors, seconds=seconds, model=engine.identity(), startup_seconds=startup,
                              unreadable=len(problem_paths), warnings=tally.warned, skipped=found.skipped,
                              skipped_examples=found.skipped_examples,
                              dropped=len([p for p in output.dropped if p not in problem_paths]),
@@ -378,7 +368,7 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
     return summary
 
 
-def _finish(output, *, runner, directory: Path, header: list[str], files: int, run: dict,
+def _finish(output, *, engine, directory: Path, header: list[str], files: int, run: dict,
             options: dict[str, Any], cluster: dict[str, Any] | None = None) -> _Tally:
     """Move the CSV into place and write its sidecar; returns the tally over every row (kept ones too)."""
     lines = output.finish()
@@ -386,8 +376,8 @@ def _finish(output, *, runner, directory: Path, header: list[str], files: int, r
     tally.add(lines[1:], header)
     resume = sidecar_record(target=output.target, run=run, keys=output.record.keys, paths=[r[0] for r in lines[1:]],
                             kept=len(output.done), redone=output.redone)
-    _write_sidecar(output.target, bundle=runner, directory=directory, files=files, errors=tally.errors,
-                   warnings=tally.warned, options=options, ood=_ood_note(_active(runner), tally.unlike),
+    _write_sidecar(output.target, bundle=engine, directory=directory, files=files, errors=tally.errors,
+                   warnings=tally.warned, options=options, ood=_ood_note(_active(engine), tally.unlike),
                    resume=resume, cluster=cluster)
     output.forget_record()
     return tally

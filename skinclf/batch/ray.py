@@ -193,7 +193,7 @@ class Classifier:
         import ray
 
         from skinclf.engines.onnx import OnnxEngine
-        from skinclf.model.onnx_meta import session
+        from skinclf.engines.onnx import session
         from skinclf.model.outlier import active_record
 
         data = ray.get(model[0])  # the one copy in the object store, shared by the actors of a node
@@ -216,25 +216,10 @@ class Classifier:
         rows: list[list[str]] = []
         for result in predict_files(self.engine, paths, image_size=self.engine.image_size,
                                     batch_size=max(1, len(paths)), workers=1, tta=self.tta):
-            if metas is None:
-                rows += batch_rows(result, directory=self.root, classes=self.engine.classes, top_k=self.top_k,
-                                   all_probs=self.all_probs, ood=self.ood)
-            else:
-                rows += self._with_metadata(result, metas)
+            names = [Path(p).relative_to(self.root).as_posix() for p in result.paths]
+            rows += batch_rows(result, names=names, classes=self.engine.classes, top_k=self.top_k,
+                               all_probs=self.all_probs, ood=self.ood, metas=metas, head=self.head)
         return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
-
-    def _with_metadata(self, result, metas: list) -> list[list[str]]:
-        """The rows of one batch with the metadata head applied, exactly as predict does on one machine."""
-        from dataclasses import replace
-
-        from skinclf.batch.patient import MISSING, USED, with_metadata
-        from skinclf.batch.results import batch_rows
-
-        probs, present = with_metadata(self.head, result.logits, result.probs, metas, result.features)
-        rows = batch_rows(replace(result, probs=probs), directory=self.root, classes=self.engine.classes,
-                          top_k=self.top_k, all_probs=self.all_probs, ood=self.ood)
-        return [r + ["" if error else (USED if used else MISSING)]
-                for r, error, used in zip(rows, result.errors, present)]
 
 
 def _test_exit_once() -> None:
@@ -384,7 +369,7 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def start(address: Address, *, workers: int, runner, directory: Path, top_k: int, all_probs: bool, batch_size: int,
+def start(address: Address, *, workers: int, engine, directory: Path, top_k: int, all_probs: bool, batch_size: int,
           threads: int, tta: int, metadata: bool = False) -> Pool:
     """Start (local) or join the cluster, put the model's ONNX form in its object store; a Pool."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "1" if os.environ.get(USAGE_ENV) == "1" else "0"
@@ -416,7 +401,7 @@ def start(address: Address, *, workers: int, runner, directory: Path, top_k: int
                 ray.init(address=address.value, **quiet)
         _quiet()
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        ref = ray.put(Path(runner.onnx_path).read_bytes())
+        ref = ray.put(Path(engine.onnx_path).read_bytes())
     except SkinclfError:
         _stop(temp_dir)
         raise
@@ -424,7 +409,7 @@ def start(address: Address, *, workers: int, runner, directory: Path, top_k: int
         _stop(temp_dir)
         where = "start Ray on this machine" if address.kind == "local" else f"connect to the Ray cluster at {address.value}"
         raise SkinclfError(f"cannot {where}: {_reason(exc)}") from None
-    constructor = {"model": [ref], "name": Path(runner.onnx_path).name, "directory": str(Path(directory).resolve()),
+    constructor = {"model": [ref], "name": Path(engine.onnx_path).name, "directory": str(Path(directory).resolve()),
                    "top_k": top_k, "all_probs": all_probs, "batch_size": batch_size, "threads": threads or 1,
                    "tta": tta, "metadata": metadata}
     return Pool(address, workers=workers or max(1, cpus), model_ref=ref, constructor=constructor,

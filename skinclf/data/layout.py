@@ -21,6 +21,11 @@ MODEL_ENV = "SKINCLF_MODEL"
 BUNDLED_MODEL = "skinclf-mobilenet.keras"
 
 
+def model_path(model: Path | str | None = None) -> Path:
+    """`model` as a path, or the default model when none is given (`default_model_path`)."""
+    return Path(model) if model else default_model_path()
+
+
 def default_model_path() -> Path:
     """The model to use when none is given: $SKINCLF_MODEL, else the bundled one.
 

@@ -23,9 +23,6 @@ import numpy as np
 
 from skinclf.model.bundle_meta import ModelInfo
 
-ENGINES = ("auto", "keras", "onnx")
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype="float32")
     z = z - z.max(axis=1, keepdims=True)

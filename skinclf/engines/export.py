@@ -22,7 +22,7 @@ import numpy as np
 
 from skinclf import __version__
 from skinclf.config import EXPORT
-from skinclf.data.layout import default_model_path
+from skinclf.data.layout import model_path
 from skinclf.errors import SkinclfError
 from skinclf.files import MODEL, ONNX, atomic_path, check_output_file
 
@@ -116,7 +116,7 @@ def _onnx_bytes(bundle, folded, meta: dict[str, Any]) -> bytes:
 
 
 def _onnx_run(data: bytes, images: np.ndarray, *, batch: int = 16) -> np.ndarray:
-    from skinclf.model.onnx_meta import session
+    from skinclf.engines.onnx import session
 
     sess = session(data)
     return np.concatenate([sess.run(["probabilities"], {"image": images[i : i + batch]})[0]
@@ -127,7 +127,7 @@ def _check_features(data: bytes, images: np.ndarray, folded, tolerance: float) -
     """The ONNX `features` output against the Keras engine's pooled features on the probe images
     (what the out-of-distribution score reads); raises like `_check`."""
     from skinclf.engines.keras import with_features
-    from skinclf.model.onnx_meta import session
+    from skinclf.engines.onnx import session
 
     sess = session(data)
     exported = np.concatenate([sess.run(["features"], {"image": images[i : i + 16]})[0]
@@ -260,7 +260,7 @@ def _format_for(format: str | None, out: Path | None) -> str:  # noqa: A002 - th
 def _paths(*, format: str | None, model: Path | None, out: Path | None, overwrite: bool) -> tuple[str, Path, Path]:
     """The format, the bundle and the output file, all checked before the minutes of converting."""
     format = _format_for(format, out)
-    path = Path(model or default_model_path())
+    path = model_path(model)
     if path.suffix != ".keras":
         raise SkinclfError(f"{path}: export converts a .keras bundle (e.g. models/skinclf-mobilenet.keras)")
     out = Path(out) if out is not None else path.with_name(path.stem + SUFFIX[format])
@@ -271,7 +271,7 @@ def _paths(*, format: str | None, model: Path | None, out: Path | None, overwrit
     check_output_file(out, example=path.stem + SUFFIX[format], kind=ONNX if format.startswith("onnx") else MODEL,
                       overwrite=overwrite)
     if format.startswith("onnx"):
-        from skinclf.model.onnx_meta import onnxruntime_available
+        from skinclf.engines.onnx import onnxruntime_available
 
         if not onnxruntime_available():
             raise SkinclfError("skinclf export needs ONNX Runtime to check the export: pip install onnxruntime")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from skinclf.engines.base import Engine
+from skinclf.engines.registry import register_engine
 
 
 class KerasEngine(Engine):
@@ -132,3 +133,13 @@ def predictor(model, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
         return np.asarray(out, dtype="float32")[:n]
 
     return run
+
+
+@register_engine("keras", suffixes=(".keras",), extra='pip install "skinclf[train]"',
+                 available=lambda: keras_available())
+def load_keras_engine(path: Path, *, batch_size: int, threads: int | None = None,
+                      model_path: Path | None = None) -> KerasEngine:
+    """A `.keras` bundle on Keras (`threads` and `model_path` are the ONNX engine's: unused here)."""
+    from skinclf.model.bundle import load_bundle
+
+    return KerasEngine(load_bundle(path), batch_size=batch_size)

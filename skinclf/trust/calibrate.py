@@ -26,7 +26,7 @@ import numpy as np
 
 from skinclf import __version__, ui
 from skinclf.config import CALIBRATE
-from skinclf.data.layout import default_model_path, list_labelled_images
+from skinclf.data.layout import list_labelled_images, model_path
 from skinclf.errors import SkinclfError
 from skinclf.files import (
     JSON,
@@ -150,7 +150,7 @@ def calibrate_model(
         raise SkinclfError(f"--pass-rate {pass_rate}: must be in [0.5, 1), e.g. 0.95")
     if batch_size < 1:
         raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
-    source = Path(model or default_model_path())
+    source = model_path(model)
     target = Path(out or source)
     if target.suffix != ".keras":
         raise SkinclfError(f"--out {target}: the model file must end in .keras")

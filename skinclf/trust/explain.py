@@ -298,7 +298,6 @@ def explain_images(
 ) -> ExplainSummary:
     """The `explain` command: a heat-map picture per image of `source` (a file or a folder) in
     `out`, and `explain.json`. With `strict`, raises after writing if any file was bad."""
-    from skinclf.data.layout import default_model_path
     from skinclf.engines.load import load_engine
 
     if fill not in FILLS:
@@ -308,16 +307,16 @@ def explain_images(
     # Never over a user's picture (e.g. --out the image folder itself), only over earlier maps.
     check_output_files(Path(out), {**dict.fromkeys(_output_names([rel for rel, _ in files]), PNG),
                                    "explain.json": JSON}, overwrite=overwrite)
-    loaded = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size)
-    if not 1 <= stride <= patch <= loaded.image_size:
-        raise SkinclfError(f"--patch {patch} / --stride {stride}: need 1 <= stride <= patch <= {loaded.image_size} "
+    engine = load_engine(model, engine=engine, batch_size=batch_size)
+    if not 1 <= stride <= patch <= engine.image_size:
+        raise SkinclfError(f"--patch {patch} / --stride {stride}: need 1 <= stride <= patch <= {engine.image_size} "
                            "(the model's input size)")
-    summary = explain_files(loaded, files, out, top_k=top_k, patch=patch, stride=stride, fill=fill,
+    summary = explain_files(engine, files, out, top_k=top_k, patch=patch, stride=stride, fill=fill,
                             max_side=max_side, show_progress=show_progress)
     atomic_write_json(Path(out) / "explain.json", {
-        "model": loaded.identity(),
+        "model": engine.identity(),
         "method": {"name": "occlusion sensitivity", "patch": patch, "stride": stride, "fill": fill,
-                   "input_size": loaded.image_size,
+                   "input_size": engine.image_size,
                    "map": "mean drop of the top class's probability when a patch covering the pixel is occluded"},
         "images": [{**asdict(e), "png": e.png.name} for e in summary.explained],
         "errors": [{"path": p, "error": e} for p, e in summary.errors],

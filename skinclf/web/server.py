@@ -98,15 +98,14 @@ def serve(
             raise SkinclfError(f"{option} {value}: must be positive")
     limits = Limits(max_file_bytes=int(max_file_mb * MB), max_files=max_files,
                     max_request_bytes=int(max_request_mb * MB))
-    from skinclf.data.layout import default_model_path
     from skinclf.engines.load import load_engine
 
-    loaded = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size)
-    probe_engine(loaded)  # a model whose outputs do not match its classes is refused before the port opens
+    engine = load_engine(model, engine=engine, batch_size=batch_size)
+    probe_engine(engine)  # a model whose outputs do not match its classes is refused before the port opens
     sock = _listen(host, port)
     loopback = is_loopback(host)
     allowed = sorted({"127.0.0.1", "localhost", "::1", host.strip("[]")}) if loopback else None
-    app = create_app(loaded, limits=limits, top_k=top_k, allowed_hosts=allowed)
+    app = create_app(engine, limits=limits, top_k=top_k, allowed_hosts=allowed)
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if ":" in host else host
     warnings = [] if loopback else [
@@ -114,7 +113,7 @@ def serve(
         "They have no authentication and no encryption (HTTPS); use only on a trusted network."
     ]
     info = ServeInfo(url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{bound}/", host=host,
-                     port=bound, model=loaded.identity(), limits=limits, warnings=warnings)
+                     port=bound, model=engine.identity(), limits=limits, warnings=warnings)
     if on_ready is not None:
         on_ready(info)
     serve_until_stopped(app, sock)
