@@ -15,6 +15,12 @@ def at_least(option: str, value: float, minimum: float, *, example: float | None
         raise SkinclfError(f"{option} {value}: must be at least {minimum:g}{hint}")
 
 
+def positive(option: str, value: float) -> None:
+    """`value` of `option` must be above 0."""
+    if not value > 0:
+        raise SkinclfError(f"{option} {value}: must be positive")
+
+
 def one_of(option: str, value: object, choices: Sequence[object]) -> None:
     """`value` of `option` must be one of `choices`."""
     if value not in choices:

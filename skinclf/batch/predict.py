@@ -31,12 +31,12 @@ from skinclf.batch.results import (
     sidecar_path,
 )
 from skinclf.batch.resume import file_key, record_path, run_record, sidecar_record
+from skinclf.checks import at_least, one_of
 from skinclf.config import PREDICT, TTA_CHOICES
 from skinclf.data.images import IMAGE_EXTENSIONS
 from skinclf.data.walk import Walk, walk_images
 from skinclf.errors import Interrupted, SkinclfError
 from skinclf.files import CSV, JSON, atomic_write_json, check_output_file
-from skinclf.checks import at_least, one_of
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from skinclf.errors import SkinclfError
 from skinclf.checks import at_least
+from skinclf.errors import SkinclfError
 
 INSTALL = 'pip install "skinclf[ray]"'
 LISTEN_ENV = "SKINCLF_RAY_LISTEN"  # "all": a local Ray may listen on this machine's network addresses

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from skinclf.errors import SkinclfError
 from skinclf.data.images import is_image_file
+from skinclf.errors import SkinclfError
 
 METADATA_FILE = "HAM10000_metadata.csv"
 IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")

@@ -22,13 +22,13 @@ import pandas as pd
 
 from skinclf import __version__
 from skinclf.batch.results import probabilities, read_predictions, sidecar_path
+from skinclf.checks import at_least, one_of
 from skinclf.config import EVALUATE, TTA_CHOICES
 from skinclf.data.layout import list_labelled_images, model_path
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.seen import SeenImages, seen_images, seen_report
 from skinclf.files import JSON, PNG, atomic_write_json, check_output_dir, check_output_files, sha256_file, sha256_text
 from skinclf.metrics import classification_report
-from skinclf.checks import at_least, one_of
 
 # What evaluate writes into --out.
 REPORT_FILES = {"report.json": JSON, "confusion_matrix.png": PNG, "roc.png": PNG, "history.png": PNG,

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from skinclf.backend import load_keras
+from skinclf.checks import at_least
 from skinclf.config import ENSEMBLE
 from skinclf.errors import SkinclfError
 from skinclf.files import MODEL, check_output_file
 from skinclf.model.bundle import load_bundle, save_bundle
 from skinclf.model.ensemble_graph import ensemble_of
 from skinclf.model.network import logits_model
-from skinclf.checks import at_least
 
 keras = load_keras()
 

@@ -52,7 +52,7 @@ from skinclf.model.network import (
     split_model,
     with_input_size,
 )
-from skinclf.checks import at_least
+from skinclf.checks import at_least, positive
 from skinclf.training.augment import AugmentSpec
 from skinclf.training.callbacks import (
     BalancedAccuracy,
@@ -95,18 +95,13 @@ class TrainResult:
 def _validate(*, epochs, batch_size, lr, loss, monitor, cache_views, image_size, alpha, dropout, label_smoothing,
               color_jitter, crop_scale=0.0, weight_decay=0.0, schedule="plateau", warmup_epochs=0, train_size=0,
               fixres_epochs=0, patience=1, workers=1, prior_correction="none", focal_gamma=0.0, seed=0) -> None:
-    if epochs < 1:
-        raise SkinclfError(f"--epochs {epochs}: must be at least 1")
-    if batch_size < 1:
-        raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
-    if workers < 1:
-        raise SkinclfError(f"--workers {workers}: must be at least 1")
+    at_least("--epochs", epochs, 1)
+    at_least("--batch-size", batch_size, 1)
+    at_least("--workers", workers, 1)
     at_least("--focal-gamma", focal_gamma, 0, example=2.0)
     at_least("--seed", seed, 0, example=42)
-    if patience < 1:
-        raise SkinclfError(f"--patience {patience}: must be at least 1")
-    if not lr > 0:
-        raise SkinclfError(f"--lr {lr}: must be positive")
+    at_least("--patience", patience, 1)
+    positive("--lr", lr)
     if loss not in LOSSES:
         raise SkinclfError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
     if monitor not in MONITORS:
@@ -117,8 +112,7 @@ def _validate(*, epochs, batch_size, lr, loss, monitor, cache_views, image_size,
         raise SkinclfError(f"--warmup-epochs {warmup_epochs}: must be 0 or more and below --epochs {epochs}")
     if cache_views < 0:
         raise SkinclfError(f"--cache-views {cache_views}: must be 0 (no cache) or more")
-    if image_size < 32:
-        raise SkinclfError(f"--image-size {image_size}: must be at least 32")
+    at_least("--image-size", image_size, 32)
     if train_size and not 32 <= train_size <= image_size:
         raise SkinclfError(f"--train-size {train_size}: must be 0 (off) or 32..{image_size} (the --image-size)")
     if not 0 <= fixres_epochs <= epochs:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from skinclf import __version__, ui
+from skinclf.checks import at_least
 from skinclf.config import CALIBRATE
 from skinclf.data.layout import list_labelled_images, model_path
 from skinclf.errors import SkinclfError
@@ -148,8 +149,7 @@ def calibrate_model(
 
     if not 0.5 <= pass_rate < 1:
         raise SkinclfError(f"--pass-rate {pass_rate}: must be in [0.5, 1), e.g. 0.95")
-    if batch_size < 1:
-        raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
+    at_least("--batch-size", batch_size, 1)
     source = model_path(model)
     target = Path(out or source)
     if target.suffix != ".keras":

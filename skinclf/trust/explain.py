@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, PngImagePlugin
 
 from skinclf import ui
+from skinclf.checks import at_least
 from skinclf.config import EXPLAIN
 from skinclf.data.images import ImageError, load_image
 from skinclf.data.walk import walk_images
@@ -214,8 +215,7 @@ def explain_files(
     classes = list(engine.classes)
     if not 1 <= top_k <= len(classes):
         raise SkinclfError(f"--top-k {top_k}: must be 1..{len(classes)} (the model's classes: {', '.join(classes)})")
-    if max_side < 16:
-        raise SkinclfError(f"--max-side {max_side}: must be at least 16 pixels")
+    at_least("--max-side", max_side, 16)
     ood = (getattr(engine, "meta", None) or {}).get("ood")
     out = Path(out)
     summary = ExplainSummary(out=out)

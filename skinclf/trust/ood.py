@@ -49,26 +49,14 @@ from skinclf.model.outlier import (
 
 
 def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
-    """Probability that a random outlier scores above a random inlier (ties count half)."""
+    """Probability that a random outlier scores above a random inlier (ties count half): the
+    ROC-AUC of the outliers as positives (`metrics.roc_auc`); NaN when either side is empty."""
+    from skinclf.metrics import roc_auc
+
     a, b = np.asarray(inliers, dtype="float64"), np.asarray(outliers, dtype="float64")
     if not len(a) or not len(b):
         return float("nan")
-    ranks = _average_ranks(np.concatenate([a, b]))
-    return float((ranks[len(a):].sum() - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    sorted_values = values[order]
-    # Average the ranks of tied values.
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    for s, e in zip(starts, ends):
-        if e - s > 1:
-            ranks[order[s:e]] = (s + 1 + e) / 2
-    return ranks
+    return roc_auc(np.r_[np.zeros(len(a), bool), np.ones(len(b), bool)], np.concatenate([a, b]))
 
 
 # Principal components kept per covariance, the rest one shared variance (PPCA). On the bundled

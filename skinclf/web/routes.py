@@ -42,8 +42,8 @@ from skinclf.web.classifier import (
     ModelUnavailable,
     classify_uploads,
 )
-from skinclf.web.guards import Rejected, cross_origin_refusal
 from skinclf.batch.patient import metas_from_json
+from skinclf.web.guards import Rejected, cross_origin_refusal
 from skinclf.web.uploads import drain, read_uploads
 
 # Validation metrics shown on the page and by /api/model (the confusion matrices stay in the model).

@@ -8,10 +8,11 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from skinclf.checks import positive
 from skinclf.config import SERVE
 from skinclf.errors import SkinclfError
-from skinclf.web.routes import create_app
 from skinclf.web.classifier import MB, MISSING_EXTRA, Limits, ServeInfo, probe_engine
+from skinclf.web.routes import create_app
 
 
 def is_loopback(host: str) -> bool:
@@ -94,8 +95,7 @@ def serve(
         raise SkinclfError(f"--port {port}: must be 0..65535")
     for option, value in (("--max-file-mb", max_file_mb), ("--max-files", max_files),
                           ("--max-request-mb", max_request_mb)):
-        if not value > 0:
-            raise SkinclfError(f"{option} {value}: must be positive")
+        positive(option, value)
     limits = Limits(max_file_bytes=int(max_file_mb * MB), max_files=max_files,
                     max_request_bytes=int(max_request_mb * MB))
     from skinclf.engines.load import load_engine
