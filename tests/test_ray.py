@@ -279,7 +279,7 @@ def test_ray_options_that_cannot_work_are_refused_in_one_line(runner, tmp_path: 
 def test_ray_local_outside_a_namespace_is_refused_unless_the_user_opts_in(
         runner, tmp_path: Path, folder: Path, model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process (not the `skinclf` command) nothing re-runs it in a namespace: refuse in one line."""
-    from skinclf.batch import ray as cluster
+    from skinclf.batch import ray_netns as cluster
     from skinclf.cli import app
 
     pytest.importorskip("ray")
@@ -297,7 +297,7 @@ def test_ray_local_outside_a_namespace_is_refused_unless_the_user_opts_in(
 
 
 def test_parse_address_accepts_the_three_forms() -> None:
-    from skinclf.batch.ray import Address, parse_address
+    from skinclf.batch.ray_address import Address, parse_address
 
     assert parse_address("local") == Address("local", "local")
     assert parse_address("auto") == Address("auto", "auto")
@@ -330,7 +330,7 @@ def test_an_object_store_uri_is_refused_in_one_line_saying_to_mount_it(runner, t
 
 
 def test_a_worker_that_cannot_see_the_folder_fails_instead_of_writing_error_rows(tmp_path: Path) -> None:
-    from skinclf.batch.ray import Classifier
+    from skinclf.batch.ray_actor import Classifier
     from skinclf.errors import SkinclfError
 
     with pytest.raises(SkinclfError, match="is not readable on the Ray node .*mount it at the same path"):

@@ -24,7 +24,8 @@ from skinclf.errors import SkinclfError
 from skinclf.model.outlier import SCORES, WARNING, flag, ood_scores
 from skinclf.model.posthoc import expected_calibration_error, fit_temperature, softmax
 from skinclf.trust.explain import explain_files, occlusion_map
-from skinclf.trust.ood import auroc, fit_ood, reference_outliers
+from skinclf.trust.ood import auroc, fit_ood
+from skinclf.trust.reference_images import reference_outliers
 
 # --- calibration ------------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ from skinclf.config import PREDICT, TTA_CHOICES
 from skinclf.data.images import IMAGE_EXTENSIONS
 from skinclf.data.walk import Walk, walk_images
 from skinclf.errors import Interrupted, SkinclfError
-from skinclf.files import CSV, JSON, atomic_write_json, check_output_file
+from skinclf.files import atomic_write_json, check_output_file
+from skinclf.own_outputs import CSV, JSON
 
 
 @dataclass(frozen=True)

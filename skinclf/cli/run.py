@@ -147,7 +147,7 @@ def predict(
     """
     with user_errors():
         if ray is not None and AS_COMMAND:
-            from skinclf.batch.ray import isolate
+            from skinclf.batch.ray_netns import isolate
 
             isolate(ray)  # --ray local: re-runs this command in a network namespace of its own (loopback only)
         from skinclf.batch.predict import predict_directory

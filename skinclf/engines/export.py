@@ -24,7 +24,8 @@ from skinclf import __version__
 from skinclf.config import EXPORT
 from skinclf.data.layout import model_path
 from skinclf.errors import SkinclfError
-from skinclf.files import MODEL, ONNX, atomic_path, check_output_file
+from skinclf.files import atomic_path, check_output_file
+from skinclf.own_outputs import MODEL, ONNX
 
 FORMATS = ("onnx", "onnx-int8", "tflite", "tfjs")
 SUFFIX = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "tflite": ".tflite", "tfjs": ""}

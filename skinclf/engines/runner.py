@@ -17,7 +17,6 @@ import numpy as np
 from skinclf.checks import one_of
 from skinclf.config import TTA_CHOICES
 from skinclf.data.images import ImageError, load_image
-from skinclf.errors import SkinclfError
 from skinclf.parallel import in_background
 
 

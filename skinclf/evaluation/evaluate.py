@@ -27,7 +27,8 @@ from skinclf.config import EVALUATE, TTA_CHOICES
 from skinclf.data.layout import list_labelled_images, model_path
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.seen import SeenImages, seen_images, seen_report
-from skinclf.files import JSON, PNG, atomic_write_json, check_output_dir, check_output_files, sha256_file, sha256_text
+from skinclf.files import atomic_write_json, check_output_dir, check_output_files, sha256_file, sha256_text
+from skinclf.own_outputs import JSON, PNG
 from skinclf.metrics import classification_report
 
 # What evaluate writes into --out.

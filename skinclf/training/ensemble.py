@@ -21,7 +21,8 @@ from skinclf.backend import load_keras
 from skinclf.checks import at_least
 from skinclf.config import ENSEMBLE
 from skinclf.errors import SkinclfError
-from skinclf.files import MODEL, check_output_file
+from skinclf.files import check_output_file
+from skinclf.own_outputs import MODEL
 from skinclf.model.bundle import load_bundle, save_bundle
 from skinclf.model.ensemble_graph import ensemble_of
 from skinclf.model.network import logits_model

@@ -33,14 +33,8 @@ from skinclf.config import TRAIN
 from skinclf.data.layout import LabelledImages, list_labelled_images
 from skinclf.errors import Interrupted, SkinclfError
 from skinclf.evaluation.seen import split_image_ids
-from skinclf.files import (
-    MODEL,
-    atomic_path,
-    check_output_file,
-    new_folders,
-    sha256_file,
-    sha256_text,
-)
+from skinclf.files import atomic_path, check_output_file, new_folders, sha256_file, sha256_text
+from skinclf.own_outputs import MODEL
 from skinclf.metrics import classification_report
 from skinclf.model.bundle import save_bundle
 from skinclf.model.network import (

@@ -29,24 +29,12 @@ from skinclf.checks import at_least
 from skinclf.config import CALIBRATE
 from skinclf.data.layout import list_labelled_images, model_path
 from skinclf.errors import SkinclfError
-from skinclf.files import (
-    JSON,
-    MODEL,
-    PNG,
-    atomic_write_json,
-    check_output_dir,
-    check_output_file,
-    check_output_files,
-)
+from skinclf.files import atomic_write_json, check_output_dir, check_output_file, check_output_files
+from skinclf.own_outputs import JSON, MODEL, PNG
 from skinclf.model.outlier import PASS_RATE, flag
 from skinclf.model.posthoc import calibration_report, fit_temperature, softmax
-from skinclf.trust.ood import (
-    describe_sets,
-    fit_feature_stats,
-    fit_ood,
-    outlier_outputs,
-    reference_outliers,
-)
+from skinclf.trust.ood import fit_feature_stats, fit_ood, outlier_outputs
+from skinclf.trust.reference_images import describe_sets, reference_outliers
 
 TRAIN = Path("data/prepared/train")  # where `skinclf prepare` puts the training split
 
@@ -268,6 +256,6 @@ def _fit_flag(engine, z: np.ndarray, features: np.ndarray | None, *, factor: flo
                                   fitted_on=f"{int(ok.sum())} images of {folder}")
     ood = fit_ood(z, outliers, pass_rate=pass_rate, score=score, fitted_on=fitted_on, stats=stats,
                   inlier_features=features if stats else None, outlier_features=outlier_features if stats else None)
-    ood["outlier_sets"] = {"images": describe_sets(sets), "source": "skinclf.trust.ood.reference_outliers(seed="
+    ood["outlier_sets"] = {"images": describe_sets(sets), "source": "skinclf.trust.reference_images.reference_outliers(seed="
                            f"{seed}, size={engine.image_size})"}
     return ood

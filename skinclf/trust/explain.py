@@ -30,14 +30,8 @@ from skinclf.config import EXPLAIN
 from skinclf.data.images import ImageError, load_image
 from skinclf.data.walk import walk_images
 from skinclf.errors import SkinclfError
-from skinclf.files import (
-    JSON,
-    PNG,
-    atomic_path,
-    atomic_write_json,
-    check_output_dir,
-    check_output_files,
-)
+from skinclf.files import atomic_path, atomic_write_json, check_output_dir, check_output_files
+from skinclf.own_outputs import JSON, PNG
 
 FILLS = ("blur", "grey", "mean")
 # Marks a picture as skinclf's, so a later run may replace it and nothing else (`files.check_replace`).
