@@ -14,6 +14,7 @@ from conftest import interrupt_after, lesion_image, make_tiny_bundle
 
 from skinclf.batch.predict import predict_directory
 from skinclf.cli import app
+from skinclf.config import TrainConfig
 from skinclf.errors import SkinclfError
 
 
@@ -249,7 +250,8 @@ def test_a_failed_training_run_leaves_no_empty_run_folder(monkeypatch, prepared,
     monkeypatch.setattr(train_mod, "build_model", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SkinclfError, match="ImageNet"):
-        train_model(data=prepared, out=tmp_path / "m.keras", alpha=0.25, image_size=64, show_progress=False)
+        train_model(TrainConfig(data=prepared, out=tmp_path / "m.keras", alpha=0.25, image_size=64),
+                    show_progress=False)
     assert not (tmp_path / "runs").exists()
 
 

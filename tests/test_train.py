@@ -16,6 +16,7 @@ import pytest
 from conftest import CLASSES, write_ham
 
 from skinclf.cli import app
+from skinclf.config import TrainConfig
 from skinclf.data.prepare import prepare_dataset
 from skinclf.errors import SkinclfError
 
@@ -114,11 +115,10 @@ def test_training_with_feature_cache_and_focal_loss(prepared: Path, tmp_path: Pa
     from skinclf.model.bundle import load_bundle
     from skinclf.training.train import train_model
 
-    result = train_model(
+    result = train_model(TrainConfig(
         data=prepared, out=tmp_path / "cached.keras", epochs=2, batch_size=8, weights="none", alpha=0.25,
         image_size=64, trainable_layers=76, cache_views=2, loss="focal", workers=2, run_dir=tmp_path / "runs" / "c",
-        show_progress=False,
-    )
+    ), show_progress=False)
     caches = list((tmp_path / "runs").glob("feature-cache-*"))
     assert len(caches) == 1
     assert sorted(p.name for p in caches[0].iterdir()) == ["train-view0.npy", "train-view1.npy", "val-view0.npy"]
@@ -216,7 +216,7 @@ def test_imagenet_download_failure_suggests_a_local_file(monkeypatch, prepared: 
     monkeypatch.setattr(model_mod.keras.applications, "MobileNet", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SkinclfError, match="--weights PATH"):
-        train_model(data=prepared, out=tmp_path / "m.keras", weights="imagenet", alpha=0.25, image_size=64,
+        train_model(TrainConfig(data=prepared, out=tmp_path / "m.keras", weights="imagenet", alpha=0.25, image_size=64),
                     show_progress=False)
 
 
@@ -276,9 +276,10 @@ def test_torch_backend_trains_a_bundle_tensorflow_loads(prepared: Path, tmp_path
     done = subprocess.run(
         [torch_python, "-c",
          "import numpy as np, sys; from pathlib import Path; from skinclf.training.train import train_model; "
+         "from skinclf.config import TrainConfig; "
          "from skinclf.model.bundle import load_bundle; "
-         f"r = train_model(data=Path({str(prepared)!r}), out=Path('t.keras'), epochs=1, batch_size=8, weights='none', "
-         "alpha=0.25, image_size=64, trainable_layers=85, workers=2, show_progress=False); "
+         f"r = train_model(TrainConfig(data=Path({str(prepared)!r}), out=Path('t.keras'), epochs=1, batch_size=8, "
+         "weights='none', alpha=0.25, image_size=64, trainable_layers=85, workers=2), show_progress=False); "
          "x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype('float32'); "
          "np.save('torch_out.npy', np.asarray(load_bundle(Path('t.keras')).model.predict_on_batch(x)))"],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=False,

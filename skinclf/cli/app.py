@@ -9,7 +9,12 @@ only by the commands that need it, so `--help`, `fetch` and `prepare` start inst
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any
 from typing import Optional
 
 import typer
@@ -181,6 +186,29 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # not a real file (a test runner's buffer)
         pass
+
+
+def with_settings(settings_class: type) -> Callable[[Callable], Callable]:
+    """Decorator: the command takes every field of the frozen dataclass `settings_class` as an
+    option (flags, metavar, help and default from the field's `config.option`), in field order,
+    and the decorated function receives them as one validated-later `settings_class` instance."""
+    hints = typing.get_type_hints(settings_class)
+    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                                default=typer.Option(f.default, *f.metadata["flags"], metavar=f.metadata["metavar"],
+                                                     help=f.metadata["help"]))
+              for f in dataclasses.fields(settings_class)]
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def run(**options: Any) -> Any:
+            return command(settings_class(**options))
+
+        run.__signature__ = inspect.Signature(params)  # what typer reads
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        del run.__wrapped__
+        return run
+
+    return decorate
 
 
 def examples(*lines: str) -> str:
