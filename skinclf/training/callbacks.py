@@ -28,6 +28,7 @@ _LEGACY = {"crop_scale": 0.0, "weight_decay": 0.0, "schedule": "plateau", "warmu
            "fixres_epochs": 0, "colour_constancy": False, "epochs_planned": None}
 
 
+@keras.saving.register_keras_serializable(package="skinclf")
 class BalancedAccuracy(keras.metrics.Metric):
     """Mean per-class recall over the classes seen, accumulated over an epoch (backend-agnostic)."""
 
