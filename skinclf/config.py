@@ -8,11 +8,11 @@ checked by its own `validate`, built by the CLI and passed whole to `train_model
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from skinclf.checks import at_least, positive
+from skinclf.checks import at_least, one_of, positive
 from skinclf.errors import SkinclfError
 
 
@@ -31,10 +31,16 @@ class PrepareDefaults:
     seed: int = 42
 
 
-def option(default: Any, *flags: str, metavar: str | None = None, help: str = "") -> Any:  # noqa: A002
-    """A settings field that is also a command-line option: its default, flags, metavar and help
-    in one place (`cli.app.with_settings` turns the fields of a settings class into options)."""
-    return field(default=default, metadata={"flags": flags, "metavar": metavar, "help": help})
+def option(default: Any, *flags: str, metavar: str | None = None, help: str = "",  # noqa: A002
+           argument: bool = False) -> Any:
+    """A settings field that is also a command-line option (or, with `argument`, the positional
+    argument): its default, flags, metavar and help in one place (`cli.app.with_settings` turns
+    the fields of a settings class into a command's parameters)."""
+    meta = {"flags": flags, "metavar": metavar, "help": help, "argument": argument}
+    return field(metadata=meta) if default is REQUIRED else field(default=default, metadata=meta)
+
+
+REQUIRED = MISSING  # `option(REQUIRED, ...)`: a field (and argument) without a default
 
 
 MONITORS = ("val_top2_accuracy", "val_top1_accuracy", "val_top3_accuracy", "val_balanced_accuracy", "val_loss")
@@ -309,3 +315,57 @@ SERVE = ServeDefaults()
 CALIBRATE = CalibrateDefaults()
 EXPLAIN = ExplainDefaults()
 ENSEMBLE = EnsembleDefaults()
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Every `skinclf predict` setting: the CLI builds one, `batch.predict.predict` takes it whole.
+    Fields without help here are the options several commands share (`cli.options`)."""
+
+    directory: Path = option(REQUIRED, metavar="DIR", help="Folder of images (JPEG, PNG, BMP, TIFF) to classify.",
+                             argument=True)
+    out: str = option("results.csv", "--out", metavar="CSV", help="CSV to write, or - for stdout.")
+    model: Path | None = None
+    top_k: int | None = option(
+        None, "--top-k", metavar="N",
+        help=f"How many most-probable classes per image [default: {PREDICT.top_k}, or all the model's classes if fewer].")
+    batch_size: int = PREDICT.batch_size
+    recursive: bool = option(True, "--recursive/--no-recursive", metavar="", help="Include sub-folders.")
+    all_probs: bool = option(False, "--all-probs", metavar="", help="Add a `prob_<class>` column for every class.")
+    resume: bool = option(
+        False, "--resume", metavar="", help="Continue an interrupted run (same options): skip files already in the CSV.")
+    overwrite: bool = option(
+        False, "--overwrite", metavar="",
+        help="Start over, discarding the rows of an interrupted run (`CSV.partial`); also needed to replace a file "
+        "that is not an earlier predict CSV.")
+    strict: bool = False
+    tta: int = 1
+    workers: int = PREDICT.workers
+    engine: str = PREDICT.engine
+    threads: int = PREDICT.threads
+    metadata: Path | None = option(
+        None, "--metadata", metavar="CSV",
+        help="Patient metadata per image (image_id or path; age, sex, body site; HAM10000 and ISIC column names "
+        "work as they are), added by the model's metadata head. Images without a row: image only.")
+    ray: str | None = option(
+        None, "--ray", metavar="ADDRESS",
+        help="Classify on a Ray cluster: local (a Ray on this machine, loopback only), auto (the cluster in "
+        "$RAY_ADDRESS or running here) or ray://HOST:PORT. The folder must be readable by every worker at the same "
+        'path. Needs pip install "skinclf[ray]".')
+    ray_workers: int = option(
+        0, "--ray-workers", metavar="N", help="With --ray: model actors on the cluster (0: one per CPU of the cluster).")
+
+    def validate(self) -> None:
+        """The numeric options and the combinations refused before any work (the output paths are
+        checked by `batch.predict`, which knows every file a run writes)."""
+        if self.top_k is not None:
+            at_least("--top-k", self.top_k, 1, example=3)
+        at_least("--batch-size", self.batch_size, 1, example=PREDICT.batch_size)
+        at_least("--threads", self.threads, 0, example=2)  # 0: one per usable CPU
+        at_least("--workers", self.workers, 0, example=2)  # 0: one per usable CPU
+        one_of("--tta", self.tta, TTA_CHOICES)
+        if self.resume and self.overwrite:
+            raise SkinclfError("--resume continues an interrupted run and --overwrite starts over: choose one")
+        if self.ray is None and self.ray_workers:
+            raise SkinclfError("--ray-workers sets the number of workers on a Ray cluster: add --ray local, auto or "
+                               "ray://HOST:PORT")

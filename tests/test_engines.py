@@ -152,7 +152,7 @@ def test_predict_cli_engine_failure(runner, tiny_bundle, images, tmp_path) -> No
 def test_missing_extra_names_the_pip_command(monkeypatch, runner, tmp_path) -> None:
     from skinclf.training import train
 
-    def no_tensorflow(**_):
+    def no_tensorflow(*_, **__):
         raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
 
     monkeypatch.setattr(train, "train_model", no_tensorflow)

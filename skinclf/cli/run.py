@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 
 from skinclf.cli import options
-from skinclf.cli.app import Command, app, examples, out, user_errors
+from skinclf.cli.app import Command, app, examples, out, user_errors, with_settings
 from skinclf.cli.render import predict_summary, render_report
-from skinclf.config import EVALUATE, EXPLAIN, PREDICT, SERVE
+from skinclf.config import EVALUATE, EXPLAIN, SERVE, PredictConfig
 
 # True when this process is the `skinclf` command itself (set by `skinclf.cli.main`), not a
 # caller of the app (tests' CliRunner): only then may `predict --ray local` re-run the process.
@@ -99,45 +99,9 @@ def evaluate(
         "skinclf predict /mnt/archive --out archive.csv --ray ray://head.internal:10001   # a Ray cluster",
     )
 )
-def predict(
-    directory: Path = typer.Argument(..., metavar="DIR", help="Folder of images (JPEG, PNG, BMP, TIFF) to classify."),
-    out_csv: str = typer.Option("results.csv", "--out", metavar="CSV", help="CSV to write, or - for stdout."),
-    model: options.Model = None,
-    top_k: Optional[int] = typer.Option(
-        None, "--top-k", metavar="N",
-        help=f"How many most-probable classes per image [default: {PREDICT.top_k}, or all the model's classes if fewer].",
-    ),
-    batch_size: options.BatchSize = PREDICT.batch_size,
-    recursive: bool = typer.Option(True, "--recursive/--no-recursive", metavar="", help="Include sub-folders."),
-    all_probs: bool = typer.Option(False, "--all-probs", metavar="", help="Add a `prob_<class>` column for every class."),
-    resume: bool = typer.Option(
-        False, "--resume", metavar="", help="Continue an interrupted run (same options): skip files already in the CSV."
-    ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", metavar="",
-        help="Start over, discarding the rows of an interrupted run (`CSV.partial`); also needed to replace a file "
-        "that is not an earlier predict CSV.",
-    ),
-    strict: options.Strict = False,
-    tta: options.Tta = 1,
-    workers: options.Workers = PREDICT.workers,
-    engine: options.Engine = PREDICT.engine,
-    threads: options.Threads = PREDICT.threads,
-    metadata: Optional[Path] = typer.Option(
-        None, "--metadata", metavar="CSV",
-        help="Patient metadata per image (image_id or path; age, sex, body site; HAM10000 and ISIC column names "
-        "work as they are), added by the model's metadata head. Images without a row: image only.",
-    ),
-    ray: Optional[str] = typer.Option(
-        None, "--ray", metavar="ADDRESS",
-        help="Classify on a Ray cluster: local (a Ray on this machine, loopback only), auto (the cluster in "
-        "$RAY_ADDRESS or running here) or ray://HOST:PORT. The folder must be readable by every worker at the same "
-        'path. Needs pip install "skinclf[ray]".',
-    ),
-    ray_workers: int = typer.Option(
-        0, "--ray-workers", metavar="N", help="With --ray: model actors on the cluster (0: one per CPU of the cluster)."
-    ),
-) -> None:
+@with_settings(PredictConfig, model=options.Model, batch_size=options.BatchSize, strict=options.Strict,
+               tta=options.Tta, workers=options.Workers, engine=options.Engine, threads=options.Threads)
+def predict(config: PredictConfig) -> None:
     """Classify every image in a folder into a CSV of the top-k classes and their probabilities.
 
     One row per file, sorted by path; a file that cannot be read, or a folder that cannot be
@@ -146,17 +110,13 @@ def predict(
     model's identity is recorded in a JSON sidecar (results.csv.json).
     """
     with user_errors():
-        if ray is not None and AS_COMMAND:
+        if config.ray is not None and AS_COMMAND:
             from skinclf.batch.ray_netns import isolate
 
-            isolate(ray)  # --ray local: re-runs this command in a network namespace of its own (loopback only)
-        from skinclf.batch.predict import predict_directory
+            isolate(config.ray)  # --ray local: re-runs this command in a network namespace of its own (loopback only)
+        from skinclf.batch.predict import predict as run_predict
 
-        summary = predict_directory(
-            directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
-            all_probs=all_probs, resume=resume, overwrite=overwrite, strict=strict, tta=tta, workers=workers,
-            engine=engine, threads=threads, metadata=metadata, ray=ray, ray_workers=ray_workers,
-        )
+        summary = run_predict(config)
     for note in summary.notes:
         typer.echo(f"Note: {note}", err=True)
     typer.echo(predict_summary(summary), err=True)
