@@ -369,3 +369,62 @@ class PredictConfig:
         if self.ray is None and self.ray_workers:
             raise SkinclfError("--ray-workers sets the number of workers on a Ray cluster: add --ray local, auto or "
                                "ray://HOST:PORT")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Every `skinclf evaluate` setting: the CLI builds one, `evaluation.evaluate.run_evaluation` takes it."""
+
+    model: Path | None = None
+    data: Path = option(EVALUATE.data, "--data", metavar="PATH", help="Labelled folder: one sub-folder per class.")
+    out: Path = option(EVALUATE.out, "--out", metavar="PATH", help="Folder for report.json and the PNGs.")
+    predictions: Path | None = option(
+        None, "--predictions", metavar="PATH", help="Score this predict CSV instead of running a model (needs --truth).")
+    truth: Path | None = option(
+        None, "--truth", metavar="PATH",
+        help="Ground truth: HAM10000 metadata (image_id,dx) or ISIC one-hot (image,MEL,NV,...).")
+    mel_sensitivity: float = option(EVALUATE.mel_sensitivity, "--mel-sensitivity", metavar="X",
+                                    help="Melanoma sensitivity for which to report the threshold.")
+    history: bool = option(False, "--history", metavar="", help="Only plot the model's training curves (history.png).")
+    tta: int = 1
+    batch_size: int = EVALUATE.batch_size
+    split: Path | None = option(
+        None, "--split", metavar="PATH",
+        help="split.csv (or its folder) of the `skinclf prepare` run the model was trained on, for models that do not "
+        "record their training images [default: where the model was trained, if found].")
+    engine: str = EVALUATE.engine
+    threads: int = EVALUATE.threads
+    as_json: bool = option(False, "--json", metavar="", help="Print the report as JSON on stdout (no tables).")
+    overwrite: bool = False
+    metadata: Path | None = option(
+        None, "--metadata", metavar="CSV",
+        help="Patient metadata (as predict --metadata): also report the figures with the model's metadata head.")
+
+    def validate(self) -> None:
+        """The options and combinations refused before any work."""
+        at_least("--batch-size", self.batch_size, 1, example=EVALUATE.batch_size)
+        one_of("--tta", self.tta, TTA_CHOICES)
+        if self.history:
+            return
+        if (self.predictions is None) != (self.truth is None):
+            raise SkinclfError("--predictions and --truth go together")
+        if self.metadata is not None and self.predictions is not None:
+            raise SkinclfError("--metadata goes with a model run over --data (a predict CSV already has its answers: "
+                               "run predict with --metadata)")
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Every `skinclf explain` setting: the CLI builds one, `trust.explain.explain_images` takes it."""
+
+    source: Path = option(REQUIRED, help="An image file, or a folder of images (searched recursively).", argument=True)
+    out: Path = option(EXPLAIN.out, "--out", help="Folder for one PNG per image and explain.json.")
+    model: Path | None = None
+    top_k: int = option(EXPLAIN.top_k, "--top-k", help="How many most-probable classes to show.")
+    patch: int = option(EXPLAIN.patch, "--patch", help="Side of the occluding patch, in model-input pixels.")
+    stride: int = option(EXPLAIN.stride, "--stride", help="Step of the sliding patch (smaller: finer, slower).")
+    fill: str = option(EXPLAIN.fill, "--fill", metavar="FILL", help="What covers the patch: blur, grey or mean (colour).")
+    max_side: int = option(EXPLAIN.max_side, "--max-side", help="Longest side of the picture's panels.")
+    batch_size: int = EXPLAIN.batch_size
+    strict: bool = False
+    overwrite: bool = False
