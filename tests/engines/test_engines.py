@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BUNDLED_MODEL, CLASSES, REPO, SHARED_FULLRES, lesion_image, make_tiny_bundle, require
+from utils.models import make_tiny_bundle
+from utils.paths import require, BUNDLED_MODEL, REPO, SHARED_FULLRES
+from utils.synthetic import lesion_image, CLASSES
 
 from skinclf.cli import app
 from skinclf.errors import SkinclfError
