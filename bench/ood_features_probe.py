@@ -6,7 +6,7 @@ outliers best, and at which rank of the low-rank covariance? Validation and outl
         --out reports/trust/features_probe.json
 
 Reads the cached training and validation features (`bench/ood_features_cache.py`), runs the
-reference outliers (`skinclf.trust.ood.reference_outliers`) through the Keras engine, and for
+reference outliers (`skinclf.trust.reference_images.reference_outliers`) through the Keras engine, and for
 each rank fits the feature statistics on the training split (`fit_feature_stats`) and every
 candidate score with `fit_ood` (threshold: 95% of validation passes): mean ROC-AUC, worst set's
 flag rate and the stored size. The test split is not read.
@@ -25,12 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from skinclf.engines.load import load_engine
-from skinclf.trust.ood import (
-    fit_feature_stats,
-    fit_ood,
-    outlier_outputs,
-    reference_outliers,
-)
+from skinclf.trust.ood import fit_feature_stats, fit_ood, outlier_outputs  # noqa: E402
+from skinclf.trust.reference_images import reference_outliers  # noqa: E402
 
 
 def main() -> int:

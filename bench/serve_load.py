@@ -36,7 +36,7 @@ from skinclf.batch.predict import predict_directory  # noqa: E402
 from skinclf.config import SERVE  # noqa: E402
 from skinclf.data.layout import default_model_path  # noqa: E402
 from skinclf.engines.load import load_engine  # noqa: E402
-from skinclf.web.app import create_app  # noqa: E402
+from skinclf.web.routes import create_app  # noqa: E402
 from skinclf.web.server import background_server
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000-fullres"

@@ -43,7 +43,7 @@ def main() -> None:
 
     from skinclf.data.layout import default_model_path
     from skinclf.engines.load import load_engine
-    from skinclf.web.app import create_app
+    from skinclf.web.routes import create_app
     from skinclf.web.server import background_server
 
     samples = sorted(args.samples.glob("*.jpg"))[: args.images]

@@ -35,7 +35,7 @@ from skinclf.model.outlier import flag  # noqa: E402
 from skinclf.model.posthoc import softmax  # noqa: E402
 from skinclf.trust.calibrate import calibrate_model  # noqa: E402
 from skinclf.trust.explain import explain_files  # noqa: E402
-from skinclf.trust.ood import _text_page
+from skinclf.trust.reference_images import _text_page
 
 MAX_PNG_BYTES = 200_000
 

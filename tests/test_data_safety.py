@@ -1,4 +1,4 @@
-"""Data safety (issue 18): nothing the user has is overwritten, and `--resume` never keeps a row
+"""Data safety: nothing the user has is overwritten, and `--resume` never keeps a row
 that another model, option, folder or file would have made differently."""
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import interrupt_after, lesion_image, make_tiny_bundle
+from utils.models import interrupt_after, make_tiny_bundle
+from utils.synthetic import lesion_image
 
 from skinclf.batch.predict import predict_directory
 from skinclf.cli import app
+from skinclf.config import TrainConfig
 from skinclf.errors import SkinclfError
 
 
@@ -200,7 +202,7 @@ TINY = ["--weights", "none", "--alpha", "0.25", "--image-size", "64", "--batch-s
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    from conftest import write_ham
+    from utils.synthetic import write_ham
 
     from skinclf.data.prepare import prepare_dataset
 
@@ -249,7 +251,8 @@ def test_a_failed_training_run_leaves_no_empty_run_folder(monkeypatch, prepared,
     monkeypatch.setattr(train_mod, "build_model", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SkinclfError, match="ImageNet"):
-        train_model(data=prepared, out=tmp_path / "m.keras", alpha=0.25, image_size=64, show_progress=False)
+        train_model(TrainConfig(data=prepared, out=tmp_path / "m.keras", alpha=0.25, image_size=64),
+                    show_progress=False)
     assert not (tmp_path / "runs").exists()
 
 

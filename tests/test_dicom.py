@@ -83,7 +83,7 @@ def test_dicom_is_found_by_extension_or_preamble(tmp_path: Path) -> None:
 
 def test_tag_values_map_onto_the_heads_fields() -> None:
     from skinclf.dicom.read import SITE_OF, parse_age, parse_sex, site_of
-    from skinclf.model.metadata import parse_site
+    from skinclf.model.patient_head import parse_site
 
     assert [parse_age(v) for v in ("045Y", "6M", "052W", "", "abc", None)] == [45.0, 0.5, 1.0, None, None, None]
     assert [parse_sex(v) for v in ("M", "F", "O", "", None)] == ["male", "female", None, None, None]
@@ -258,7 +258,7 @@ def test_serve_classifies_a_dcm_upload_as_its_jpeg(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from skinclf.engines.load import load_engine
-    from skinclf.web.app import create_app
+    from skinclf.web.routes import create_app
 
     jpg = require(SHARED_FULLRES / SAMPLES[0])
     dcm = D.encapsulated_jpeg(jpg, tmp_path / "a.dcm")

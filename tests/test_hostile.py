@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASS_COLOURS, CLASSES, REPO, lesion_image, make_tiny_onnx
+from utils.models import make_tiny_onnx
+from utils.paths import REPO
+from utils.synthetic import lesion_image, CLASSES, CLASS_COLOURS
 
 from skinclf.batch.results import cell_value, csv_cell, read_predictions
 from skinclf.cli import app
@@ -189,7 +191,7 @@ def test_formula_names_are_neutralised_in_the_apis_csv(onnx_model: Path) -> None
     from fastapi.testclient import TestClient
 
     from skinclf.engines.load import load_engine
-    from skinclf.web.app import create_app
+    from skinclf.web.routes import create_app
 
     client = TestClient(create_app(load_engine(onnx_model)))
     files = [("files", ("=1+1.jpg", jpeg_bytes(), "image/jpeg")), ("files", ("@x.jpg", b"not an image", "image/jpeg"))]

@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLASS_COLOURS, REPO, lesion_image, make_tiny_onnx
+from utils.models import make_tiny_onnx
+from utils.paths import REPO
+from utils.synthetic import lesion_image, CLASS_COLOURS
 
 pytest.importorskip("onnxruntime")
 
@@ -145,7 +147,7 @@ def test_serve_in_process_leaves_nothing(sandbox) -> None:
     code = f"""
 from fastapi.testclient import TestClient
 from skinclf.engines.load import load_engine
-from skinclf.web.app import create_app
+from skinclf.web.routes import create_app
 
 with TestClient(create_app(load_engine({str(sandbox["onnx"])!r}))) as client:
     data = open({str(sandbox["images"] / "lesion_0.jpg")!r}, "rb").read()

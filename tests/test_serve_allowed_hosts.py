@@ -18,7 +18,7 @@ import skinclf.engines.load
 from skinclf.cli import app as cli_app
 from skinclf.errors import SkinclfError
 from skinclf.web import server as serve_module
-from skinclf.web.app import create_app
+from skinclf.web.routes import create_app
 from skinclf.web.guards import LOCAL_HOST_NAMES, allowed_host_names, host_of
 
 

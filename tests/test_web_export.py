@@ -332,7 +332,7 @@ def test_site_in_headless_chromium_agrees_with_predict_and_sends_nothing(tmp_pat
 
 
 def _threshold() -> float | None:
-    from skinclf.model.onnx_meta import read_model_meta
+    from skinclf.engines.onnx import read_model_meta
 
     ood = read_model_meta(BUNDLED_MODEL.with_suffix(".onnx")).get("ood") or {}
     return ood.get("threshold")

@@ -7,11 +7,11 @@
 1. The image model's logits and pooled features on data/prepared/train and val (Keras engine, one
    pass each; with --cache, kept in DIR per split and reused while the image model is the same);
 2. the metadata of each image from the HAM10000 metadata CSV, read exactly as `predict --metadata`
-   reads it (`skinclf.batch.metadata`);
+   reads it (`skinclf.batch.patient`);
 3. p(class | metadata) fitted on the train split's metadata (fields hidden at random) for each L2,
    its weight, the melanoma shift and the prior correction chosen on validation (largest balanced
    accuracy with melanoma recall not below the image model's), the temperature fitted there
-   (`skinclf.training.metadata.choose`); the head goes into the bundle (`metadata_head`);
+   (`skinclf.training.patient_fit.choose`); the head goes into the bundle (`metadata_head`);
 4. with --test: the figures with and without metadata on data/prepared/test, recorded beside the
    validation ones. THIS LOOKS AT THE TEST SPLIT: after every choice; nothing may change because
    of what it prints.
@@ -33,11 +33,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from skinclf.batch.metadata import read_metadata  # noqa: E402
+from skinclf.batch.patient import read_metadata  # noqa: E402
 from skinclf.data.layout import list_labelled_images  # noqa: E402
-from skinclf.model.metadata import HEAD_KEY, NO_METADATA, encode, image_model_fingerprint  # noqa: E402
-from skinclf.model.meta import read_bundle_meta  # noqa: E402
-from skinclf.training.metadata import Outputs, choose, figures  # noqa: E402
+from skinclf.model.patient_head import HEAD_KEY, NO_METADATA, encode, image_model_fingerprint  # noqa: E402
+from skinclf.model.bundle_meta import read_bundle_meta  # noqa: E402
+from skinclf.training.patient_fit import Outputs, choose, figures  # noqa: E402
 
 DEFAULT_METADATA = ("../shared/data/ham10000/HAM10000_metadata.csv", "data/raw/HAM10000_metadata.csv",
                     "data/HAM10000_metadata.csv")

@@ -15,7 +15,7 @@ from typing import Any
 
 from skinclf.dicom.read import DicomTags, is_dicom
 from skinclf.errors import SkinclfError
-from skinclf.model.metadata import NO_METADATA, PatientMeta
+from skinclf.model.patient_head import NO_METADATA, PatientMeta
 
 SOP_COLUMN = "sop_instance_uid"
 DICOM = "dicom"  # the `metadata` cell of a row whose values came from the DICOM tags
@@ -73,7 +73,7 @@ class Sources:
         return self.per_file.get(rel, NO_METADATA)
 
     def status(self, rel: str) -> str:
-        from skinclf.batch.metadata import MISSING, USED
+        from skinclf.batch.patient import MISSING, USED
 
         if rel in self.from_csv:
             return USED

@@ -75,7 +75,7 @@ class ReceivedImages:
     def __init__(self, runner, *, out: Path, top_k: int, all_probs: bool = False, tta: int = 1,
                  use_tags: bool = True, sr_dir: Path | None = None) -> None:
         from skinclf.engines.runner import engine_tta
-        from skinclf.model.metadata import load_head
+        from skinclf.model.patient_head import load_head
         from skinclf.model.outlier import active_record
 
         self.runner, self.top_k, self.all_probs, self.sr_dir = runner, top_k, all_probs, sr_dir
@@ -126,7 +126,7 @@ class ReceivedImages:
         return SUCCESS
 
     def _classify(self, x: np.ndarray, tags, rel: str, notes: list[str]) -> list[str]:
-        from skinclf.batch.metadata import MISSING, with_metadata
+        from skinclf.batch.patient import MISSING, with_metadata
         from skinclf.batch.results import batch_rows
         from skinclf.engines.runner import BatchResult
 

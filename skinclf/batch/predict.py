@@ -1,10 +1,10 @@
 """`skinclf predict`: a whole folder of images into a top-k CSV, fast and unbreakable by bad files.
 
 Every option and output path is checked before any work. Rows are appended to `<out>.partial`
-as batches finish (whole lines, flushed per batch; see `skinclf.output`); at the end that file
+as batches finish (whole lines, flushed per batch; see `skinclf.batch.output`); at the end that file
 replaces `<out>` in one rename. An interrupted run therefore leaves every finished row in the
 `.partial` file and the previous `<out>` untouched; `resume=True` continues from it. A file
-that cannot be decoded, and a folder that cannot be listed (`skinclf.walk`), becomes a row with
+that cannot be decoded, and a folder that cannot be listed (`skinclf.data.walk`), becomes a row with
 an `error`, and the batch goes on; an image the model cannot judge well gets a `warning`.
 """
 
@@ -31,13 +31,12 @@ from skinclf.batch.results import (
     sidecar_path,
 )
 from skinclf.batch.resume import file_key, record_path, run_record, sidecar_record
-from skinclf.config import PREDICT, TTA_CHOICES
+from skinclf.config import PREDICT, PredictConfig
 from skinclf.data.images import IMAGE_EXTENSIONS
-from skinclf.data.layout import default_model_path
 from skinclf.data.walk import Walk, walk_images
 from skinclf.errors import Interrupted, SkinclfError
-from skinclf.files import CSV, JSON, atomic_write_json, check_output_file
-from skinclf.options import at_least, one_of
+from skinclf.files import atomic_write_json, check_output_file
+from skinclf.own_outputs import CSV, JSON
 
 
 @dataclass(frozen=True)
@@ -94,19 +93,12 @@ def list_images(directory: Path, *, recursive: bool) -> Walk:
     return found
 
 
-def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, workers: int, tta: int, resume: bool,
-                   overwrite: bool, threads: int = 0) -> Path | None:
+def _check_options(config: PredictConfig) -> Path | None:
     """Every option checked before any work; returns the output file (None: stdout)."""
-    if top_k is not None:
-        at_least("--top-k", top_k, 1, example=3)
-    at_least("--batch-size", batch_size, 1, example=PREDICT.batch_size)
-    at_least("--threads", threads, 0, example=2)  # 0: one per usable CPU
-    at_least("--workers", workers, 0, example=2)  # 0: one per usable CPU
-    one_of("--tta", tta, TTA_CHOICES)
-    if resume and overwrite:
-        raise SkinclfError("--resume continues an interrupted run and --overwrite starts over: choose one")
+    config.validate()
+    out = config.out
     if str(out) == "-":
-        if resume:
+        if config.resume:
             raise SkinclfError("--resume needs a file for --out, not stdout")
         return None
     target = Path(out)
@@ -116,7 +108,7 @@ def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, worke
     # Never over an image, a model or anything else the user has: only an earlier predict output.
     for path, kind in ((target, CSV), (partial_path(target), CSV), (sidecar_path(target), JSON),
                        (record_path(target), JSON)):
-        check_output_file(path, example="results.csv", kind=kind, overwrite=overwrite)
+        check_output_file(path, example="results.csv", kind=kind, overwrite=config.overwrite)
     return target
 
 
@@ -134,11 +126,11 @@ def _count(lines: list[list[str]], header: list[str]) -> tuple[int, int]:
     return sum(1 for r in lines if r[error]), sum(1 for r in lines if r[warning])
 
 
-def _active(runner) -> dict[str, Any] | None:
+def _active(engine) -> dict[str, Any] | None:
     """The model's OOD record this engine can score (a feature score needs its features)."""
     from skinclf.model.outlier import active_record
 
-    return active_record(runner.meta.get("ood"), runner.features_dim > 0)
+    return active_record(engine.meta.get("ood"), engine.features_dim > 0)
 
 
 def _ood_note(ood: dict[str, Any] | None, flagged: int) -> dict[str, Any]:
@@ -179,16 +171,16 @@ def _load(model: Path | None, *, engine: str, batch_size: int, threads: int, tta
 
     started = time.perf_counter()
     try:
-        runner = load_engine(model or default_model_path(), engine="onnx" if onnx_only else engine,
+        engine = load_engine(model, engine="onnx" if onnx_only else engine,
                              batch_size=batch_size, threads=threads or None)
     except SkinclfError as exc:
         if not onnx_only:
             raise
         raise SkinclfError(f"--ray runs the model's ONNX form on the workers: {exc}") from None
-    top_k = _top_k(top_k, runner.classes)
-    size = runner.image_size
-    engine_tta(runner, tta)(np.zeros((1, size, size, 3), dtype="float32"))
-    return runner, top_k, time.perf_counter() - started
+    top_k = _top_k(top_k, engine.classes)
+    size = engine.image_size
+    engine_tta(engine, tta)(np.zeros((1, size, size, 3), dtype="float32"))
+    return engine, top_k, time.perf_counter() - started
 
 
 def _merged(pending: list[list[str]], rows: list[list[str]], *, last: bool = False) -> list[list[str]]:
@@ -209,27 +201,18 @@ class PatientData:
     head: Any  # model.metadata head
 
 
-def _embedded(runner, *, directory: Path, todo: list[str], top_k: int, all_probs: bool, batch_size: int,
+def _embedded(engine, *, directory: Path, todo: list[str], top_k: int, all_probs: bool, batch_size: int,
               workers: int, tta: int, patient: PatientData | None = None) -> Iterator[list[list[str]]]:
     """The rows of `todo`, batch by batch, classified on this machine (decoding in `workers` threads)."""
-    from dataclasses import replace
-
-    from skinclf.batch.metadata import metadata_cell, with_metadata
     from skinclf.engines.runner import predict_files
 
-    ood = _active(runner)
-    for batch in predict_files(runner, [directory / f for f in todo], image_size=runner.image_size,
+    ood = _active(engine)
+    for batch in predict_files(engine, [directory / f for f in todo], image_size=engine.image_size,
                                batch_size=batch_size, workers=workers, tta=tta):
-        if patient is None:
-            yield batch_rows(batch, directory=directory, classes=runner.classes, top_k=top_k, all_probs=all_probs,
-                             ood=ood)
-            continue
         rels = [Path(p).relative_to(directory).as_posix() for p in batch.paths]
-        probs, _ = with_metadata(patient.head, batch.logits, batch.probs, [patient.joined.get(r) for r in rels],
-                                 batch.features)
-        rows = batch_rows(replace(batch, probs=probs), directory=directory, classes=runner.classes, top_k=top_k,
-                          all_probs=all_probs, ood=ood)  # the OOD flag reads the image's own logits
-        yield [r + metadata_cell(patient.joined, rel, error) for r, rel, error in zip(rows, rels, batch.errors)]
+        metas = None if patient is None else [patient.joined.get(r) for r in rels]
+        yield batch_rows(batch, names=rels, classes=engine.classes, top_k=top_k, all_probs=all_probs, ood=ood,
+                         metas=metas, head=None if patient is None else patient.head)
 
 
 def _classify(output, batches: Iterable[list[list[str]]], *, total: int, problems: list[list[str]],
@@ -253,110 +236,97 @@ def _classify(output, batches: Iterable[list[list[str]]], *, total: int, problem
     return tally
 
 
-def predict_directory(
-    *,
-    directory: Path,
-    out: Path | str,
-    model: Path | None = None,
-    top_k: int | None = None,
-    batch_size: int = PREDICT.batch_size,
-    recursive: bool = True,
-    all_probs: bool = False,
-    resume: bool = False,
-    overwrite: bool = False,
-    strict: bool = False,
-    tta: int = 1,
-    workers: int = PREDICT.workers,
-    engine: str = PREDICT.engine,
-    threads: int = PREDICT.threads,
-    show_progress: bool | None = None,
-    metadata: Path | None = None,
-    ray: str | None = None,
-    ray_workers: int = 0,
-    sr: Path | None = None,
-    dicom_metadata: bool = True,
-) -> PredictSummary:
-    """Classify every image in `directory` into a CSV at `out` ('-' for stdout).
+def predict_directory(directory: Path, *, show_progress: bool | None = None, **settings: Any) -> PredictSummary:
+    """`predict` with its settings as keywords (`config.PredictConfig`'s fields), for library use."""
+    return predict(PredictConfig(directory=Path(directory), **settings), show_progress=show_progress)
+
+
+def predict(config: PredictConfig, *, show_progress: bool | None = None) -> PredictSummary:
+    """Classify every image in `config.directory` into a CSV at `config.out` ('-' for stdout).
 
     `top_k` None: 3, or the model's number of classes if fewer. Returns a summary; with
     `strict`, raises SkinclfError after writing if any file or folder could not be read.
     `ray` (local, auto or ray://HOST:PORT): classify on a Ray cluster's workers (`batch.ray`),
     `ray_workers` of them (0: one per CPU of the cluster); the CSV and its guarantees are the same.
-    `metadata`: a CSV of age, sex and body site per image (`batch.metadata`), added by the
+    `metadata`: a CSV of age, sex and body site per image (`batch.patient`), added by the
     model's metadata head; the CSV gains a `metadata` column (used / missing).
     DICOM files (issue 32, `batch.dicom_rows`): a `sop_instance_uid` column when the folder holds
     any; their age/sex/site tags feed the head unless `dicom_metadata` is False (a `metadata` CSV
     row wins; the cell says `dicom`); `sr`: a folder for one DICOM SR per classified DICOM image.
     """
-    from skinclf.batch.metadata import join, metadata_head, read_metadata
-
-    target = _check_options(out=out, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta, resume=resume,
-                            overwrite=overwrite, threads=threads)
-    address = None
-    if ray is None and ray_workers:
-        raise SkinclfError("--ray-workers sets the number of workers on a Ray cluster: add --ray local, auto or "
-                           "ray://HOST:PORT")
-    if ray is not None:
-        from skinclf.batch import ray as cluster
-
-        address = cluster.check(ray, engine=engine, workers=ray_workers)
-    source = read_metadata(Path(metadata)) if metadata is not None else None  # checked before any work
-    from skinclf.batch import dicom_rows  # issue 32
-
-    sr_dir = dicom_rows.check_sr_dir(sr)
-    directory = Path(directory)
-    found = list_images(directory, recursive=recursive)
+    from skinclf.batch.patient import join, metadata_head, read_metadata
     from skinclf.parallel import usable_cpus
 
-    runner, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k,
-                                   onnx_only=address is not None)
-    patient = None
-    dicom = dicom_rows.scan(directory, found.files)  # --- issue 32: DICOM tags, SOP UIDs, SRs ---
-    dicom = dicom if dicom.files else None
-    head = metadata_head(runner) if source is not None else None
-    use_tags = dicom_metadata and dicom is not None and any(t.has_metadata for t in dicom.tags.values())
-    if use_tags and head is None:
-        from skinclf.model.metadata import load_head
+    c = config
+    target = _check_options(c)
+    address = None
+    if c.ray is not None:
+        from skinclf.batch import ray as cluster
 
-        head = load_head(runner.meta, path=runner.path)  # a model without a head: the tags go unused
-        use_tags = head is not None and not (head.needs_features and not runner.features_dim)
-    if source is not None or use_tags:
-        joined = join(source, found.files) if source is not None else None
-        patient = PatientData(source=source, joined=dicom_rows.Sources(joined, dicom or dicom_rows.DicomScan(),
-                                                                       use_tags=use_tags), head=head)
-    extra = {"dicom": dicom, "sr_dir": sr_dir}  # --- end issue 32 ---
+        address = cluster.check(c.ray, engine=c.engine, workers=c.ray_workers)
+    source = read_metadata(Path(c.metadata)) if c.metadata is not None else None  # checked before any work
+    from skinclf.batch import dicom_rows
+
+    sr_dir = dicom_rows.check_sr_dir(c.sr)
+    directory = Path(c.directory)
+    found = list_images(directory, recursive=c.recursive)
+    engine, top_k, startup = _load(c.model, engine=c.engine, batch_size=c.batch_size, threads=c.threads, tta=c.tta,
+                                   top_k=c.top_k, onnx_only=address is not None)
+    patient, dicom = _patient(engine, source, directory=directory, found=found, use_tags=c.dicom_metadata)
     start = None
     if address is not None:
         def start():
-            return cluster.start(address, workers=ray_workers, runner=runner, directory=directory, top_k=top_k,
-                                 all_probs=all_probs, batch_size=batch_size, threads=threads, tta=tta,
+            return cluster.start(address, workers=c.ray_workers, engine=engine, directory=directory, top_k=top_k,
+                                 all_probs=c.all_probs, batch_size=c.batch_size, threads=c.threads, tta=c.tta,
                                  metadata=patient is not None)
-    return _run(runner, start, target=target, out=out, directory=directory, found=found, top_k=top_k,
-                all_probs=all_probs, recursive=recursive, resume=resume, overwrite=overwrite, strict=strict,
-                tta=tta, batch_size=batch_size, workers=workers or usable_cpus(), startup=startup,
-                show_progress=show_progress, patient=patient, **extra)
+    return _run(engine, start, c, target=target, directory=directory, found=found, top_k=top_k,
+                workers=c.workers or usable_cpus(), startup=startup, show_progress=show_progress, patient=patient,
+                dicom=dicom, sr_dir=sr_dir)
 
 
-def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path, found: Walk, top_k: int,
-         all_probs: bool, recursive: bool, resume: bool, overwrite: bool, strict: bool, tta: int, batch_size: int,
+def _patient(engine, source, *, directory: Path, found: Walk, use_tags: bool):
+    """The patient metadata the head gets (a `--metadata` CSV, DICOM tags, or None) and the folder's
+    DICOM scan (None without DICOM files: `batch.dicom_rows`)."""
+    from skinclf.batch import dicom_rows
+    from skinclf.batch.patient import join, metadata_head
+
+    dicom = dicom_rows.scan(directory, found.files)
+    dicom = dicom if dicom.files else None
+    head = metadata_head(engine) if source is not None else None
+    use_tags = use_tags and dicom is not None and any(t.has_metadata for t in dicom.tags.values())
+    if use_tags and head is None:
+        from skinclf.model.patient_head import load_head
+
+        head = load_head(engine.meta, path=engine.path)  # a model without a head: the tags go unused
+        use_tags = head is not None and not (head.needs_features and not engine.features_dim)
+    if source is None and not use_tags:
+        return None, dicom
+    joined = join(source, found.files) if source is not None else None
+    sources = dicom_rows.Sources(joined, dicom or dicom_rows.DicomScan(), use_tags=use_tags)
+    return PatientData(source=source, joined=sources, head=head), dicom
+
+
+def _run(engine, start, config: PredictConfig, *, target: Path | None, directory: Path, found: Walk, top_k: int,
          workers: int, startup: float, show_progress: bool | None, patient: PatientData | None, dicom=None,
          sr_dir: Path | None = None) -> PredictSummary:
     """Open the output, classify what is left to do (here, or on the workers of the cluster that
     `start` connects to, once the output is open), finish."""
-    joined = patient.joined if patient is not None else None
-    from skinclf.batch import dicom_rows  # issue 32
+    c = config
+    from skinclf.batch import dicom_rows
 
-    header = (columns(runner.classes, top_k, all_probs) + (["metadata"] if joined is not None else [])
+    joined = patient.joined if patient is not None else None
+    header = (columns(engine.classes, top_k, c.all_probs) + (["metadata"] if joined is not None else [])
               + ([dicom_rows.SOP_COLUMN] if dicom is not None else []))
     sha = patient.source.sha256 if patient is not None and patient.source is not None else ""
-    run = run_record(identity=runner.identity(), engine=runner.name, top_k=top_k, all_probs=all_probs, tta=tta,
+    run = run_record(identity=engine.identity(), engine=engine.name, top_k=top_k, all_probs=c.all_probs, tta=c.tta,
                      directory=directory, metadata=sha + ("+dicom" if joined is not None and joined.tag_metas else ""))
     files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
-    output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run)
+    output = open_output(target, header, resume=c.resume, overwrite=c.overwrite, files=files, run=run)
     todo = [f for f in found.files if f not in output.done]
-    from skinclf.batch.metadata import metadata_cell
+    from skinclf.batch.patient import metadata_cell
 
-    problems = [row(p.path, None, p.reason, runner.classes, top_k, all_probs) + metadata_cell(joined, p.path, p.reason)
+    problems = [row(p.path, None, p.reason, engine.classes, top_k, c.all_probs)
+                + metadata_cell(None if joined is None else joined.get(p.path), p.reason)
                 + dicom_rows.sop_cell(dicom, p.path) for p in found.problems]
     pool = None
     t0 = time.perf_counter()
@@ -365,13 +335,13 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
             pool = start()
             startup, t0 = startup + time.perf_counter() - t0, time.perf_counter()
         if pool is None:
-            batches = _embedded(runner, directory=directory, todo=todo, top_k=top_k, all_probs=all_probs,
-                                batch_size=batch_size, workers=workers, tta=tta, patient=patient)
+            batches = _embedded(engine, directory=directory, todo=todo, top_k=top_k, all_probs=c.all_probs,
+                                batch_size=c.batch_size, workers=workers, tta=c.tta, patient=patient)
         else:
             batches = pool.rows(todo, metas=joined.per_file if joined is not None else None)
         if dicom is not None:  # issue 32: the sop_instance_uid cell, and an SR per DICOM row with --sr
             batches = dicom_rows.with_dicom(batches, header=header, directory=directory, dicom=dicom, sr_dir=sr_dir,
-                                            model=runner.identity(), sources=joined)
+                                            model=engine.identity(), sources=joined)
         tally = _classify(output, batches, total=len(todo), problems=problems, header=header,
                           show_progress=show_progress)
     except KeyboardInterrupt:
@@ -387,13 +357,13 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
             pool.close()
     seconds = time.perf_counter() - t0
     if target is not None:
-        tally = _finish(output, runner=runner, directory=directory, header=header, files=len(found.files), run=run,
-                        options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive, "tta": tta,
-                                 "engine": runner.name, **({"metadata": joined.record()} if joined is not None else {})},
+        tally = _finish(output, engine=engine, directory=directory, header=header, files=len(found.files), run=run,
+                        options={"top_k": top_k, "all_probs": c.all_probs, "recursive": c.recursive, "tta": c.tta,
+                                 "engine": engine.name, **({"metadata": joined.record()} if joined is not None else {})},
                         cluster=pool.describe() if pool is not None else None)
     problem_paths = {p.path for p in found.problems}
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
-                             errors=tally.errors, seconds=seconds, model=runner.identity(), startup_seconds=startup,
+                             errors=tally.errors, seconds=seconds, model=engine.identity(), startup_seconds=startup,
                              unreadable=len(problem_paths), warnings=tally.warned, skipped=found.skipped,
                              skipped_examples=found.skipped_examples,
                              dropped=len([p for p in output.dropped if p not in problem_paths]),
@@ -401,12 +371,12 @@ def _run(runner, start, *, target: Path | None, out: Path | str, directory: Path
                              cluster=pool.describe() if pool is not None else None,
                              metadata=joined.record() if joined is not None else None,
                              notes=joined.notes() if joined is not None else [])
-    if strict and tally.errors:
-        raise SkinclfError(_strict_message(summary, out))
+    if c.strict and tally.errors:
+        raise SkinclfError(_strict_message(summary, c.out))
     return summary
 
 
-def _finish(output, *, runner, directory: Path, header: list[str], files: int, run: dict,
+def _finish(output, *, engine, directory: Path, header: list[str], files: int, run: dict,
             options: dict[str, Any], cluster: dict[str, Any] | None = None) -> _Tally:
     """Move the CSV into place and write its sidecar; returns the tally over every row (kept ones too)."""
     lines = output.finish()
@@ -414,8 +384,8 @@ def _finish(output, *, runner, directory: Path, header: list[str], files: int, r
     tally.add(lines[1:], header)
     resume = sidecar_record(target=output.target, run=run, keys=output.record.keys, paths=[r[0] for r in lines[1:]],
                             kept=len(output.done), redone=output.redone)
-    _write_sidecar(output.target, bundle=runner, directory=directory, files=files, errors=tally.errors,
-                   warnings=tally.warned, options=options, ood=_ood_note(_active(runner), tally.unlike),
+    _write_sidecar(output.target, bundle=engine, directory=directory, files=files, errors=tally.errors,
+                   warnings=tally.warned, options=options, ood=_ood_note(_active(engine), tally.unlike),
                    resume=resume, cluster=cluster)
     output.forget_record()
     return tally

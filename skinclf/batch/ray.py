@@ -16,6 +16,9 @@ record); this module only replaces the loop that classifies the files still to d
   send a batch again: the driver checks every row against the list it sent, drops a row it
   already has, and fails, naming the `.partial` to resume, if a row is missing or out of place.
 
+This module is the driver; the address is parsed in `ray_address`, the network namespace made in
+`ray_netns`, the actor lives in `ray_actor` and the test hooks in `ray_hooks`.
+
 Privacy and security: Ray's usage statistics stay off unless `SKINCLF_RAY_USAGE_STATS=1`; no
 dashboard; `local` starts Ray in a network namespace of its own (loopback only), since Ray
 otherwise listens on every interface of the machine (`SKINCLF_RAY_LISTEN=all` opts out).
@@ -24,81 +27,28 @@ otherwise listens on every interface of the machine (`SKINCLF_RAY_LISTEN=all` op
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from bisect import bisect_left
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from skinclf.batch.ray_actor import Classifier
+from skinclf.batch.ray_address import INSTALL, Address, parse_address, ray_installed, require_ray
+from skinclf.batch.ray_hooks import driver_hang
+from skinclf.batch.ray_netns import LISTEN_ENV, loopback_only, loopback_up, may_listen
+from skinclf.checks import at_least
 from skinclf.errors import SkinclfError
-from skinclf.options import at_least
 
-INSTALL = 'pip install "skinclf[ray]"'
-LISTEN_ENV = "SKINCLF_RAY_LISTEN"  # "all": a local Ray may listen on this machine's network addresses
 USAGE_ENV = "SKINCLF_RAY_USAGE_STATS"  # "1": let Ray send its usage statistics (off by default)
-NETNS_ENV = "SKINCLF_RAY_NETNS"  # set by `isolate` before it re-runs the command in a namespace
-# Test hooks (tests/test_ray.py): the first actor call that creates this marker file exits at
-# once, as a killed worker would; the driver stops for good after writing its first batch.
-TEST_ACTOR_EXIT_ENV = "SKINCLF_RAY_TEST_ACTOR_EXIT"
-TEST_DRIVER_HANG_ENV = "SKINCLF_RAY_TEST_DRIVER_HANG"
 ACTOR_CPUS = 0.5  # two actors and Ray Data's own tasks fit on 2 CPUs (1 CPU each deadlocks there)
 OBJECT_STORE_BYTES = 512 * 2**20  # a local Ray holds paths, rows and the model: little
-ADDRESS_HELP = "use local (a Ray on this machine), auto (the cluster in RAY_ADDRESS or running here) or ray://HOST:PORT"
-_CLIENT = re.compile(r"ray://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(?P<port>[0-9]{1,5})")
-
-
-@dataclass(frozen=True)
-class Address:
-    """A checked `--ray` value: `kind` is local, auto or ray:// (what the sidecar records)."""
-
-    kind: str
-    value: str
-
-
-def parse_address(text: str) -> Address:
-    """`--ray TEXT` checked, before any work."""
-    value = (text or "").strip()
-    if value in ("local", "auto"):
-        return Address(value, value)
-    match = _CLIENT.fullmatch(value)
-    if match and 1 <= int(match["port"]) <= 65535:
-        return Address("ray://", value)
-    if value.startswith("ray://"):
-        return _bad(text, "a Ray Client address is ray://HOST:PORT with a port 1..65535, e.g. ray://10.0.0.5:10001")
-    return _bad(text, ADDRESS_HELP)
-
-
-def _bad(text: str, why: str):
-    raise SkinclfError(f"--ray {text!r}: {why}")
-
-
-def ray_installed() -> bool:
-    try:
-        return importlib.util.find_spec("ray") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def require_ray() -> None:
-    """Ray and Ray Data importable, or one line saying how to install them."""
-    try:
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise SkinclfError(f"--ray needs Ray (with Ray Data), which is not installed: {INSTALL}") from None
 
 
 def check(text: str, *, engine: str, workers: int) -> Address:
@@ -109,143 +59,11 @@ def check(text: str, *, engine: str, workers: int) -> Address:
         raise SkinclfError("--ray runs the model's ONNX form with ONNX Runtime on the workers: drop --engine keras")
     if not ray_installed():
         raise SkinclfError(f"--ray needs Ray (with Ray Data), which is not installed: {INSTALL}")
-    if address.kind == "local" and not _may_listen():
+    if address.kind == "local" and not may_listen():
         raise SkinclfError(f"--ray local would let Ray listen on this machine's network addresses: run it with the "
                            f"skinclf command (which starts Ray in a network namespace of its own, loopback only), or "
                            f"set {LISTEN_ENV}=all to allow it (trusted networks only)")
     return address
-
-
-# --- Loopback only: a network namespace of our own -------------------------------------------------
-def loopback_only() -> bool:
-    """True when this process's network namespace has no interface but loopback."""
-    try:
-        lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
-    except OSError:
-        return False
-    names = {line.split(":", 1)[0].strip() for line in lines if ":" in line}
-    return names <= {"lo"}
-
-
-def _may_listen() -> bool:
-    return loopback_only() or os.environ.get(LISTEN_ENV) == "all"
-
-
-def _loopback_up() -> None:
-    """Bring `lo` up in a fresh namespace (it starts down; Linux then gives it 127.0.0.1)."""
-    import fcntl
-    import socket
-    import struct
-
-    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            request = struct.pack("16sH", b"lo", 0)
-            flags = struct.unpack("16sH", fcntl.ioctl(sock, siocgifflags, request)[:18])[1]
-            if not flags & iff_up:
-                fcntl.ioctl(sock, siocsifflags, struct.pack("16sH", b"lo", flags | iff_up))
-    except OSError as exc:
-        raise SkinclfError(f"cannot bring up the loopback interface of Ray's network namespace: {exc.strerror}") from None
-
-
-def isolate(text: str) -> None:
-    """For the `skinclf` command: with `--ray local`, re-run this very command inside a network
-    namespace of its own (loopback only), unless it is in one already or `SKINCLF_RAY_LISTEN=all`.
-    Returns only when nothing needs doing; refuses in one line when no namespace can be made."""
-    address = parse_address(text)
-    if address.kind != "local" or _may_listen():
-        return
-    if not ray_installed():
-        raise SkinclfError(f"--ray needs Ray (with Ray Data), which is not installed: {INSTALL}")
-    unshare = shutil.which("unshare")
-    flags = ["--net"] if os.geteuid() == 0 else ["--map-root-user", "--net"]
-    why = "the unshare command (util-linux) is not installed"
-    if unshare is not None and os.environ.get(NETNS_ENV) != "1":
-        probe = subprocess.run([unshare, *flags, "true"], capture_output=True, text=True, check=False)
-        if probe.returncode == 0:
-            os.environ[NETNS_ENV] = "1"
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execv(unshare, [unshare, *flags, "--", sys.executable, *sys.orig_argv[1:]])
-        why = " ".join((probe.stderr or "unshare failed").split())[:160]
-    elif unshare is not None:
-        why = "the namespace it made still has other interfaces"
-    raise SkinclfError(f"--ray local starts Ray in a network namespace of its own so that it listens on loopback only, "
-                       f"and none can be made here ({why}); set {LISTEN_ENV}=all to let Ray listen on this machine's "
-                       "network addresses instead (trusted networks only)")
-
-
-# --- The actors ----------------------------------------------------------------------------------
-class Classifier:
-    """One Ray actor: the model's ONNX form on ONNX Runtime, loaded once; a batch of relative
-    paths (JSON text) in, their CSV rows (JSON text, in the same order) out."""
-
-    def __init__(self, *, model: list, name: str, directory: str, top_k: int, all_probs: bool, batch_size: int,
-                 threads: int, tta: int, metadata: bool = False) -> None:
-        from skinclf import keep_private
-
-        keep_private()  # telemetry off before ONNX Runtime loads, whatever the worker's environment
-        if not Path(directory).is_dir():  # else every file would come back as a "file not found" row
-            import socket
-
-            raise SkinclfError(f"the folder {directory} is not readable on the Ray node {socket.gethostname()}: "
-                               "mount it at the same path on every node")
-        import ray
-
-        from skinclf.engines.onnx import OnnxEngine
-        from skinclf.model.onnx_meta import session
-        from skinclf.model.outlier import active_record
-
-        data = ray.get(model[0])  # the one copy in the object store, shared by the actors of a node
-        self.engine = OnnxEngine(Path(name), batch_size=batch_size, threads=threads, sess=session(data, threads=threads))
-        self.ood = active_record(self.engine.meta.get("ood"), self.engine.features_dim > 0)
-        self.root, self.top_k, self.all_probs, self.tta = Path(directory), top_k, all_probs, tta
-        self.head = None
-        if metadata:  # --metadata: the head the driver checked, from the same ONNX file
-            from skinclf.model.metadata import load_head
-
-            self.head = load_head(self.engine.meta, path=name)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from skinclf.batch.results import batch_rows
-        from skinclf.engines.runner import predict_files
-
-        _test_exit_once()
-        paths = [self.root / json.loads(p) for p in batch["path"]]
-        metas = [_meta(text) for text in batch["meta"]] if "meta" in batch else None
-        rows: list[list[str]] = []
-        for result in predict_files(self.engine, paths, image_size=self.engine.image_size,
-                                    batch_size=max(1, len(paths)), workers=1, tta=self.tta):
-            if metas is None:
-                rows += batch_rows(result, directory=self.root, classes=self.engine.classes, top_k=self.top_k,
-                                   all_probs=self.all_probs, ood=self.ood)
-            else:
-                rows += self._with_metadata(result, metas)
-        return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
-
-    def _with_metadata(self, result, metas: list) -> list[list[str]]:
-        """The rows of one batch with the metadata head applied, exactly as predict does on one machine."""
-        from dataclasses import replace
-
-        from skinclf.batch.metadata import MISSING, USED, with_metadata
-        from skinclf.batch.results import batch_rows
-
-        probs, present = with_metadata(self.head, result.logits, result.probs, metas, result.features)
-        rows = batch_rows(replace(result, probs=probs), directory=self.root, classes=self.engine.classes,
-                          top_k=self.top_k, all_probs=self.all_probs, ood=self.ood)
-        return [r + ["" if error else (USED if used else MISSING)]
-                for r, error, used in zip(rows, result.errors, present)]
-
-
-def _test_exit_once() -> None:
-    marker = os.environ.get(TEST_ACTOR_EXIT_ENV)
-    if not marker:
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os._exit(1)  # as a killed worker: no cleanup, no reply
 
 
 # --- The driver ----------------------------------------------------------------------------------
@@ -285,7 +103,7 @@ class Pool:
                     expected = _place(cells[0], todo, expected, fresh, cells)
                 if fresh:
                     yield fresh
-                    _test_hang()
+                    driver_hang()
         except SkinclfError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed job, a lost cluster: one line, rows kept
@@ -330,14 +148,6 @@ def _paths(todo: list[str], rows: int, metas: dict[str, Any] | None = None):
     return ray.data.from_arrow_refs(refs)
 
 
-def _meta(text: str):
-    """An image's PatientMeta from its `meta` cell (JSON; null: no row in the metadata file)."""
-    from skinclf.model.metadata import NO_METADATA, PatientMeta
-
-    value = json.loads(text)
-    return PatientMeta(**value) if value else NO_METADATA
-
-
 def _place(path: str, todo: list[str], expected: int, fresh: list[list[str]], cells: list[str]) -> int:
     """Take the row of `path` if it is the next one expected; drop it if already taken (a retried
     task's batch); anything else is an error. Returns the next index expected."""
@@ -355,12 +165,6 @@ def _place(path: str, todo: list[str], expected: int, fresh: list[list[str]], ce
 def _reason(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__)[:300]
-
-
-def _test_hang() -> None:
-    if os.environ.get(TEST_DRIVER_HANG_ENV) == "1":
-        while True:  # until the test kills this process
-            time.sleep(3600)
 
 
 @contextlib.contextmanager
@@ -384,7 +188,7 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def start(address: Address, *, workers: int, runner, directory: Path, top_k: int, all_probs: bool, batch_size: int,
+def start(address: Address, *, workers: int, engine, directory: Path, top_k: int, all_probs: bool, batch_size: int,
           threads: int, tta: int, metadata: bool = False) -> Pool:
     """Start (local) or join the cluster, put the model's ONNX form in its object store; a Pool."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "1" if os.environ.get(USAGE_ENV) == "1" else "0"
@@ -404,7 +208,7 @@ def start(address: Address, *, workers: int, runner, directory: Path, top_k: int
     try:
         if address.kind == "local":
             if loopback_only():
-                _loopback_up()
+                loopback_up()
             os.environ.pop("RAY_ADDRESS", None)
             temp_dir = _temp_dir()
             with _stderr_muted():
@@ -416,7 +220,7 @@ def start(address: Address, *, workers: int, runner, directory: Path, top_k: int
                 ray.init(address=address.value, **quiet)
         _quiet()
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        ref = ray.put(Path(runner.onnx_path).read_bytes())
+        ref = ray.put(Path(engine.onnx_path).read_bytes())
     except SkinclfError:
         _stop(temp_dir)
         raise
@@ -424,7 +228,7 @@ def start(address: Address, *, workers: int, runner, directory: Path, top_k: int
         _stop(temp_dir)
         where = "start Ray on this machine" if address.kind == "local" else f"connect to the Ray cluster at {address.value}"
         raise SkinclfError(f"cannot {where}: {_reason(exc)}") from None
-    constructor = {"model": [ref], "name": Path(runner.onnx_path).name, "directory": str(Path(directory).resolve()),
+    constructor = {"model": [ref], "name": Path(engine.onnx_path).name, "directory": str(Path(directory).resolve()),
                    "top_k": top_k, "all_probs": all_probs, "batch_size": batch_size, "threads": threads or 1,
                    "tta": tta, "metadata": metadata}
     return Pool(address, workers=workers or max(1, cpus), model_ref=ref, constructor=constructor,

@@ -5,7 +5,7 @@
 One row per file, `path` relative to the classified folder, probabilities to 4 decimals, an
 empty `error` on success. A folder below it that could not be read is a row too (its path ends
 in '/'), with an error. `ood_score` is higher the less an image is like the training images
-(see `skinclf.ood`). `warning` holds short cautions about a classified image (far too small for
+(see `skinclf.model.outlier` and `skinclf.trust.ood`). `warning` holds short cautions about a classified image (far too small for
 the model, unlike the training images), joined by "; " (see `warning_cell`); warnings never count
 as errors. The rows hold nothing else, so the file opens as-is in pandas or a
 spreadsheet; the model's identity and the reminder that this is not a diagnosis go in a JSON
@@ -144,21 +144,27 @@ def row(rel_path: str, probs: np.ndarray | None, error: str | None, classes: Seq
     return [*cells, score, "", warning_cell(warnings)]
 
 
-def batch_rows(batch, *, directory: Path, classes: Sequence[str], top_k: int, all_probs: bool,
-               ood) -> list[list[str]]:
-    """The CSV rows of one `engines.runner.BatchResult` (paths relative to `directory`): OOD
-    scores and flags from the same forward pass, warnings, error rows. The one place rows are
-    made from model output, on this machine or on a cluster's workers (`batch.ray`)."""
+def batch_rows(batch, *, names: Sequence[str], classes: Sequence[str], top_k: int, all_probs: bool, ood,
+               metas: Sequence | None = None, head=None) -> list[list[str]]:
+    """The CSV rows of one `engines.runner.BatchResult`, `names[i]` naming `batch`'s i-th image:
+    OOD scores and flags from the same forward pass, warnings, error rows, and with `metas` (one
+    `PatientMeta` per image: --metadata) the metadata `head` applied and the `metadata` cell.
+    The one place rows are made from model output: predict on this machine, on a cluster's
+    workers (`batch.ray`) and in `serve` (`web.classifier`); a new column is added here."""
+    from skinclf.batch.patient import metadata_cell, with_metadata
     from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
     from skinclf.model.outlier import flag
 
-    scores, flagged = flag(batch.logits, ood, batch.features)
+    scores, flagged = flag(batch.logits, ood, batch.features)  # the image's own logits, before metadata
+    probs, cells = batch.probs, [[] for _ in names]
+    if metas is not None:
+        probs, _ = with_metadata(head, batch.logits, batch.probs, list(metas), batch.features)
+        cells = [metadata_cell(meta, error) for meta, error in zip(metas, batch.errors)]
     rows = []
-    for path, probs, error, notes, score, odd in zip(batch.paths, batch.probs, batch.errors, batch.warnings,
-                                                     scores, flagged):
+    for name, p, error, notes, score, odd, cell in zip(names, probs, batch.errors, batch.warnings, scores, flagged,
+                                                       cells):
         notes = [*notes, UNLIKE_TRAINING] if odd and error is None else notes
-        rows.append(row(Path(path).relative_to(directory).as_posix(), probs, error, classes, top_k, all_probs, notes,
-                        ood_score=score))
+        rows.append(row(name, p, error, classes, top_k, all_probs, notes, ood_score=score) + cell)
     return rows
 
 

@@ -1,6 +1,7 @@
 """The `skinclf` command line: parse, call one typed library function, render.
 
-Sits above every stage and imports them only inside commands, so `--help` starts instantly.
+Sits above every stage and imports them only inside commands, so `--help` starts instantly (the one
+exception: `engines.load`, whose engine registry writes `--engine`'s help).
 Commands register on `app.app` in pipeline order; shared options live in `options`.
 """
 

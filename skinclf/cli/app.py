@@ -9,7 +9,12 @@ only by the commands that need it, so `--help`, `fetch` and `prepare` start inst
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any
 from typing import Optional
 
 import typer
@@ -183,6 +188,37 @@ def _quiet_stdout() -> None:
         pass
 
 
+def with_settings(settings_class: type, **shared: Any) -> Callable[[Callable], Callable]:
+    """Decorator: the command takes every field of the frozen dataclass `settings_class` as a
+    parameter, in field order: an option (or the argument) from the field's `config.option`
+    (flags, metavar, help, default), or for a field in `shared` that `cli.options` type with the
+    field's default. The decorated function receives one `settings_class` instance."""
+    hints = typing.get_type_hints(settings_class)
+    params = [_parameter(f, shared.get(f.name) or hints[f.name], f.name in shared)
+              for f in dataclasses.fields(settings_class)]
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def run(**given: Any) -> Any:
+            return command(settings_class(**given))
+
+        run.__signature__ = inspect.Signature(params)  # what typer reads
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        del run.__wrapped__
+        return run
+
+    return decorate
+
+
+def _parameter(f: dataclasses.Field, annotation: Any, shared: bool) -> inspect.Parameter:
+    if shared:  # an Annotated type of cli.options carries the option; the field gives the default
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=f.default)
+    meta, default = f.metadata, (... if f.default is dataclasses.MISSING else f.default)
+    declare = (typer.Argument(default, metavar=meta["metavar"], help=meta["help"]) if meta["argument"] else
+               typer.Option(default, *meta["flags"], metavar=meta["metavar"], help=meta["help"]))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=declare)
+
+
 def examples(*lines: str) -> str:
     """Help epilog listing example invocations, one per line."""
     return "**Examples**\n\n```\n" + "\n".join(lines) + "\n```"
@@ -201,33 +237,3 @@ def _main(
     ),
 ) -> None:
     """Classify dermoscopic skin-lesion images in batches."""
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

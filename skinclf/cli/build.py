@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 
 from skinclf.cli import options
-from skinclf.cli.app import Command, app, examples, out, user_errors
+from skinclf.cli.app import Command, app, examples, out, user_errors, with_settings
 from skinclf.cli.render import fmt
-from skinclf.config import CALIBRATE, ENSEMBLE, EXPORT, TRAIN
+from skinclf.config import CALIBRATE, ENSEMBLE, EXPORT, TrainConfig
 
 
 @app.command(
@@ -25,92 +25,8 @@ from skinclf.config import CALIBRATE, ENSEMBLE, EXPORT, TRAIN
         "skinclf train --resume --decision-weight mel=1.5       # re-bundle a finished run, flagging more melanomas",
     )
 )
-def train(
-    data: Path = typer.Option(TRAIN.data, "--data", metavar="PATH", help="Prepared data with train/ and val/ class folders."),
-    out_model: Path = typer.Option(TRAIN.out, "--out", metavar="PATH", help="Model bundle to write (.keras); an "
-                                   "existing one is replaced only with --overwrite."),
-    epochs: int = typer.Option(TRAIN.epochs, "--epochs", metavar="N", help="Maximum number of epochs."),
-    batch_size: int = typer.Option(TRAIN.batch_size, "--batch-size", metavar="N", help="Images per training step."),
-    lr: float = typer.Option(TRAIN.lr, "--lr", metavar="X", help="Initial learning rate (Adam); halved on plateaus down to 1e-5."),
-    weights: str = typer.Option(
-        TRAIN.weights, "--weights", metavar="TEXT", help="Initial base weights: imagenet (downloads), none, or a local weights file."
-    ),
-    trainable_layers: int = typer.Option(
-        TRAIN.trainable_layers, "--trainable-layers",
-        metavar="N", help="MobileNet layers trained from the top (3..85): 6 = block 13, 13 = blocks 12-13, 43 = blocks 7-13, 85 = all.",
-    ),
-    class_weight: str = typer.Option(
-        TRAIN.class_weight, "--class-weight",
-        metavar="TEXT", help="balanced, sqrt or none, optionally followed by NAME=WEIGHT or NAME*FACTOR changes "
-        "(e.g. `balanced,mel*2`); `NAME=WEIGHT,...` alone leaves other classes at 1."
-    ),
-    decision_weight: str = typer.Option(
-        TRAIN.decision_weight, "--decision-weight",
-        metavar="TEXT", help="Multiply class probabilities after training, e.g. mel=1.5 (more melanomas flagged, at a cost to other "
-        "classes); built into the model. Choose it on validation; with --resume it re-bundles a finished run.",
-    ),
-    loss: str = typer.Option(TRAIN.loss, "--loss", metavar="TEXT", help="crossentropy or focal."),
-    focal_gamma: float = typer.Option(TRAIN.focal_gamma, "--focal-gamma", metavar="X", help="Focusing parameter of --loss focal."),
-    monitor: str = typer.Option(
-        TRAIN.monitor, "--monitor",
-        metavar="TEXT", help="Validation metric that picks the best epoch: val_top2_accuracy, val_top1_accuracy, val_top3_accuracy, "
-        "val_balanced_accuracy or val_loss.",
-    ),
-    patience: int = typer.Option(TRAIN.patience, "--patience", metavar="N", help="Epochs without improvement before stopping early."),
-    dropout: float = typer.Option(TRAIN.dropout, "--dropout", metavar="X", help="Dropout before the classifier."),
-    label_smoothing: float = typer.Option(TRAIN.label_smoothing, "--label-smoothing", metavar="X", help="Label smoothing of the loss."),
-    seed: int = typer.Option(TRAIN.seed, "--seed", metavar="N", help="Seed for initialisation, shuffling and augmentation."),
-    image_size: int = typer.Option(TRAIN.image_size, "--image-size", metavar="N", help="Input side in pixels."),
-    alpha: float = typer.Option(TRAIN.alpha, "--alpha", metavar="X", help="MobileNet width multiplier (0.25, 0.5, 0.75, 1.0)."),
-    arch: str = typer.Option(TRAIN.arch, "--arch", metavar="NAME",
-                             help="Base network: mobilenet (v1) or mobilenetv2 (batch norms frozen; --trainable-layers 3..153)."),
-    cache_views: int = typer.Option(
-        TRAIN.cache_views, "--cache-views",
-        metavar="N", help="Cache the frozen layers' outputs for N augmented views per training image (0: augment afresh each epoch).",
-    ),
-    color_jitter: float = typer.Option(
-        TRAIN.color_jitter, "--color-jitter", metavar="X", help="Also jitter brightness, contrast and saturation by up to this share."
-    ),
-    crop_scale: float = typer.Option(
-        TRAIN.crop_scale, "--crop-scale",
-        metavar="X", help="Random resized crops covering at least this share of the image (e.g. 0.3; 0: the seed's zoom/shift).",
-    ),
-    weight_decay: float = typer.Option(
-        TRAIN.weight_decay, "--weight-decay", metavar="X", help="Decoupled weight decay: AdamW when positive (e.g. 0.05), else Adam."
-    ),
-    schedule: str = typer.Option(
-        TRAIN.schedule, "--schedule",
-        metavar="TEXT", help="Learning rate: plateau (halve when the monitor stalls) or cosine (warm-up, then cosine decay).",
-    ),
-    warmup_epochs: int = typer.Option(TRAIN.warmup_epochs, "--warmup-epochs", metavar="N", help="Warm-up epochs of --schedule cosine."),
-    train_size: int = typer.Option(
-        TRAIN.train_size, "--train-size",
-        metavar="N", help="Train small, test large (FixRes): epochs at this side in pixels, the last --fixres-epochs at --image-size "
-        "(0: all at --image-size).",
-    ),
-    fixres_epochs: int = typer.Option(TRAIN.fixres_epochs, "--fixres-epochs", metavar="N", help="Final epochs at --image-size."),
-    colour_constancy: bool = typer.Option(
-        TRAIN.colour_constancy, "--colour-constancy/--no-colour-constancy",
-        metavar="", help="Shades of Gray colour constancy as the model's first layer (applied by predict and every export too).",
-    ),
-    prior_correction: str = typer.Option(
-        TRAIN.prior_correction, "--prior-correction",
-        metavar="TEXT", help="Subtract tau x log(training class share) from the logits after training: none, fit (tau chosen on "
-        "validation balanced accuracy) or a number.",
-    ),
-    calibrate: bool = typer.Option(
-        TRAIN.calibrate, "--calibrate/--no-calibrate",
-        metavar="", help="Fit a temperature on validation after training, so probabilities mean what they say.",
-    ),
-    workers: int = typer.Option(TRAIN.workers, "--workers", metavar="N", help="Threads decoding and augmenting images."),
-    run_dir: Optional[Path] = typer.Option(
-        None, "--run-dir", metavar="PATH", help="Checkpoints, history and feature cache [default: runs/<model name>]."
-    ),
-    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the interrupted run in --run-dir."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", metavar="", help="Replace an existing --out model and start --run-dir's checkpoints over."
-    ),
-) -> None:
+@with_settings(TrainConfig)
+def train(config: TrainConfig) -> None:
     """Fine-tune ImageNet MobileNet (1.0, 224) on the prepared images, class-weighted and augmented.
 
     Keeps the epoch with the best validation top-2 accuracy (see --monitor), halves the learning
@@ -121,16 +37,7 @@ def train(
     with user_errors():
         from skinclf.training.train import train_model
 
-        result = train_model(
-            data=data, out=out_model, epochs=epochs, batch_size=batch_size, lr=lr, weights=weights,
-            trainable_layers=trainable_layers, class_weight=class_weight, decision_weight=decision_weight, loss=loss,
-            focal_gamma=focal_gamma, monitor=monitor, patience=patience, dropout=dropout, label_smoothing=label_smoothing, seed=seed,
-            image_size=image_size, alpha=alpha, cache_views=cache_views, color_jitter=color_jitter,
-            crop_scale=crop_scale, weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
-            train_size=train_size, fixres_epochs=fixres_epochs, colour_constancy=colour_constancy,
-            prior_correction=prior_correction, calibrate=calibrate, workers=workers, arch=arch, run_dir=run_dir,
-            resume=resume, overwrite=overwrite,
-        )
+        result = train_model(config)
     val = result.val_metrics
     mel = val.get("melanoma", {}).get("at_decision", {})
     out.print(

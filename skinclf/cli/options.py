@@ -7,12 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from skinclf.engines.load import engine_help  # the registered engines (the one stage import at startup)
+
 Model = Annotated[Optional[Path], typer.Option(
     "--model", metavar="PATH",
     help="Model bundle (.keras, or its .onnx form) [default: $SKINCLF_MODEL, else the bundled model].")]
-Engine = Annotated[str, typer.Option(
-    "--engine", metavar="NAME",
-    help="auto (ONNX Runtime when the model has an up-to-date .onnx beside it or is one, else Keras), onnx or keras.")]
+Engine = Annotated[str, typer.Option("--engine", metavar="NAME", help=engine_help())]
 Threads = Annotated[int, typer.Option("--threads", metavar="N", help="ONNX Runtime threads (0: one per usable CPU).")]
 Workers = Annotated[int, typer.Option("--workers", metavar="N", help="Threads decoding images (0: one per usable CPU).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per model call.")]

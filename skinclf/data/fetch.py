@@ -25,10 +25,10 @@ from typing import Any
 
 from skinclf import ui
 from skinclf.config import FETCH
-from skinclf.errors import SkinclfError
-from skinclf.files import atomic_path, check_output_dir, link_or_copy, new_folders
 from skinclf.data.images import ImageError, load_image
 from skinclf.data.layout import IMAGE_DIRS, METADATA_FILE, read_metadata
+from skinclf.errors import SkinclfError
+from skinclf.files import atomic_path, check_output_dir, link_or_copy, new_folders
 
 KAGGLE_URL = "https://www.kaggle.com/datasets/{dataset}"
 _DOWNLOAD_DIR = ".download"

@@ -11,14 +11,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from skinclf.errors import SkinclfError
 from skinclf.data.images import is_image_file
+from skinclf.errors import SkinclfError
 
 METADATA_FILE = "HAM10000_metadata.csv"
 IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx")
 MODEL_ENV = "SKINCLF_MODEL"
 BUNDLED_MODEL = "skinclf-mobilenet.keras"
+
+
+def model_path(model: Path | str | None = None) -> Path:
+    """`model` as a path, or the default model when none is given (`default_model_path`)."""
+    return Path(model) if model else default_model_path()
 
 
 def default_model_path() -> Path:

@@ -28,7 +28,7 @@ from skinclf.files import (
     link_or_copy,
     sha256_text,
 )
-from skinclf.options import at_least
+from skinclf.checks import at_least
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "prepare.json"

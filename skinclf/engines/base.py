@@ -16,21 +16,17 @@ returns them (preprocessing lives inside the model).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from skinclf.model.meta import ModelInfo
+from skinclf.model.bundle_meta import ModelInfo
+from skinclf.model.posthoc import softmax as _softmax
 
-ENGINES = ("auto", "keras", "onnx")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype="float32")
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+# The one softmax (`model.posthoc`), in float32 as every engine computes it.
+softmax = partial(_softmax, dtype="float32")
 
 
 class Engine(ModelInfo):

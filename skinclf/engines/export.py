@@ -22,9 +22,10 @@ import numpy as np
 
 from skinclf import __version__
 from skinclf.config import EXPORT
-from skinclf.data.layout import default_model_path
+from skinclf.data.layout import model_path
 from skinclf.errors import SkinclfError
-from skinclf.files import MODEL, ONNX, atomic_path, check_output_file
+from skinclf.files import atomic_path, check_output_file
+from skinclf.own_outputs import MODEL, ONNX
 
 FORMATS = ("onnx", "onnx-int8", "tflite", "tfjs")
 SUFFIX = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "tflite": ".tflite", "tfjs": ""}
@@ -127,7 +128,7 @@ def _onnx_run(data: bytes, images: np.ndarray, *, batch: int = 16) -> np.ndarray
     """Probabilities of an exported graph: its features, the numpy head, the softmax."""
     from skinclf.engines.base import softmax
     from skinclf.model.head import HEAD_KEY, LinearHead
-    from skinclf.model.onnx_meta import session
+    from skinclf.engines.onnx import session
 
     sess = session(data)
     head = LinearHead.from_json(sess.get_modelmeta().custom_metadata_map[HEAD_KEY])
@@ -139,7 +140,7 @@ def _check_features(data: bytes, images: np.ndarray, folded, tolerance: float) -
     """The ONNX `features` output against the Keras engine's pooled features on the probe images
     (what the out-of-distribution score reads); raises like `_check`."""
     from skinclf.engines.keras import features_model
-    from skinclf.model.onnx_meta import session
+    from skinclf.engines.onnx import session
 
     sess = session(data)
     exported = np.concatenate([sess.run(["features"], {"image": images[i : i + 16]})[0]
@@ -273,7 +274,7 @@ def _format_for(format: str | None, out: Path | None) -> str:  # noqa: A002 - th
 def _paths(*, format: str | None, model: Path | None, out: Path | None, overwrite: bool) -> tuple[str, Path, Path]:
     """The format, the bundle and the output file, all checked before the minutes of converting."""
     format = _format_for(format, out)
-    path = Path(model or default_model_path())
+    path = model_path(model)
     if path.suffix != ".keras":
         raise SkinclfError(f"{path}: export converts a .keras bundle (e.g. models/skinclf-mobilenet.keras)")
     out = Path(out) if out is not None else path.with_name(path.stem + SUFFIX[format])
@@ -284,7 +285,7 @@ def _paths(*, format: str | None, model: Path | None, out: Path | None, overwrit
     check_output_file(out, example=path.stem + SUFFIX[format], kind=ONNX if format.startswith("onnx") else MODEL,
                       overwrite=overwrite)
     if format.startswith("onnx"):
-        from skinclf.model.onnx_meta import onnxruntime_available
+        from skinclf.engines.onnx import onnxruntime_available
 
         if not onnxruntime_available():
             raise SkinclfError("skinclf export needs ONNX Runtime to check the export: pip install onnxruntime")

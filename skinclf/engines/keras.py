@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from skinclf.engines.base import Engine
+from skinclf.engines.registry import register_engine
 
 
 class KerasEngine(Engine):
@@ -56,7 +57,7 @@ def features_model(model):
     functional graph (MobileNetV2's residual blocks too): each network is cloned, so its pooling
     layer has one call site to read the output of."""
     from skinclf.backend import load_keras
-    from skinclf.model.ensemble import members
+    from skinclf.model.ensemble_graph import members
 
     keras = load_keras()
     pooling = keras.layers.GlobalAveragePooling2D
@@ -121,3 +122,13 @@ def predictor(model, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
         return np.asarray(out, dtype="float32")[:n]
 
     return run
+
+
+@register_engine("keras", suffixes=(".keras",), extra='pip install "skinclf[train]"',
+                 available=lambda: keras_available())
+def load_keras_engine(path: Path, *, batch_size: int, threads: int | None = None,
+                      model_path: Path | None = None) -> KerasEngine:
+    """A `.keras` bundle on Keras (`threads` and `model_path` are the ONNX engine's: unused here)."""
+    from skinclf.model.bundle import load_bundle
+
+    return KerasEngine(load_bundle(path), batch_size=batch_size)

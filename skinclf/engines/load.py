@@ -1,4 +1,9 @@
-"""Choose and load an engine for a model path: Keras for `.keras`, ONNX Runtime for `.onnx` (auto: the light one)."""
+"""Choose and load an engine for a model path, from the registered engines (`engines.registry`).
+
+A file one engine runs directly (an exported `.onnx`, or a suffix a new engine registers) goes
+to that engine; a `.keras` bundle goes to ONNX Runtime when it has an up-to-date ONNX form beside
+it (auto: the light one), else to Keras.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,13 @@ import os
 from pathlib import Path
 
 from skinclf import ui
-from skinclf.engines.base import ENGINES, Engine
-from skinclf.engines.keras import KerasEngine, keras_available
+from skinclf.checks import at_least
+from skinclf.engines import onnx as onnx_engine
+from skinclf.engines.base import Engine
+from skinclf.engines.keras import keras_available, load_keras_engine
+from skinclf.engines.registry import AUTO, engine_choices, engine_for, model_suffixes, registered
 from skinclf.errors import SkinclfError
+from skinclf.files import sha256_file
 
 
 def onnx_form(path: Path) -> Path:
@@ -16,22 +25,32 @@ def onnx_form(path: Path) -> Path:
     return Path(path).with_suffix(".onnx")
 
 
-def load_engine(path: Path, *, engine: str = "auto", batch_size: int = 16, threads: int | None = None) -> Engine:
-    """Load the model at `path` with the runtime `engine` (auto, keras or onnx).
+def engine_help() -> str:
+    """`--engine`'s help, from the registered engines."""
+    names = list(engine_choices()[1:])
+    listed = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    return f"auto (ONNX Runtime when the model has an up-to-date .onnx beside it or is one, else Keras), {listed}."
 
-    auto: ONNX Runtime when the model has an ONNX form (a `.onnx` passed as `path`, or the
-    `.onnx` beside the `.keras` whose metadata names this bundle's SHA-256) and onnxruntime
-    is installed, else Keras (with a warning when that ONNX form cannot be loaded). `threads`:
-    ONNX Runtime intra-op threads (default: usable CPUs). A model named by $SKINCLF_MODEL that
-    cannot be loaded says so, since the user may not know the variable is set.
+
+def load_engine(path: Path | None = None, *, engine: str = AUTO, batch_size: int = 16,
+                threads: int | None = None) -> Engine:
+    """Load the model at `path` (None: $SKINCLF_MODEL, else the bundled model) with the runtime
+    `engine` (auto, or a registered engine's name: keras, onnx, ...).
+
+    auto: a file an engine runs directly goes to it; a `.keras` bundle goes to ONNX Runtime when
+    it has an ONNX form (the `.onnx` beside it whose metadata names this bundle's SHA-256) and
+    onnxruntime is installed, else to Keras (with a warning when that ONNX form cannot be
+    loaded). `threads`: ONNX Runtime intra-op threads (default: usable CPUs). A model named by
+    $SKINCLF_MODEL that cannot be loaded says so, since the user may not know the variable is set.
     """
-    from skinclf.data.layout import MODEL_ENV
+    from skinclf.data.layout import MODEL_ENV, model_path
 
+    path = model_path(path)
     from_env = os.environ.get(MODEL_ENV)
     try:
-        return _load(Path(path), engine=engine, batch_size=batch_size, threads=threads)
+        return _load(path, engine=engine, batch_size=batch_size, threads=threads)
     except SkinclfError as exc:
-        if from_env and Path(from_env) == Path(path):
+        if from_env and Path(from_env) == path:
             raise SkinclfError(f"{MODEL_ENV}={from_env}: {exc} (unset {MODEL_ENV} to use the bundled model, or pass "
                                "--model)") from None
         raise
@@ -39,54 +58,70 @@ def load_engine(path: Path, *, engine: str = "auto", batch_size: int = 16, threa
 
 def _check_model_file(path: Path) -> None:
     if path.is_dir():
-        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".keras", ".onnx"))
-        inside = f"; it holds {', '.join(found)}: pass one of them" if found else "; it holds no .keras or .onnx model"
+        suffixes = model_suffixes()
+        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in suffixes)
+        inside = (f"; it holds {', '.join(found)}: pass one of them" if found
+                  else f"; it holds no {' or '.join(suffixes)} model")
         raise SkinclfError(f"model {path} is a folder, not a model file{inside}")
     if not path.is_file():
         raise SkinclfError(f"model file not found: {path}")
 
 
-def _load(path: Path, *, engine: str, batch_size: int, threads: int | None) -> Engine:
-    if engine not in ENGINES:
-        raise SkinclfError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if batch_size < 1:
-        raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
-    if threads is not None and threads < 0:
-        raise SkinclfError(f"--threads {threads}: must be at least 1 (0: one per usable CPU)")
-    from skinclf.engines.onnx import OnnxEngine
-    from skinclf.files import sha256_file
-    from skinclf.model.onnx_meta import onnxruntime_available, session
+def _check_options(engine: str, batch_size: int, threads: int | None) -> None:
+    if engine not in engine_choices():
+        raise SkinclfError(f"--engine {engine!r}: choose one of {', '.join(engine_choices())}")
+    at_least("--batch-size", batch_size, 1)
+    if threads is not None:
+        at_least("--threads", threads, 0)  # 0: one per usable CPU
 
+
+def _load(path: Path, *, engine: str, batch_size: int, threads: int | None) -> Engine:
+    _check_options(engine, batch_size, threads)
     _check_model_file(path)
-    if path.suffix.lower() == ".onnx":
+    spec = engine_for(path)
+    if spec is not None and spec.name != "keras":  # a file of one engine's own (an exported .onnx, ...)
         if engine == "keras":
             raise SkinclfError(f"--engine keras runs a .keras bundle, not {path}: pass --model "
-                               f"{path.with_suffix('.keras')} or --engine onnx")
-        return OnnxEngine(path, batch_size=batch_size, threads=threads or None)
+                               f"{path.with_suffix('.keras')} or --engine {spec.name}")
+        if engine not in (AUTO, spec.name):
+            raise SkinclfError(f"--engine {engine} does not run {path} (a {path.suffix} file runs on "
+                               f"--engine {spec.name})")
+        return spec.load(path, batch_size=batch_size, threads=threads or None)
+    if engine not in (AUTO, "keras", "onnx"):
+        raise SkinclfError(f"--engine {engine} does not run the bundle {path}: pass a "
+                           f"{' or '.join(registered()[engine].suffixes)} model")
+    return _load_bundle(path, engine=engine, batch_size=batch_size, threads=threads)
+
+
+def _onnx_form(path: Path, *, engine: str, batch_size: int, threads: int | None, export: str) -> tuple[Engine | None, str]:
+    """The bundle's up-to-date ONNX form on ONNX Runtime, or None and why not."""
+    candidate = onnx_form(path)
+    if not candidate.is_file():
+        return None, f"no {candidate.name} beside it"
+    if not onnx_engine.onnxruntime_available():
+        return None, "onnxruntime is not installed"
+    try:
+        onnx = onnx_engine.load_onnx(candidate, batch_size=batch_size, threads=threads or None, model_path=path)
+    except SkinclfError as exc:  # corrupt or foreign: the .keras still works
+        if engine == "onnx" or not keras_available():
+            raise
+        ui.stderr.print(f"Warning: {exc}; using {path.name} with Keras instead (re-export it: {export})",
+                        markup=False, highlight=False, soft_wrap=True)
+        return None, f"{candidate.name} cannot be loaded"
+    if onnx.source_sha256 == sha256_file(path):
+        return onnx, ""
+    return None, f"{candidate.name} was exported from another version of {path.name}"
+
+
+def _load_bundle(path: Path, *, engine: str, batch_size: int, threads: int | None) -> Engine:
     export = f"skinclf export {path} --format onnx --out {onnx_form(path)}"
-    if engine in ("auto", "onnx"):
-        if engine == "onnx" and not onnxruntime_available():
+    if engine in (AUTO, "onnx"):
+        if engine == "onnx" and not onnx_engine.onnxruntime_available():
             raise SkinclfError('--engine onnx needs ONNX Runtime, which is not installed: pip install onnxruntime '
                                '(or --engine keras)')
-        candidate = onnx_form(path)
-        if not candidate.is_file():
-            reason = f"no {candidate.name} beside it"
-        elif not onnxruntime_available():
-            reason = "onnxruntime is not installed"
-        else:
-            try:
-                onnx = OnnxEngine(candidate, batch_size=batch_size, threads=threads or None,
-                                  sess=session(candidate, threads=threads or None), model_path=path)
-            except SkinclfError as exc:  # corrupt or foreign: the .keras still works
-                if engine == "onnx" or not keras_available():
-                    raise
-                ui.stderr.print(f"Warning: {exc}; using {path.name} with Keras instead (re-export it: {export})",
-                                markup=False, highlight=False, soft_wrap=True)
-                onnx, reason = None, f"{candidate.name} cannot be loaded"
-            if onnx is not None and onnx.source_sha256 == sha256_file(path):
-                return onnx
-            if onnx is not None:
-                reason = f"{candidate.name} was exported from another version of {path.name}"
+        onnx, reason = _onnx_form(path, engine=engine, batch_size=batch_size, threads=threads, export=export)
+        if onnx is not None:
+            return onnx
         if engine == "onnx":
             raise SkinclfError(f"--engine onnx: {path} has no up-to-date ONNX form ({reason}); create it: {export}")
         if not keras_available():
@@ -95,6 +130,4 @@ def _load(path: Path, *, engine: str, batch_size: int, threads: int | None) -> E
     elif not keras_available():
         raise SkinclfError('--engine keras needs TensorFlow, which this install leaves out: '
                            'pip install "skinclf[train]" (or --engine onnx)')
-    from skinclf.model.bundle import load_bundle
-
-    return KerasEngine(load_bundle(path), batch_size=batch_size)
+    return load_keras_engine(path, batch_size=batch_size)

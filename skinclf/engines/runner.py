@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from skinclf.checks import one_of
 from skinclf.config import TTA_CHOICES
 from skinclf.data.images import ImageError, load_image
-from skinclf.errors import SkinclfError
 from skinclf.parallel import in_background
 
 
@@ -53,8 +53,7 @@ _VIEWS = (
 
 def with_tta(run: Callable[[np.ndarray], np.ndarray], tta: int) -> Callable[[np.ndarray], np.ndarray]:
     """Average `run` over the first `tta` flips/rotations of each batch (tta=1: no averaging)."""
-    if tta not in TTA_CHOICES:
-        raise SkinclfError(f"--tta {tta}: choose one of {', '.join(map(str, TTA_CHOICES))}")
+    one_of("--tta", tta, TTA_CHOICES)
     if tta == 1:
         return run
     return lambda x: np.mean([run(np.ascontiguousarray(view(x))) for view in _VIEWS[:tta]], axis=0)
@@ -77,8 +76,7 @@ def engine_tta(engine, tta: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.
     features are None when the engine gives none."""
     from skinclf.engines.base import softmax
 
-    if tta not in TTA_CHOICES:
-        raise SkinclfError(f"--tta {tta}: choose one of {', '.join(map(str, TTA_CHOICES))}")
+    one_of("--tta", tta, TTA_CHOICES)
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         outs = [engine.forward(np.ascontiguousarray(view(x))) for view in _VIEWS[:tta]]

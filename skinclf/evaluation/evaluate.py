@@ -22,13 +22,13 @@ import pandas as pd
 
 from skinclf import __version__
 from skinclf.batch.results import probabilities, read_predictions, sidecar_path
-from skinclf.config import EVALUATE, TTA_CHOICES
-from skinclf.data.layout import default_model_path, list_labelled_images
+from skinclf.config import EVALUATE, EvaluateConfig
+from skinclf.data.layout import list_labelled_images, model_path
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.seen import SeenImages, seen_images, seen_report
-from skinclf.files import JSON, PNG, atomic_write_json, check_output_dir, check_output_files, sha256_file, sha256_text
+from skinclf.files import atomic_write_json, check_output_dir, check_output_files, sha256_file, sha256_text
+from skinclf.own_outputs import JSON, PNG
 from skinclf.metrics import classification_report
-from skinclf.options import at_least, one_of
 
 # What evaluate writes into --out.
 REPORT_FILES = {"report.json": JSON, "confusion_matrix.png": PNG, "roc.png": PNG, "history.png": PNG,
@@ -141,21 +141,21 @@ def evaluate_model(
     """Run a model over a labelled folder (with `engine`: auto, keras or onnx) and write the report into `out`.
     With `metadata` (a CSV as `predict --metadata` reads it), the report's `metadata` section has
     the figures with and without the model's metadata head on the same images."""
-    from skinclf.batch.metadata import join, metadata_head, read_metadata, with_metadata
+    from skinclf.batch.patient import join, metadata_head, read_metadata, with_metadata
     from skinclf.engines.load import load_engine
     from skinclf.engines.runner import predict_files
     from skinclf.parallel import usable_cpus
 
     _check_sensitivity(mel_sensitivity)
     source = read_metadata(Path(metadata)) if metadata is not None else None
-    bundle = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size, threads=threads or None)
-    head = metadata_head(bundle) if source is not None else None
+    engine = load_engine(model, engine=engine, batch_size=batch_size, threads=threads or None)
+    head = metadata_head(engine) if source is not None else None
     data = Path(data)
-    images = list_labelled_images(data, classes=tuple(bundle.classes))
+    images = list_labelled_images(data, classes=tuple(engine.classes))
     rels = [p.relative_to(data).as_posix() for p in images.paths]
     joined = join(source, rels) if source is not None else None
     probs_parts, meta_parts, used_parts, unreadable = [], [], [], []
-    for batch in predict_files(bundle, images.paths, image_size=bundle.image_size, batch_size=batch_size,
+    for batch in predict_files(engine, images.paths, image_size=engine.image_size, batch_size=batch_size,
                                workers=workers or usable_cpus(), tta=tta):
         probs_parts.append(batch.probs)
         if joined is not None:
@@ -171,8 +171,8 @@ def evaluate_model(
     y_true = np.asarray(images.labels)[ok]
     report = {
         "skinclf": __version__,
-        **classification_report(y_true, probs[ok], bundle.classes, mel_sensitivity=mel_sensitivity),
-        "model": bundle.identity(),
+        **classification_report(y_true, probs[ok], engine.classes, mel_sensitivity=mel_sensitivity),
+        "model": engine.identity(),
         "data": {
             "path": str(data),
             "images": len(images.paths),
@@ -180,17 +180,17 @@ def evaluate_model(
             "unreadable": unreadable,
             "fingerprint": sha256_text("\n".join(f"{p.parent.name}/{p.name}" for p in images.paths)),
         },
-        "provenance": provenance(bundle.meta, data),
-        "seen": seen_report([p.stem for p, good in zip(images.paths, ok) if good], y_true, probs[ok], bundle.classes,
-                            seen_images(bundle.meta, split=split, near=data.parent), mel_sensitivity=mel_sensitivity),
+        "provenance": provenance(engine.meta, data),
+        "seen": seen_report([p.stem for p, good in zip(images.paths, ok) if good], y_true, probs[ok], engine.classes,
+                            seen_images(engine.meta, split=split, near=data.parent), mel_sensitivity=mel_sensitivity),
         "tta": tta,
         "calibration": calibration_section(probs[ok], y_true, exact=True),
     }
     if joined is not None:
         report["metadata"] = metadata_section(y_true, probs[ok], np.concatenate(meta_parts)[ok],
-                                              np.concatenate(used_parts)[ok], bundle.classes, joined)
+                                              np.concatenate(used_parts)[ok], engine.classes, joined)
     out = Path(out)
-    return Evaluation(report, out, _write(report, out, y_true, probs[ok], bundle.meta.get("history")))
+    return Evaluation(report, out, _write(report, out, y_true, probs[ok], engine.meta.get("history")))
 
 
 def _headline(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -287,7 +287,7 @@ def evaluate_predictions(
 def _seen_for_predictions(model: Path | None, model_info: dict | None, split: Path | None) -> SeenImages | None:
     """The training images of the model behind a predictions CSV: `--model`, else the model its
     sidecar names if that file is still the same model."""
-    from skinclf.model.onnx_meta import read_model_meta
+    from skinclf.engines.onnx import read_model_meta
 
     if model is None and model_info and Path(model_info["path"]).is_file():
         if sha256_file(Path(model_info["path"])) == model_info.get("sha256"):
@@ -298,9 +298,9 @@ def _seen_for_predictions(model: Path | None, model_info: dict | None, split: Pa
 
 def plot_history(*, model: Path | None = None, out: Path = EVALUATE.out) -> Path:
     """Write the training curves stored in a model bundle as `history.png`."""
-    from skinclf.model.meta import read_bundle_meta
+    from skinclf.model.bundle_meta import read_bundle_meta
 
-    path = model or default_model_path()
+    path = model_path(model)
     meta = read_bundle_meta(path)
     history = meta.get("history") or _first_member_history(meta)
     if not history and meta.get("members"):
@@ -321,42 +321,22 @@ def _first_member_history(meta: dict[str, Any]) -> list:
     return next((m["history"] for m in meta.get("members", []) if m.get("history")), [])
 
 
-def run_evaluation(
-    *,
-    model: Path | None = None,
-    data: Path = EVALUATE.data,
-    out: Path = EVALUATE.out,
-    predictions: Path | None = None,
-    truth: Path | None = None,
-    history: bool = False,
-    mel_sensitivity: float = EVALUATE.mel_sensitivity,
-    batch_size: int = EVALUATE.batch_size,
-    tta: int = 1,
-    split: Path | None = None,
-    engine: str = EVALUATE.engine,
-    threads: int = EVALUATE.threads,
-    overwrite: bool = False,
-    metadata: Path | None = None,
-) -> Evaluation:
-    """The `evaluate` command: training curves only (`history`), a predictions CSV against
-    `truth`, or the model over the labelled folder `data`. Files in `out` that an earlier
-    evaluate did not write are replaced only with `overwrite`."""
-    at_least("--batch-size", batch_size, 1, example=EVALUATE.batch_size)
-    one_of("--tta", tta, TTA_CHOICES)
-    check_output_dir(Path(out))
-    check_output_files(Path(out), {"history.png": PNG} if history else REPORT_FILES, overwrite=overwrite)
-    if history:
-        return Evaluation(report={}, out=Path(out), files=[plot_history(model=model, out=out)])
-    if (predictions is None) != (truth is None):
-        raise SkinclfError("--predictions and --truth go together")
-    if metadata is not None and predictions is not None:
-        raise SkinclfError("--metadata goes with a model run over --data (a predict CSV already has its answers: "
-                           "run predict with --metadata)")
-    if predictions is not None:
-        return evaluate_predictions(predictions=predictions, truth=truth, out=out, mel_sensitivity=mel_sensitivity,
-                                    model=model, split=split)
-    return evaluate_model(model=model, data=data, out=out, mel_sensitivity=mel_sensitivity, batch_size=batch_size,
-                          tta=tta, split=split, engine=engine, threads=threads, metadata=metadata)
+def run_evaluation(config: EvaluateConfig | None = None, /, **settings: Any) -> Evaluation:
+    """The `evaluate` command (`config`, or its fields as keywords): training curves only
+    (`history`), a predictions CSV against `truth`, or the model over the labelled folder `data`.
+    Files in `out` that an earlier evaluate did not write are replaced only with `overwrite`."""
+    c = config if config is not None else EvaluateConfig(**settings)
+    c.validate()
+    check_output_dir(Path(c.out))
+    check_output_files(Path(c.out), {"history.png": PNG} if c.history else REPORT_FILES, overwrite=c.overwrite)
+    if c.history:
+        return Evaluation(report={}, out=Path(c.out), files=[plot_history(model=c.model, out=c.out)])
+    if c.predictions is not None:
+        return evaluate_predictions(predictions=c.predictions, truth=c.truth, out=c.out,
+                                    mel_sensitivity=c.mel_sensitivity, model=c.model, split=c.split)
+    return evaluate_model(model=c.model, data=c.data, out=c.out, mel_sensitivity=c.mel_sensitivity,
+                          batch_size=c.batch_size, tta=c.tta, split=c.split, engine=c.engine, threads=c.threads,
+                          metadata=c.metadata)
 
 
 def calibration_section(probs: np.ndarray, y_true: np.ndarray, *, exact: bool) -> dict[str, Any]:

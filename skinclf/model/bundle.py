@@ -19,7 +19,7 @@ import numpy as np
 from skinclf.backend import load_keras
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_path, sha256_file
-from skinclf.model.meta import BUNDLE_FORMAT, META_MEMBER, ModelInfo, check_graph, read_bundle_meta
+from skinclf.model.bundle_meta import BUNDLE_FORMAT, META_MEMBER, ModelInfo, check_graph, read_bundle_meta
 
 keras = load_keras()
 

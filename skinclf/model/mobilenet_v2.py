@@ -10,7 +10,7 @@ from pathlib import Path
 
 from skinclf.backend import load_keras
 from skinclf.errors import SkinclfError
-from skinclf.model.network import ShadesOfGray
+from skinclf.model.colour import ShadesOfGray
 
 keras = load_keras()
 

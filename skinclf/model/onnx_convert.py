@@ -20,7 +20,7 @@ features the classifier reads (an ensemble's members' side by side). The linear 
 (dropout, the Dense layers, an ensemble's mean and classifier) is one affine map applied in numpy
 (`skinclf.model.head`), stored in the file's metadata; the out-of-distribution score and the
 metadata head read the same features. Anything else raises SkinclfError naming the layer. The caller
-(`skinclf.export`) checks the converted graph against Keras before writing it.
+(`skinclf.engines.export`) checks the converted graph against Keras before writing it.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def keras_to_onnx(model, *, doc: str = "", metadata: dict[str, str] | None = Non
     import onnx
     from onnx import TensorProto, helper
 
-    from skinclf.model.ensemble import members
+    from skinclf.model.ensemble_graph import members
     from skinclf.model.head import HEAD_KEY, head_of
 
     shape = tuple(model.inputs[0].shape[1:])

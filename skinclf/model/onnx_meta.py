@@ -1,7 +1,7 @@
-"""ONNX Runtime sessions and the skinclf metadata stored in an ONNX file, with no engine in sight.
+"""The skinclf metadata stored in an ONNX file (key `skinclf.json`), read from a session.
 
-The bundle reads an ONNX model's metadata through here, so `model/` never imports `engines/`;
-`read_model_meta` reads either form (a `.keras` bundle or its `.onnx` export).
+Sessions are made in `engines/onnx.py` (the one place an ONNX Runtime session is created);
+`engines.onnx.read_model_meta` reads either form (a `.keras` bundle or its `.onnx` export).
 """
 
 from __future__ import annotations
@@ -11,43 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from skinclf.errors import SkinclfError
-from skinclf.model.meta import check_graph, check_meta, read_bundle_meta
-from skinclf.parallel import usable_cpus
+from skinclf.model.bundle_meta import check_graph, check_meta
 
 META_KEY = "skinclf.json"
-
-
-INSTALL_HINT = 'pip install "skinclf"  (or: pip install onnxruntime)'
-
-
-def onnxruntime_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None
-
-
-def session(path: Path | bytes, *, threads: int | None = None):
-    """An ONNX Runtime CPU session on `threads` intra-op threads (default: the usable CPUs)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise SkinclfError(f"the ONNX engine needs ONNX Runtime, which is not installed: {INSTALL_HINT}") from None
-    # The switch that counts is ORT_DISABLE_TELEMETRY, set when skinclf is imported (see
-    # skinclf/__init__.py); this call also mutes the events a build may still emit.
-    ort.disable_telemetry_events()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or usable_cpus()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    # Do not busy-wait between batches: decode threads need those cycles on a small machine.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - corrupt, truncated or not ONNX at all
-        reason = " ".join(str(exc).split())[:200]
-        raise SkinclfError(f"cannot load ONNX model {path}: {reason}") from None
 
 
 def read_meta(sess, path: Path) -> dict[str, Any]:
@@ -83,11 +49,3 @@ def read_head(sess):
 
     text = sess.get_modelmeta().custom_metadata_map.get(HEAD_KEY)
     return None if text is None else LinearHead.from_json(text)
-
-
-def read_model_meta(path: Path) -> dict[str, Any]:
-    """The metadata of a `.keras` bundle or of its `.onnx` export, checked (no Keras needed)."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        return read_meta(session(path, threads=1), path)
-    return read_bundle_meta(path)

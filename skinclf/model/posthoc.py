@@ -30,8 +30,9 @@ def logits_from_probs(probs: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(probs, dtype="float64"), 1e-12, 1.0))
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype="float64")
+def softmax(logits: np.ndarray, *, dtype: str = "float64") -> np.ndarray:
+    """Row-wise softmax computed in `dtype` (engines use float32, so their cells match to the digit)."""
+    z = np.asarray(logits, dtype=dtype)
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

@@ -30,7 +30,7 @@ from skinclf.model.posthoc import balanced_accuracy, fit_prior_tau, logits_from_
 from skinclf.parallel import in_background
 from skinclf.training.callbacks import restore, write_history_csv
 from skinclf.training.loader import _LabelledBatches
-from skinclf.training.posthoc import class_weights, post_hoc
+from skinclf.training.posthoc_fit import class_weights, post_hoc
 from skinclf.training.views import open_views
 
 keras = load_keras()

@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 
 from skinclf.backend import load_keras
+from skinclf.checks import at_least
 from skinclf.config import ENSEMBLE
 from skinclf.errors import SkinclfError
-from skinclf.files import MODEL, check_output_file
+from skinclf.files import check_output_file
+from skinclf.own_outputs import MODEL
 from skinclf.model.bundle import load_bundle, save_bundle
-from skinclf.model.ensemble import ensemble_of
+from skinclf.model.ensemble_graph import ensemble_of
 from skinclf.model.network import logits_model
-from skinclf.options import at_least
 
 keras = load_keras()
 
@@ -55,7 +56,7 @@ def _fit_on(model, meta: dict, val: Path, *, prior_correction: str, decision_wei
     """Fit the head's post-hoc shift and temperature on `val`; returns the metadata to add."""
     from skinclf.data.layout import list_labelled_images
     from skinclf.metrics import classification_report
-    from skinclf.training.posthoc import class_weights, post_hoc, validation_probs
+    from skinclf.training.posthoc_fit import class_weights, post_hoc, validation_probs
 
     classes = meta["classes"]
     val_set = list_labelled_images(Path(val), classes=tuple(classes))
@@ -99,7 +100,7 @@ def ensemble_bundles(
     if out.suffix != ".keras":
         raise SkinclfError(f"--out {out}: the model file must end in .keras")
     check_output_file(out, example="models/ensemble.keras", kind=MODEL, overwrite=overwrite)
-    from skinclf.training.posthoc import prior_tau
+    from skinclf.training.posthoc_fit import prior_tau
 
     prior_tau(prior_correction)  # a bad value fails here, before any model is loaded
     at_least("--workers", workers, 1, example=2)

@@ -29,18 +29,12 @@ import numpy as np
 
 from skinclf import ui
 from skinclf.backend import accelerator, load_keras, versions
-from skinclf.config import TRAIN
+from skinclf.config import TRAIN, TrainConfig
 from skinclf.data.layout import LabelledImages, list_labelled_images
 from skinclf.errors import Interrupted, SkinclfError
 from skinclf.evaluation.seen import split_image_ids
-from skinclf.files import (
-    MODEL,
-    atomic_path,
-    check_output_file,
-    new_folders,
-    sha256_file,
-    sha256_text,
-)
+from skinclf.files import atomic_path, check_output_file, new_folders, sha256_file, sha256_text
+from skinclf.own_outputs import MODEL
 from skinclf.metrics import classification_report
 from skinclf.model.bundle import save_bundle
 from skinclf.model.network import (
@@ -52,7 +46,6 @@ from skinclf.model.network import (
     split_model,
     with_input_size,
 )
-from skinclf.options import at_least
 from skinclf.training.augment import AugmentSpec
 from skinclf.training.callbacks import (
     BalancedAccuracy,
@@ -62,7 +55,7 @@ from skinclf.training.callbacks import (
     training_callbacks,
 )
 from skinclf.training.loader import FeatureBatches, ImageBatches, in_background
-from skinclf.training.posthoc import (
+from skinclf.training.posthoc_fit import (
     class_weights,
     post_hoc,
     prior_tau,
@@ -72,9 +65,6 @@ from skinclf.training.posthoc import (
 keras = load_keras()
 ops = keras.ops
 
-MONITORS = ("val_top2_accuracy", "val_top1_accuracy", "val_top3_accuracy", "val_balanced_accuracy", "val_loss")
-LOSSES = ("crossentropy", "focal")
-SCHEDULES = ("plateau", "cosine")
 
 
 @dataclass(frozen=True)
@@ -90,52 +80,6 @@ class TrainResult:
     val_metrics: dict[str, Any]
     seconds: float
     images_per_second: float
-
-
-def _validate(*, epochs, batch_size, lr, loss, monitor, cache_views, image_size, alpha, dropout, label_smoothing,
-              color_jitter, crop_scale=0.0, weight_decay=0.0, schedule="plateau", warmup_epochs=0, train_size=0,
-              fixres_epochs=0, patience=1, workers=1, prior_correction="none", focal_gamma=0.0, seed=0) -> None:
-    if epochs < 1:
-        raise SkinclfError(f"--epochs {epochs}: must be at least 1")
-    if batch_size < 1:
-        raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
-    if workers < 1:
-        raise SkinclfError(f"--workers {workers}: must be at least 1")
-    at_least("--focal-gamma", focal_gamma, 0, example=2.0)
-    at_least("--seed", seed, 0, example=42)
-    if patience < 1:
-        raise SkinclfError(f"--patience {patience}: must be at least 1")
-    if not lr > 0:
-        raise SkinclfError(f"--lr {lr}: must be positive")
-    if loss not in LOSSES:
-        raise SkinclfError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
-    if monitor not in MONITORS:
-        raise SkinclfError(f"--monitor {monitor!r}: choose one of {', '.join(MONITORS)}")
-    if schedule not in SCHEDULES:
-        raise SkinclfError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
-    if not 0 <= warmup_epochs < epochs:
-        raise SkinclfError(f"--warmup-epochs {warmup_epochs}: must be 0 or more and below --epochs {epochs}")
-    if cache_views < 0:
-        raise SkinclfError(f"--cache-views {cache_views}: must be 0 (no cache) or more")
-    if image_size < 32:
-        raise SkinclfError(f"--image-size {image_size}: must be at least 32")
-    if train_size and not 32 <= train_size <= image_size:
-        raise SkinclfError(f"--train-size {train_size}: must be 0 (off) or 32..{image_size} (the --image-size)")
-    if not 0 <= fixres_epochs <= epochs:
-        raise SkinclfError(f"--fixres-epochs {fixres_epochs}: must be 0..{epochs} (the --epochs)")
-    if cache_views and train_size and train_size != image_size:
-        raise SkinclfError("--train-size needs training from images: drop --cache-views")
-    if alpha not in (0.25, 0.5, 0.75, 1.0):
-        raise SkinclfError(f"--alpha {alpha}: MobileNet comes in 0.25, 0.5, 0.75 and 1.0")
-    if not 0 <= color_jitter < 1:
-        raise SkinclfError(f"--color-jitter {color_jitter}: must be in [0, 1), e.g. 0.1")
-    if not 0 <= crop_scale < 1:
-        raise SkinclfError(f"--crop-scale {crop_scale}: must be in [0, 1), e.g. 0.3 (0: no random crops)")
-    if weight_decay < 0:
-        raise SkinclfError(f"--weight-decay {weight_decay}: must be 0 (Adam) or positive (AdamW), e.g. 0.05")
-    if not 0 <= dropout < 1 or not 0 <= label_smoothing < 1:
-        raise SkinclfError("dropout and label smoothing must be in [0, 1)")
-    prior_tau(prior_correction)
 
 
 def _phase_sizes(*, epochs: int, image_size: int, train_size: int, fixres_epochs: int) -> list[tuple[int, int, int]]:
@@ -250,45 +194,8 @@ def _fit(trainable, phases, *, make_train, val_ds, initial_epoch, callbacks, bat
         raise
 
 
-def train_model(
-    *,
-    data: Path = TRAIN.data,
-    out: Path = TRAIN.out,
-    epochs: int = TRAIN.epochs,
-    batch_size: int = TRAIN.batch_size,
-    lr: float = TRAIN.lr,
-    weights: str = TRAIN.weights,
-    trainable_layers: int = TRAIN.trainable_layers,
-    class_weight: str = TRAIN.class_weight,
-    decision_weight: str = TRAIN.decision_weight,
-    loss: str = TRAIN.loss,
-    focal_gamma: float = TRAIN.focal_gamma,
-    monitor: str = TRAIN.monitor,
-    patience: int = TRAIN.patience,
-    dropout: float = TRAIN.dropout,
-    label_smoothing: float = TRAIN.label_smoothing,
-    seed: int = TRAIN.seed,
-    image_size: int = TRAIN.image_size,
-    alpha: float = TRAIN.alpha,
-    cache_views: int = TRAIN.cache_views,
-    color_jitter: float = TRAIN.color_jitter,
-    crop_scale: float = TRAIN.crop_scale,
-    weight_decay: float = TRAIN.weight_decay,
-    schedule: str = TRAIN.schedule,
-    warmup_epochs: int = TRAIN.warmup_epochs,
-    train_size: int = TRAIN.train_size,
-    fixres_epochs: int = TRAIN.fixres_epochs,
-    colour_constancy: bool = TRAIN.colour_constancy,
-    prior_correction: str = TRAIN.prior_correction,
-    calibrate: bool = TRAIN.calibrate,
-    workers: int = TRAIN.workers,
-    arch: str = TRAIN.arch,
-    run_dir: Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    show_progress: bool | None = None,
-) -> TrainResult:
-    """Train a model on `data/train`, select the best epoch on `data/val`, save a bundle at `out`.
+def train_model(config: TrainConfig = TRAIN, *, show_progress: bool | None = None) -> TrainResult:
+    """Train a model on `config.data/train`, select the best epoch on `data/val`, save a bundle at `config.out`.
 
     `weights` is 'imagenet' (Keras' download), 'none', or the path of a MobileNet weights file.
     `run_dir` (default `runs/<out stem>`) keeps the checkpoints and the feature cache; with
@@ -296,48 +203,45 @@ def train_model(
     in `run_dir`, are replaced only with `overwrite` (or `resume`). After training, the decision
     weights, the prior correction and the temperature are fitted on validation and folded in.
     """
-    _validate(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, monitor=monitor, cache_views=cache_views,
-              image_size=image_size, alpha=alpha, dropout=dropout, label_smoothing=label_smoothing,
-              color_jitter=color_jitter, crop_scale=crop_scale, weight_decay=weight_decay, schedule=schedule,
-              warmup_epochs=warmup_epochs if schedule == "cosine" else 0, train_size=train_size,
-              fixres_epochs=fixres_epochs, patience=patience, workers=workers, prior_correction=prior_correction,
-              focal_gamma=focal_gamma, seed=seed)
-    if arch not in ARCHITECTURES:
-        raise SkinclfError(f"--arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
-    if arch != "mobilenet" and (cache_views or alpha != 1.0):
-        raise SkinclfError(f"--arch {arch} trains from images at width 1.0: drop --cache-views and --alpha")
-    check_trainable_layers(trainable_layers, ARCHITECTURES[arch][2])
-    out, data = _check_out(Path(out), overwrite=overwrite, resume=resume), Path(data)
+    c = config
+    c.validate()
+    prior_tau(c.prior_correction)
+    _check_arch(c)
+    out, data = _check_out(Path(c.out), overwrite=c.overwrite, resume=c.resume), Path(c.data)
     train_set = _labelled(data, "train")
     val_set = _labelled(data, "val", classes=train_set.classes)
-    decision_of = class_weights(decision_weight, dict.fromkeys(train_set.classes, 1), option="--decision-weight")
-    weights_arg: str | Path | None = {"imagenet": "imagenet", "none": None}.get(weights, Path(weights))
-    # locals(): the keyword options as given (the settings pick theirs by name, _SETTINGS).
-    settings = _settings(locals(), data=data, weights_arg=weights_arg, train_set=train_set, val_set=val_set)
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / out.stem
-    _check_run_dir(run_dir, overwrite=overwrite, resume=resume)
-    state = resume_state(run_dir, settings, resume)
+    decision_of = class_weights(c.decision_weight, dict.fromkeys(train_set.classes, 1), option="--decision-weight")
+    weights_arg: str | Path | None = {"imagenet": "imagenet", "none": None}.get(c.weights, Path(c.weights))
+    settings = _settings(c, data=data, weights_arg=weights_arg, train_set=train_set, val_set=val_set)
+    run_dir = Path(c.run_dir) if c.run_dir is not None else Path("runs") / out.stem
+    _check_run_dir(run_dir, overwrite=c.overwrite, resume=c.resume)
+    state = resume_state(run_dir, settings, c.resume)
     with new_folders(run_dir), _interrupt_hint(run_dir):
-        run = _train(settings, state, train_set=train_set, val_set=val_set, weights_arg=weights_arg, epochs=epochs,
-                     run_dir=run_dir, workers=workers, show_progress=show_progress)
-        return _finish(run, out=out, data=data, train_set=train_set, val_set=val_set, epochs=epochs, workers=workers,
-                       decision_weight=decision_weight, decision_of=decision_of, prior_correction=prior_correction, calibrate=calibrate)
+        run = _train(settings, state, train_set=train_set, val_set=val_set, weights_arg=weights_arg, epochs=c.epochs,
+                     run_dir=run_dir, workers=c.workers, show_progress=show_progress)
+        return _finish(run, out=out, data=data, train_set=train_set, val_set=val_set, epochs=c.epochs,
+                       workers=c.workers, decision_weight=c.decision_weight, decision_of=decision_of,
+                       prior_correction=c.prior_correction, calibrate=c.calibrate)
 
 
-# Options a run's checkpoints depend on: --resume refuses to continue with other values.
-_SETTINGS = ("batch_size", "lr", "trainable_layers", "class_weight", "loss", "focal_gamma", "monitor", "patience",
-             "dropout", "label_smoothing", "seed", "image_size", "alpha", "cache_views", "color_jitter", "crop_scale",
-             "weight_decay", "schedule", "warmup_epochs", "train_size", "fixres_epochs", "colour_constancy", "arch")
+def _check_arch(c: TrainConfig) -> None:
+    if c.arch not in ARCHITECTURES:
+        raise SkinclfError(f"--arch {c.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    if c.arch != "mobilenet" and (c.cache_views or c.alpha != 1.0):
+        raise SkinclfError(f"--arch {c.arch} trains from images at width 1.0: drop --cache-views and --alpha")
+    check_trainable_layers(c.trainable_layers, ARCHITECTURES[c.arch][2])
 
 
-def _settings(options: dict[str, Any], *, data: Path, weights_arg, train_set: LabelledImages,
+def _settings(config: TrainConfig, *, data: Path, weights_arg, train_set: LabelledImages,
               val_set: LabelledImages) -> dict[str, Any]:
-    """The run's settings, as recorded in its checkpoints and its bundle."""
-    weights_id = sha256_file(weights_arg) if isinstance(weights_arg, Path) and weights_arg.is_file() else options["weights"]
-    settings = {"data": str(data.resolve()), **{key: options[key] for key in _SETTINGS}, "weights": weights_id,
+    """The run's settings, as recorded in its checkpoints and its bundle (the keys of
+    `config.TRAIN_SETTINGS`, then data, weights, fingerprint, classes and, with --schedule cosine,
+    epochs_planned): an older run's record compares equal, so --resume continues it."""
+    weights_id = sha256_file(weights_arg) if isinstance(weights_arg, Path) and weights_arg.is_file() else config.weights
+    settings = {"data": str(data.resolve()), **config.settings(), "weights": weights_id,
                 "fingerprint": _data_fingerprint(data, train_set, val_set), "classes": list(train_set.classes)}
-    if options["schedule"] == "cosine":
-        settings["epochs_planned"] = options["epochs"]  # the curve depends on the total, so resume must keep it
+    if config.schedule == "cosine":
+        settings["epochs_planned"] = config.epochs  # the curve depends on the total, so resume must keep it
     return settings
 
 

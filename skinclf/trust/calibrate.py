@@ -25,27 +25,16 @@ from typing import Any
 import numpy as np
 
 from skinclf import __version__, ui
+from skinclf.checks import at_least
 from skinclf.config import CALIBRATE
-from skinclf.data.layout import default_model_path, list_labelled_images
+from skinclf.data.layout import list_labelled_images, model_path
 from skinclf.errors import SkinclfError
-from skinclf.files import (
-    JSON,
-    MODEL,
-    PNG,
-    atomic_write_json,
-    check_output_dir,
-    check_output_file,
-    check_output_files,
-)
+from skinclf.files import atomic_write_json, check_output_dir, check_output_file, check_output_files
+from skinclf.own_outputs import JSON, MODEL, PNG
 from skinclf.model.outlier import PASS_RATE, flag
 from skinclf.model.posthoc import calibration_report, fit_temperature, softmax
-from skinclf.trust.ood import (
-    describe_sets,
-    fit_feature_stats,
-    fit_ood,
-    outlier_outputs,
-    reference_outliers,
-)
+from skinclf.trust.ood import fit_feature_stats, fit_ood, outlier_outputs
+from skinclf.trust.reference_images import describe_sets, reference_outliers
 
 TRAIN = Path("data/prepared/train")  # where `skinclf prepare` puts the training split
 
@@ -148,9 +137,8 @@ def calibrate_model(
 
     if not 0.5 <= pass_rate < 1:
         raise SkinclfError(f"--pass-rate {pass_rate}: must be in [0.5, 1), e.g. 0.95")
-    if batch_size < 1:
-        raise SkinclfError(f"--batch-size {batch_size}: must be at least 1")
-    source = Path(model or default_model_path())
+    at_least("--batch-size", batch_size, 1)
+    source = model_path(model)
     target = Path(out or source)
     if target.suffix != ".keras":
         raise SkinclfError(f"--out {target}: the model file must end in .keras")
@@ -268,6 +256,6 @@ def _fit_flag(engine, z: np.ndarray, features: np.ndarray | None, *, factor: flo
                                   fitted_on=f"{int(ok.sum())} images of {folder}")
     ood = fit_ood(z, outliers, pass_rate=pass_rate, score=score, fitted_on=fitted_on, stats=stats,
                   inlier_features=features if stats else None, outlier_features=outlier_features if stats else None)
-    ood["outlier_sets"] = {"images": describe_sets(sets), "source": "skinclf.trust.ood.reference_outliers(seed="
+    ood["outlier_sets"] = {"images": describe_sets(sets), "source": "skinclf.trust.reference_images.reference_outliers(seed="
                            f"{seed}, size={engine.image_size})"}
     return ood

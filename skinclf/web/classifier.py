@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from skinclf.batch.results import row
+from skinclf.batch.results import batch_rows
 from skinclf.config import SERVE
 from skinclf.data.images import ImageError, decode_image
 from skinclf.engines.base import softmax
+from skinclf.engines.runner import BatchResult
 from skinclf.errors import SkinclfError
-from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
-from skinclf.model.outlier import flag
 from skinclf.web.guards import DecodeGate, header_size
 
 log = logging.getLogger("skinclf.serve")
@@ -296,18 +295,9 @@ def classify_uploads(classifier: Classifier, uploads: Sequence[Upload], *, class
         logits[ok], f = classifier.forward(x[ok])
         if f is not None:
             features[ok] = f
-    # The same arithmetic as predict's, so every cell matches its CSV to the last digit.
-    probs = softmax(logits)
-    scores, flagged = flag(logits, getattr(classifier.engine, "meta", {}).get("ood"),
-                           features if classifier.features_dim else None)
-    for j in np.nonzero(flagged)[0]:
-        if errors[j] is None:
-            notes[j].append(UNLIKE_TRAINING)
-    cells: list[list[str]] = [[] for _ in uploads]
-    if metas is not None:
-        from skinclf.batch.metadata import with_metadata
-
-        probs, _ = with_metadata(head, logits, probs, list(metas), features if classifier.features_dim else None)
-        cells = [[""] if e else ["used" if m.present else "missing"] for m, e in zip(metas, errors)]
-    return [row(u.name, p, e, classes, top_k, all_probs, n, ood_score=s) + c
-            for u, p, e, n, s, c in zip(uploads, probs, errors, notes, scores, cells)]
+    # The same rows as predict's (one row builder), so every cell matches its CSV to the last digit.
+    batch = BatchResult(paths=[u.name for u in uploads], probs=softmax(logits), errors=errors, warnings=notes,
+                        logits=logits, features=features if classifier.features_dim else None)
+    return batch_rows(batch, names=[u.name for u in uploads], classes=classes, top_k=top_k, all_probs=all_probs,
+                      ood=getattr(classifier.engine, "meta", {}).get("ood"),
+                      metas=None if metas is None else list(metas), head=head)

@@ -8,11 +8,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from skinclf.checks import positive
 from skinclf.config import SERVE
 from skinclf.errors import SkinclfError
-from skinclf.web.app import create_app
 from skinclf.web.classifier import MB, MISSING_EXTRA, Limits, ServeInfo, probe_engine
 from skinclf.web.guards import allowed_host_names
+from skinclf.web.routes import create_app
 
 
 def is_loopback(host: str) -> bool:
@@ -99,18 +100,16 @@ def serve(
         raise SkinclfError(f"--port {port}: must be 0..65535")
     for option, value in (("--max-file-mb", max_file_mb), ("--max-files", max_files),
                           ("--max-request-mb", max_request_mb)):
-        if not value > 0:
-            raise SkinclfError(f"{option} {value}: must be positive")
+        positive(option, value)
     allowed = allowed_host_names(host, allowed_hosts)  # a bad name is refused before the model loads
     limits = Limits(max_file_bytes=int(max_file_mb * MB), max_files=max_files,
                     max_request_bytes=int(max_request_mb * MB))
-    from skinclf.data.layout import default_model_path
     from skinclf.engines.load import load_engine
 
-    loaded = load_engine(model or default_model_path(), engine=engine, batch_size=batch_size)
-    probe_engine(loaded)  # a model whose outputs do not match its classes is refused before the port opens
+    engine = load_engine(model, engine=engine, batch_size=batch_size)
+    probe_engine(engine)  # a model whose outputs do not match its classes is refused before the port opens
     sock = _listen(host, port)
-    app = create_app(loaded, limits=limits, top_k=top_k, allowed_hosts=allowed)
+    app = create_app(engine, limits=limits, top_k=top_k, allowed_hosts=allowed)
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if ":" in host else host
     answered = "any host name (--allowed-hosts '*')" if allowed is None else ", ".join(allowed)
@@ -123,7 +122,7 @@ def serve(
         warnings.append("--allowed-hosts '*': requests are answered under any host name, so another site's page "
                         "whose DNS name is rebound to this machine can use the server")
     info = ServeInfo(url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{bound}/", host=host,
-                     port=bound, model=loaded.identity(), limits=limits, warnings=warnings)
+                     port=bound, model=engine.identity(), limits=limits, warnings=warnings)
     if on_ready is not None:
         on_ready(info)
     serve_until_stopped(app, sock)

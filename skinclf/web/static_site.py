@@ -155,7 +155,7 @@ def _source_onnx(model: Path, weights: str) -> Path:
     ONNX form beside a .keras bundle (`.int8.onnx` for int8)."""
     from skinclf.engines.load import onnx_form
     from skinclf.files import sha256_file
-    from skinclf.model.onnx_meta import read_model_meta
+    from skinclf.engines.onnx import read_model_meta
 
     model = Path(model)
     if not model.is_file():
@@ -218,7 +218,7 @@ def site_model(source: Path, weights: str) -> tuple[bytes, dict[str, Any], dict[
         import onnx
     except ImportError:
         raise SkinclfError("--format web needs the onnx package to write the site's model: pip install onnx") from None
-    from skinclf.model.onnx_meta import read_model_meta
+    from skinclf.engines.onnx import read_model_meta
 
     meta = read_model_meta(source)
     proto = onnx.load(str(source))
@@ -245,7 +245,7 @@ def site_config(meta: dict[str, Any], *, weights: str, model_bytes: bytes, top_k
     from skinclf.data import images
     from skinclf.model import metadata as md
     from skinclf.model.outlier import FEATURE_SCORES, WARNING, active_record
-    from skinclf.web.app import METRIC_KEYS
+    from skinclf.web.routes import METRIC_KEYS
 
     classes = list(meta["classes"])
     size = int(meta["input_size"][0])
@@ -405,7 +405,7 @@ def export_web(*, model: Path | None, out: Path | None, weights: str = "float16"
 
 
 def _has_output(data: bytes, name: str) -> bool:
-    from skinclf.model.onnx_meta import session
+    from skinclf.engines.onnx import session
 
     return name in {o.name for o in session(data, threads=1).get_outputs()}
 
