@@ -162,3 +162,34 @@ def test_a_residual_network_folds_and_exports_like_a_chain(tmp_path) -> None:
     np.testing.assert_allclose(onnx_engine.logits(x), np.log(np.asarray(model.predict_on_batch(x)))
                                - np.log(np.asarray(model.predict_on_batch(x))).mean(1, keepdims=True)
                                + onnx_engine.logits(x).mean(1, keepdims=True), atol=1e-4)
+
+
+def test_auto_runs_the_int8_form_where_it_was_exported_and_float_is_one_option_away(pair, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    from skinclf.engines.export import export_model
+    from skinclf.engines.load import load_engine
+    from skinclf.errors import SkinclfError
+
+    bundle = tmp_path / "e.keras"
+    shutil.copy(pair / "e.keras", bundle)
+    export_model(model=bundle, format="onnx", out=tmp_path / "e.onnx")
+    assert load_engine(bundle).format == "onnx"  # no int8 form: the float one
+    with pytest.raises(SkinclfError, match=r"no up-to-date onnx-int8 form .*--format onnx-int8"):
+        load_engine(bundle, engine="onnx-int8")
+    calib = tmp_path / "calib"
+    from PIL import Image
+
+    for label in ("a", "b", "c"):
+        (calib / label).mkdir(parents=True)
+        for i, image in enumerate(_images(8, seed=ord(label))):
+            Image.fromarray(image.astype("uint8")).save(calib / label / f"{i}.png")
+    export_model(model=bundle, format="onnx-int8", out=tmp_path / "e.int8.onnx", calibration=calib,
+                 validation=calib, min_agreement=0.0)
+    auto = load_engine(bundle)
+    assert auto.format == "onnx-int8" and auto.onnx_path.name == "e.int8.onnx"
+    assert load_engine(bundle, engine="onnx").format == "onnx"
+    assert load_engine(bundle, engine="onnx-int8").format == "onnx-int8"
+    x = _images(6)
+    assert auto(x).shape == (6, 3) and np.allclose(auto(x).sum(1), 1, atol=1e-5)

@@ -15,6 +15,7 @@ from skinclf.checks import at_least
 from skinclf.engines import onnx as onnx_engine
 from skinclf.engines.base import Engine
 from skinclf.engines.keras import keras_available, load_keras_engine
+from skinclf.engines.onnx import INT8
 from skinclf.engines.registry import AUTO, engine_choices, engine_for, model_suffixes, registered
 from skinclf.errors import SkinclfError
 from skinclf.files import sha256_file
@@ -25,11 +26,17 @@ def onnx_form(path: Path) -> Path:
     return Path(path).with_suffix(".onnx")
 
 
+def int8_form(path: Path) -> Path:
+    """Where a bundle's int8 ONNX form lives: beside it, `<name>.int8.onnx` (`skinclf export --format onnx-int8`)."""
+    return Path(path).with_name(Path(path).stem + ".int8.onnx")
+
+
 def engine_help() -> str:
     """`--engine`'s help, from the registered engines."""
     names = list(engine_choices()[1:])
     listed = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-    return f"auto (ONNX Runtime when the model has an up-to-date .onnx beside it or is one, else Keras), {listed}."
+    return (f"auto (ONNX Runtime on the bundle's int8 form where it was exported, else its float .onnx, else Keras; "
+            f"a model file on its own engine), {listed} (onnx: the float form).")
 
 
 def load_engine(path: Path | None = None, *, engine: str = AUTO, batch_size: int = 16,
@@ -83,19 +90,19 @@ def _load(path: Path, *, engine: str, batch_size: int, threads: int | None) -> E
         if engine == "keras":
             raise SkinclfError(f"--engine keras runs a .keras bundle, not {path}: pass --model "
                                f"{path.with_suffix('.keras')} or --engine {spec.name}")
-        if engine not in (AUTO, spec.name):
+        if engine not in (AUTO, spec.name) and not (engine == INT8 and path.name.lower().endswith(".int8.onnx")):
             raise SkinclfError(f"--engine {engine} does not run {path} (a {path.suffix} file runs on "
                                f"--engine {spec.name})")
         return spec.load(path, batch_size=batch_size, threads=threads or None)
-    if engine not in (AUTO, "keras", "onnx"):
+    if engine not in (AUTO, "keras", "onnx", INT8):
         raise SkinclfError(f"--engine {engine} does not run the bundle {path}: pass a "
                            f"{' or '.join(registered()[engine].suffixes)} model")
     return _load_bundle(path, engine=engine, batch_size=batch_size, threads=threads)
 
 
-def _onnx_form(path: Path, *, engine: str, batch_size: int, threads: int | None, export: str) -> tuple[Engine | None, str]:
-    """The bundle's up-to-date ONNX form on ONNX Runtime, or None and why not."""
-    candidate = onnx_form(path)
+def _onnx_form(path: Path, candidate: Path, *, engine: str, batch_size: int, threads: int | None,
+               export: str) -> tuple[Engine | None, str]:
+    """The bundle's up-to-date ONNX form `candidate` on ONNX Runtime, or None and why not."""
     if not candidate.is_file():
         return None, f"no {candidate.name} beside it"
     if not onnx_engine.onnxruntime_available():
@@ -103,9 +110,9 @@ def _onnx_form(path: Path, *, engine: str, batch_size: int, threads: int | None,
     try:
         onnx = onnx_engine.load_onnx(candidate, batch_size=batch_size, threads=threads or None, model_path=path)
     except SkinclfError as exc:  # corrupt or foreign: the .keras still works
-        if engine == "onnx" or not keras_available():
+        if engine != AUTO or not keras_available():
             raise
-        ui.stderr.print(f"Warning: {exc}; using {path.name} with Keras instead (re-export it: {export})",
+        ui.stderr.print(f"Warning: {exc}; using {path.name} without it (re-export it: {export})",
                         markup=False, highlight=False, soft_wrap=True)
         return None, f"{candidate.name} cannot be loaded"
     if onnx.source_sha256 == sha256_file(path):
@@ -114,20 +121,27 @@ def _onnx_form(path: Path, *, engine: str, batch_size: int, threads: int | None,
 
 
 def _load_bundle(path: Path, *, engine: str, batch_size: int, threads: int | None) -> Engine:
-    export = f"skinclf export {path} --format onnx --out {onnx_form(path)}"
-    if engine in (AUTO, "onnx"):
-        if engine == "onnx" and not onnx_engine.onnxruntime_available():
-            raise SkinclfError('--engine onnx needs ONNX Runtime, which is not installed: pip install onnxruntime '
+    """auto: the int8 form where it was exported (it is written only when it holds: `engines.int8`),
+    else the float ONNX form, else Keras; onnx-int8, onnx, keras: that form or a one-line error."""
+    forms = {INT8: (int8_form(path), "onnx-int8"), "onnx": (onnx_form(path), "onnx")}
+    reasons = []
+    for name in ((INT8, "onnx") if engine == AUTO else (engine,) if engine in forms else ()):
+        candidate, fmt = forms[name]
+        export = f"skinclf export {path} --format {fmt} --out {candidate}"
+        if engine != AUTO and not onnx_engine.onnxruntime_available():
+            raise SkinclfError(f'--engine {engine} needs ONNX Runtime, which is not installed: pip install onnxruntime '
                                '(or --engine keras)')
-        onnx, reason = _onnx_form(path, engine=engine, batch_size=batch_size, threads=threads, export=export)
+        onnx, reason = _onnx_form(path, candidate, engine=engine, batch_size=batch_size, threads=threads, export=export)
         if onnx is not None:
             return onnx
-        if engine == "onnx":
-            raise SkinclfError(f"--engine onnx: {path} has no up-to-date ONNX form ({reason}); create it: {export}")
-        if not keras_available():
-            raise SkinclfError(f"{path} has no up-to-date ONNX form ({reason}) and TensorFlow is not installed: "
-                               f'run `{export}` where it is, or pip install "skinclf[train]"')
-    elif not keras_available():
-        raise SkinclfError('--engine keras needs TensorFlow, which this install leaves out: '
-                           'pip install "skinclf[train]" (or --engine onnx)')
+        if engine != AUTO:
+            raise SkinclfError(f"--engine {engine}: {path} has no up-to-date {fmt} form ({reason}); create it: {export}")
+        reasons.append(reason)
+    if not keras_available():
+        if engine == "keras":
+            raise SkinclfError('--engine keras needs TensorFlow, which this install leaves out: '
+                               'pip install "skinclf[train]" (or --engine onnx)')
+        export = f"skinclf export {path} --format onnx --out {onnx_form(path)}"
+        raise SkinclfError(f"{path} has no up-to-date ONNX form ({reasons[-1]}) and TensorFlow is not installed: "
+                           f'run `{export}` where it is, or pip install "skinclf[train]"')
     return load_keras_engine(path, batch_size=batch_size)

@@ -22,6 +22,7 @@ from skinclf.model.onnx_meta import read_head
 from skinclf.parallel import usable_cpus
 
 INSTALL_HINT = 'pip install "skinclf"  (or: pip install onnxruntime)'
+INT8 = "onnx-int8"  # a bundle's int8 form (`<name>.int8.onnx`), auto's first choice where it was exported
 PROVIDERS = ["CPUExecutionProvider"]
 
 
@@ -117,4 +118,12 @@ class OnnxEngine(Engine):
 @register_engine("onnx", suffixes=(".onnx",), extra=INSTALL_HINT, available=lambda: onnxruntime_available())
 def load_onnx(path: Path, *, batch_size: int, threads: int | None = None, model_path: Path | None = None) -> OnnxEngine:
     """An ONNX file on ONNX Runtime; `model_path`: the `.keras` bundle it is the ONNX form of."""
+    return OnnxEngine(path, batch_size=batch_size, threads=threads, model_path=model_path)
+
+
+@register_engine(INT8, suffixes=(), extra=INSTALL_HINT, available=lambda: onnxruntime_available())
+def load_onnx_int8(path: Path, *, batch_size: int, threads: int | None = None,
+                   model_path: Path | None = None) -> OnnxEngine:
+    """A bundle's int8 ONNX form (`engines.int8`: mixed precision, checked against float on
+    validation when exported) on ONNX Runtime; run directly, any .onnx file goes to `onnx`."""
     return OnnxEngine(path, batch_size=batch_size, threads=threads, model_path=model_path)

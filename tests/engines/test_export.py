@@ -79,7 +79,8 @@ def test_onnx_export_matches_keras_and_carries_all_metadata(mobilenet_bundle, tm
     assert meta["export"]["source_sha256"] == sha256_file(mobilenet_bundle) == engine.identity()["sha256"]
     assert engine.classes == list(CLASSES) and engine.image_size == 64
     names = [o.name for o in engine.session.get_outputs()]
-    assert names == ["logits", "probabilities", "features"]  # features: the pooled features, for the OOD score
+    # One pass: the graph ends at the pooled features; the head is applied in numpy (model.head).
+    assert names == ["features"] and engine.head is not None and engine.head.classes == 7
     assert engine.session.get_inputs()[0].shape[0] == "batch"  # any batch size
     assert engine(x[:1]).shape == (1, 7) and engine(x).shape == (6, 7)
 
