@@ -16,7 +16,7 @@ Engine = Annotated[str, typer.Option("--engine", metavar="NAME", help=engine_hel
 Threads = Annotated[int, typer.Option("--threads", metavar="N", help="ONNX Runtime threads (0: one per usable CPU).")]
 Workers = Annotated[int, typer.Option("--workers", metavar="N", help="Threads decoding images (0: one per usable CPU).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per model call.")]
-Tta = Annotated[int, typer.Option("--tta", metavar="N", help="Average over 1, 2, 4 or 8 flips/rotations of each image (slower).")]
+Tta = Annotated[int, typer.Option("--tta", metavar="N", help="Average the logits over 4 flips/rotations of each image (--tta 4, 4x slower; the unlike-training flag uses the image as it is). 1: off.")]
 Strict = Annotated[bool, typer.Option(
     "--strict", metavar="", help="Exit with status 1 if any file or folder could not be read or classified.")]
 Overwrite = Annotated[bool, typer.Option(

@@ -72,7 +72,10 @@ def _decode(paths: list[Path], image_size: int) -> tuple[list[Path], np.ndarray,
 
 
 def engine_tta(engine, tta: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """A function from a batch to (probabilities, logits, features), averaged over `tta` views;
+    """A function from a batch to (probabilities, logits, features): the logits averaged over `tta`
+    views (probabilities = their softmax, as without TTA; measured on validation, the mean of logits
+    scores higher than the mean of probabilities), the features of the un-augmented view only, so the
+    out-of-distribution score and flag never depend on `tta` (the threshold was fitted on one view);
     features are None when the engine gives none."""
     from skinclf.engines.base import softmax
 
@@ -80,11 +83,9 @@ def engine_tta(engine, tta: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         outs = [engine.forward(np.ascontiguousarray(view(x))) for view in _VIEWS[:tta]]
-        logits = [np.asarray(z, dtype="float32") for z, _ in outs]
-        features = None if outs[0][1] is None else np.mean([f for _, f in outs], axis=0, dtype="float32")
-        if tta == 1:
-            return softmax(logits[0]), logits[0], features
-        return np.mean([softmax(z) for z in logits], axis=0), np.mean(logits, axis=0), features
+        logits = np.mean([np.asarray(z, dtype="float32") for z, _ in outs], axis=0, dtype="float32")
+        features = None if outs[0][1] is None else np.asarray(outs[0][1], dtype="float32")
+        return softmax(logits), logits, features
 
     return run
 

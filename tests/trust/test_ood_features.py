@@ -127,11 +127,21 @@ def test_onnx_export_features_equal_keras_and_old_files_still_run(conv_bundle, t
     assert keras_f.std(axis=0).min() > 1e-3
     np.testing.assert_allclose(onnx_f, keras_f, atol=1e-4)
     np.testing.assert_allclose(onnx_z, keras_z, atol=1e-4)
-    # A file exported before the features output: logits only, and the flag falls back to logits.
+    # A file exported before the features output (and before the one-pass form): the head inside the
+    # graph, logits its only output; the flag falls back to logits.
+    from onnx import TensorProto, helper, numpy_helper
+
     proto = onnx.load(str(tmp_path / "m.onnx"))
-    keep = [o for o in proto.graph.output if o.name != "features"]
+    head = onnx_engine.head
+    proto.graph.initializer.extend([numpy_helper.from_array(head.weight, "head_w"),
+                                    numpy_helper.from_array(head.bias, "head_b")])
+    proto.graph.node.extend([helper.make_node("MatMul", ["features", "head_w"], ["z"]),
+                             helper.make_node("Add", ["z", "head_b"], ["logits"])])
     del proto.graph.output[:]
-    proto.graph.output.extend(keep)
+    proto.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", head.classes]))
+    kept = [p for p in proto.metadata_props if p.key != "skinclf.head"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
     onnx.save(proto, str(tmp_path / "old.onnx"))
     old = OnnxEngine(tmp_path / "old.onnx", batch_size=4)
     z, f = old.forward(x)
@@ -173,12 +183,14 @@ def test_runner_passes_features_through_and_averages_them_over_tta_views(conv_bu
         lesion_image(CLASS_COLOURS[CLASSES[i]], i, size=(32, 32)).save(folder / f"{i}.png")
     (folder / "3_bad.png").write_bytes(b"not an image")
     paths = sorted(folder.iterdir())
-    batch = next(predict_files(engine, paths, workers=1, tta=2))
+    batch = next(predict_files(engine, paths, workers=1, tta=4))
     assert batch.features.shape == (4, engine.features_dim) and np.isnan(batch.features[3]).all()
     x = np.stack([np.asarray(lesion_image(CLASS_COLOURS[CLASSES[i]], i, size=(32, 32)), dtype="float32")
                   for i in range(3)])
-    views = [engine.forward(np.ascontiguousarray(v(x)))[1] for v in _VIEWS[:2]]
-    np.testing.assert_allclose(batch.features[:3], np.mean(views, axis=0), atol=1e-5)
+    # The flag reads the image as it is, whatever --tta: the un-augmented view's features.
+    np.testing.assert_allclose(batch.features[:3], engine.forward(x)[1], atol=1e-5)
+    views = [engine.forward(np.ascontiguousarray(v(x)))[0] for v in _VIEWS[:4]]
+    np.testing.assert_allclose(batch.logits[:3], np.mean(views, axis=0), atol=1e-5)  # TTA: the mean of the logits
 
 
 def test_a_constructed_outlier_scores_above_in_distribution_images(conv_bundle) -> None:
