@@ -57,7 +57,8 @@ class PredictSummary:
     skipped_examples: list[str] = field(default_factory=list)
     warnings: int = 0  # classified rows with a warning
     dropped: int = 0  # rows of a resumed CSV whose files are no longer in the folder
-    unlike_training: int = 0  # images flagged by the model's out-of-distribution threshold (warnings)
+    unlike_training: int = 0  # images flagged by the model's out-of-distribution threshold (warnings), either tier
+    very_unlike: int = 0  # of those, the rare "very unlike the training images" tier
     redone: dict[str, int] = field(default_factory=dict)  # rows of a resumed CSV reclassified, by reason
     cluster: dict[str, Any] | None = None  # --ray: the cluster's address kind and its number of workers
     metadata: dict[str, Any] | None = None  # --metadata: the file, and how many images it gave metadata to
@@ -141,15 +142,30 @@ def _active(engine) -> dict[str, Any] | None:
     return active_record(engine.meta.get("ood"), engine.features_dim > 0)
 
 
-def _ood_note(ood: dict[str, Any] | None, flagged: int) -> dict[str, Any]:
-    """What the ood_score column means for this model, for the sidecar."""
+def _ood_note(ood: dict[str, Any] | None, flagged: int, very_unlike: int = 0) -> dict[str, Any]:
+    """What the ood_percentile column and the two warning tiers mean for this model, for the sidecar."""
+    from skinclf.model.outlier import WARNING, WARNING_RARE
+
     if not ood:
-        return {"score": "energy", "threshold": None, "flagged": 0,
-                "note": "this model has no fitted out-of-distribution threshold: nothing is flagged "
-                        "(run `skinclf calibrate` to fit one)"}
+        return {"score": "energy", "threshold": None, "flagged": 0, "ood_percentile": None,
+                "note": "this model has no fitted out-of-distribution threshold: nothing is flagged and "
+                        "ood_percentile is empty (run `skinclf calibrate` to fit one)"}
+    tiers = {"unusual": {"warning": WARNING, "threshold": ood["threshold"], "pass_rate": ood.get("pass_rate"),
+                         "meaning": f"scores above {ood.get('pass_rate') or 0.95:.0%} of the {ood.get('fitted_on')}: "
+                                    "about 1 in 20 ordinary dermoscopic images; the result is less reliable"}}
+    if ood.get("rare_threshold") is not None:
+        tiers["very unlike"] = {"warning": WARNING_RARE, "threshold": ood["rare_threshold"],
+                                "rule": ood.get("rare_rule"),
+                                "meaning": "scores above anything seen in the validation dermoscopic images: "
+                                           "very likely not a dermoscopic image"}
     return {"score": ood["score"], "threshold": ood["threshold"], "pass_rate": ood.get("pass_rate"),
-            "fitted_on": ood.get("fitted_on"), "flagged": flagged,
-            "note": "ood_score above the threshold: the image is unlike the training images (warning column)"}
+            "fitted_on": ood.get("fitted_on"), "flagged": flagged, "very_unlike": very_unlike, "tiers": tiers,
+            "ood_percentile": ("share (0-100) of the validation dermoscopic images that score lower, i.e. are more "
+                               "like the training images; 95 and above is the 'unusual' tier"
+                               if ood.get("reference_scores") else
+                               "empty: this model's out-of-distribution record has no validation scores "
+                               "(recalibrate it with `skinclf calibrate` for the percentile and both tiers)"),
+            "raw_score": "not in the CSV (the model's score, " + str(ood["score"]) + ", has no scale a reader can use)"}
 
 
 @dataclass
@@ -158,16 +174,18 @@ class _Tally:
 
     errors: int = 0
     warned: int = 0
-    unlike: int = 0
+    unlike: int = 0  # either tier
+    very_unlike: int = 0  # the rare tier
 
     def add(self, rows: list[list[str]], header: list[str]) -> None:
-        from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
+        from skinclf.model.outlier import WARNING, WARNING_RARE
 
         errors, warned = _count(rows, header)
         warning = header.index("warning")
         self.errors += errors
         self.warned += warned
-        self.unlike += sum(1 for r in rows if UNLIKE_TRAINING in r[warning])
+        self.unlike += sum(1 for r in rows if WARNING in r[warning] or WARNING_RARE in r[warning])
+        self.very_unlike += sum(1 for r in rows if WARNING_RARE in r[warning])
 
 
 def _load(model: Path | None, *, engine: str, batch_size: int, threads: int, tta: int, top_k: int | None,
@@ -360,7 +378,7 @@ def _run(engine, start, *, target: Path | None, out: Path | str, directory: Path
                              unreadable=len(problem_paths), warnings=tally.warned, skipped=found.skipped,
                              skipped_examples=found.skipped_examples,
                              dropped=len([p for p in output.dropped if p not in problem_paths]),
-                             unlike_training=tally.unlike, redone=dict(output.redone),
+                             unlike_training=tally.unlike, very_unlike=tally.very_unlike, redone=dict(output.redone),
                              cluster=pool.describe() if pool is not None else None,
                              metadata=joined.record() if joined is not None else None,
                              notes=joined.notes() if joined is not None else [])
@@ -378,7 +396,7 @@ def _finish(output, *, engine, directory: Path, header: list[str], files: int, r
     resume = sidecar_record(target=output.target, run=run, keys=output.record.keys, paths=[r[0] for r in lines[1:]],
                             kept=len(output.done), redone=output.redone)
     _write_sidecar(output.target, bundle=engine, directory=directory, files=files, errors=tally.errors,
-                   warnings=tally.warned, options=options, ood=_ood_note(_active(engine), tally.unlike),
+                   warnings=tally.warned, options=options, ood=_ood_note(_active(engine), tally.unlike, tally.very_unlike),
                    resume=resume, cluster=cluster)
     output.forget_record()
     return tally

@@ -97,8 +97,11 @@ def predict_summary(summary) -> str:
                      "with an error; their images are missing)")
     if summary.warnings:
         parts.append(f"{summary.warnings} with warnings (see the warning column)")
-    if summary.unlike_training:
-        parts.append(f"{summary.unlike_training} unlike the training images (check they are dermoscopic images)")
+    very = getattr(summary, "very_unlike", 0)
+    if summary.unlike_training - very:
+        parts.append(f"{summary.unlike_training - very} unusual (less reliable results)")
+    if very:
+        parts.append(f"{very} very unlike the training images (check they are dermoscopic images)")
     if summary.resumed:
         parts.append(f"{plural(summary.resumed, 'row')} kept from the earlier run")
     if getattr(summary, "redone", None):
