@@ -83,6 +83,8 @@ def list_images(directory: Path, *, recursive: bool) -> Walk:
                            "that folder")
     if not directory.exists():
         raise SkinclfError(f"folder not found: {directory}")
+    if directory.is_file():
+        return _one_image(directory)
     if not directory.is_dir():
         raise SkinclfError(f"not a folder: {directory} (predict classifies every image in a folder)")
     found = walk_images(directory, recursive=recursive)
@@ -93,6 +95,30 @@ def list_images(directory: Path, *, recursive: bool) -> Walk:
         where = "in or below" if recursive else "directly in"
         raise SkinclfError(f"no images {where} {directory} (looked for {kinds}, any case; hidden files skipped)")
     return found
+
+
+def _one_image(path: Path) -> Walk:
+    """`skinclf predict one.jpg`: the one file, as a walk of its folder that found only it (its
+    row's path is the file name)."""
+    from skinclf.data.images import is_image_file
+    from skinclf.own_outputs import PNG, is_own_output
+
+    if not is_image_file(path):
+        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise SkinclfError(f"{path} is not an image by its name (looked for {kinds}, any case): give an image or a "
+                           "folder of images")
+    if is_own_output(path, PNG):
+        raise SkinclfError(f"{path} is a picture skinclf drew (a heat map), not an image to classify")
+    return Walk(files=[path.name])
+
+
+def image_root(source: Path) -> Path:
+    """The folder a predict's row paths are relative to: `source`, or the folder of one image."""
+    source = Path(source)
+    return source.parent if source.is_file() else source
+
+
+SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
 
 
 def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, workers: int, tta: int, resume: bool,
@@ -114,11 +140,33 @@ def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, worke
     if not target.name:  # '' arrives as '.'
         what = f"--out {out} is a folder" if str(out) else "--out is empty"
         raise SkinclfError(f"{what}: give a CSV file name, e.g. --out results.csv (or - for the terminal)")
+    if target.suffix.lower() in SPREADSHEET_SUFFIXES:
+        raise SkinclfError(f"--out {out}: predict writes CSV, which every spreadsheet opens; name it "
+                           f"{target.with_suffix('.csv').name}")
+    if not target.parent.exists() and not target.parent.is_symlink():
+        raise SkinclfError(f"--out {out}: the folder {target.parent} does not exist (check the path, or create "
+                           f"it first: mkdir -p {target.parent})")
     # Never over an image, a model or anything else the user has: only an earlier predict output.
     for path, kind in ((target, CSV), (partial_path(target), CSV), (sidecar_path(target), JSON),
                        (record_path(target), JSON)):
         check_output_file(path, example="results.csv", kind=kind, overwrite=overwrite)
     return target
+
+
+def _check_same_folder(target: Path, directory: Path) -> None:
+    """An earlier predict CSV at `target` holds another folder's results (its rows' paths are
+    relative, only the sidecar names the folder): replacing it needs --overwrite."""
+    import json
+
+    if not target.exists():
+        return
+    try:
+        earlier = json.loads(sidecar_path(target).read_text(encoding="utf-8")).get("directory")
+    except (OSError, ValueError, AttributeError):
+        return
+    if earlier and Path(earlier) != directory.resolve():
+        raise SkinclfError(f"--out {target} holds the results of another folder ({earlier}): add --overwrite to "
+                           "replace them, or choose another --out")
 
 
 def _top_k(top_k: int | None, classes: list[str]) -> int:
@@ -305,8 +353,10 @@ def predict_directory(
 
         address = cluster.check(ray, engine=engine, workers=ray_workers)
     source = read_metadata(Path(metadata)) if metadata is not None else None  # checked before any work
-    directory = Path(directory)
-    found = list_images(directory, recursive=recursive)
+    found = list_images(Path(directory), recursive=recursive)
+    directory = image_root(directory)
+    if target is not None and not (resume or overwrite):
+        _check_same_folder(target, directory)
     from skinclf.parallel import usable_cpus
 
     engine, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k,

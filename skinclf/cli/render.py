@@ -110,7 +110,7 @@ def predict_summary(summary) -> str:
         parts.append(f"{plural(summary.dropped, 'row')} dropped: their files are no longer in the folder")
     if getattr(summary, "skipped", 0):
         examples = ", ".join(summary.skipped_examples)
-        parts.append(f"{plural(summary.skipped, 'other file')} passed over (hidden, or not .jpg, .jpeg, .png, .bmp, "
+        parts.append(f"{plural(summary.skipped, 'other file')} passed over (hidden, skinclf's own heat maps, or not .jpg, .jpeg, .png, .bmp, "
                      f".tif or .tiff: e.g. {examples})")
     meta = getattr(summary, "metadata", None)
     if meta:

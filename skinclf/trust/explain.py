@@ -268,6 +268,10 @@ def list_inputs(source: Path) -> list[tuple[str, Path]]:
     """`(name, path)` of one image file, or of every image in a folder (recursive, sorted)."""
     source = Path(source)
     if source.is_file():
+        from skinclf.own_outputs import PNG, is_own_output
+
+        if is_own_output(source, PNG):
+            raise SkinclfError(f"{source} is a picture skinclf drew (a heat map), not an image to explain")
         return [(source.name, source)]
     if not source.exists():
         raise SkinclfError(f"not found: {source} (give an image file or a folder of images)")
