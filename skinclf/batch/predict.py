@@ -143,13 +143,13 @@ def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, worke
     if target.suffix.lower() in SPREADSHEET_SUFFIXES:
         raise SkinclfError(f"--out {out}: predict writes CSV, which every spreadsheet opens; name it "
                            f"{target.with_suffix('.csv').name}")
-    if not target.parent.exists() and not target.parent.is_symlink():
-        raise SkinclfError(f"--out {out}: the folder {target.parent} does not exist (check the path, or create "
-                           f"it first: mkdir -p {target.parent})")
     # Never over an image, a model or anything else the user has: only an earlier predict output.
     for path, kind in ((target, CSV), (partial_path(target), CSV), (sidecar_path(target), JSON),
                        (record_path(target), JSON)):
         check_output_file(path, example="results.csv", kind=kind, overwrite=overwrite)
+    if not target.parent.exists() and not target.parent.is_symlink():
+        raise SkinclfError(f"--out {out}: the folder {target.parent} does not exist (check the path, or create "
+                           f"it first: mkdir -p {target.parent})")
     return target
 
 

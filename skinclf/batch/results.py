@@ -41,7 +41,7 @@ WARNING_SEPARATOR = "; "
 # What the HAM10000 class abbreviations stand for: the one set of names, used by the CSV's
 # `top1_name`, the sidecar, the page (served by /api/model) and the README and model card.
 CLASS_NAMES = {
-    "akiec": "actinic keratosis / Bowen's disease (intraepithelial carcinoma)",
+    "akiec": "actinic keratosis / Bowen's disease",
     "bcc": "basal cell carcinoma",
     "bkl": "benign keratosis",
     "df": "dermatofibroma",
