@@ -205,7 +205,7 @@ def fit_tiers(inlier_scores: np.ndarray, *, factor: float = RARE_FACTOR) -> dict
     s = s[np.isfinite(s)]
     if len(s) < 20:
         raise SkinclfError(f"{len(s)} scores are too few to fit the flag's tiers (need at least 20)")
-    return {"reference_scores": pack(s), "rare_threshold": float(s[-1]) * factor if s[-1] > 0 else float(s[-1]),
+    return {"reference_scores": pack(s), "rare_threshold": float(s[-1] + (factor - 1) * abs(s[-1])),  # factor x max, for any sign
             "rare_rule": f"{factor:g} x the highest score of the {len(s)} inliers",
             "percentile": "share of the inliers (validation dermoscopic images) scoring lower, 0-100"}
 
@@ -217,7 +217,8 @@ def percentile(scores: np.ndarray, record: Mapping[str, Any] | None) -> np.ndarr
     if not record or not record.get("reference_scores"):
         return np.full(s.shape, np.nan)
     ref = unpack(record["reference_scores"])
-    out = 100.0 * np.searchsorted(ref, np.nan_to_num(s, nan=0.0), side="left") / len(ref)
+    probe = np.nan_to_num(s, nan=0.0).astype("<f4").astype("float64")  # as the stored scores: float32
+    out = 100.0 * np.searchsorted(ref, probe, side="left") / len(ref)
     return np.where(np.isfinite(s), out, np.nan)
 
 
