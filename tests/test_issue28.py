@@ -277,3 +277,13 @@ def test_page_sorts_by_melanoma_counts_passed_over_files_and_downloads_mel_prob(
             assert [r["mel_prob"] for r in got] == [r["mel_prob"] for r in expected]
     finally:
         driver.quit()
+
+
+def test_a_resume_with_nothing_left_prints_no_speed(runner, tiny_bundle, tmp_path: Path) -> None:
+    images = lesion_folder(tmp_path / "images", 2)
+    out = tmp_path / "r.csv"
+    assert runner.invoke(app, ["predict", str(images), "--out", str(out), "--model", str(tiny_bundle)]).exit_code == 0
+    again = runner.invoke(app, ["predict", str(images), "--out", str(out), "--model", str(tiny_bundle), "--resume"])
+    assert again.exit_code == 0, again.output
+    text = " ".join(again.output.split())
+    assert "nothing left to classify" in text and "img/s" not in text

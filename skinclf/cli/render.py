@@ -55,7 +55,14 @@ def render_report(report: dict) -> None:
         out.print(f"Calibration: ECE {fmt(cal['ece'])} (15 bins), Brier {fmt(cal['brier'])}, NLL {fmt(cal['nll'])}"
                   + ("" if cal["exact"] else " (approximate: top-k columns only; predict --all-probs for exact)"))
     if "provenance" in report:
-        out.print(f"Data: {report['provenance']['note']}")
+        known = (report.get("seen") or {}).get("known")
+        if report["provenance"].get("held_out") is None and known:
+            # No split fingerprint, but the model's image ids tell image by image (next line):
+            # "unknown provenance" would contradict it.
+            out.print("Data: no split fingerprint for this folder; which images the model has seen is checked "
+                      "image by image:")
+        else:
+            out.print(f"Data: {report['provenance']['note']}")
     render_seen(report.get("seen"))
     if report.get("data", {}).get("unreadable"):
         out.print(f"[yellow]{len(report['data']['unreadable'])} unreadable image(s) skipped (listed in report.json)[/yellow]")
@@ -118,6 +125,7 @@ def predict_summary(summary) -> str:
                      "see the metadata column)")
     cluster = getattr(summary, "cluster", None)
     where = f" on {plural(cluster['workers'], 'Ray worker')}" if cluster else ""
-    return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s ({summary.model.get('engine', 'keras')} "
+    speed = (f"{summary.images_per_second:.1f} img/s" if summary.classified else "nothing left to classify")
+    return (", ".join(parts) + f"; {speed} ({summary.model.get('engine', 'keras')} "
             f"engine{where}) after {summary.startup_seconds:.1f} s start-up"
             + (f"; wrote {summary.out}" if summary.out else "") + ". Decision support, not a diagnosis.")
