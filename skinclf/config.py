@@ -8,11 +8,11 @@ checked by its own `validate`, built by the CLI and passed whole to `train_model
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from skinclf.checks import at_least, positive
+from skinclf.checks import at_least, one_of, positive
 from skinclf.errors import SkinclfError
 
 
@@ -31,10 +31,16 @@ class PrepareDefaults:
     seed: int = 42
 
 
-def option(default: Any, *flags: str, metavar: str | None = None, help: str = "") -> Any:  # noqa: A002
-    """A settings field that is also a command-line option: its default, flags, metavar and help
-    in one place (`cli.app.with_settings` turns the fields of a settings class into options)."""
-    return field(default=default, metadata={"flags": flags, "metavar": metavar, "help": help})
+def option(default: Any, *flags: str, metavar: str | None = None, help: str = "",  # noqa: A002
+           argument: bool = False) -> Any:
+    """A settings field that is also a command-line option (or, with `argument`, the positional
+    argument): its default, flags, metavar and help in one place (`cli.app.with_settings` turns
+    the fields of a settings class into a command's parameters)."""
+    meta = {"flags": flags, "metavar": metavar, "help": help, "argument": argument}
+    return field(metadata=meta) if default is REQUIRED else field(default=default, metadata=meta)
+
+
+REQUIRED = MISSING  # `option(REQUIRED, ...)`: a field (and argument) without a default
 
 
 MONITORS = ("val_top2_accuracy", "val_top1_accuracy", "val_top3_accuracy", "val_balanced_accuracy", "val_loss")
@@ -309,3 +315,116 @@ SERVE = ServeDefaults()
 CALIBRATE = CalibrateDefaults()
 EXPLAIN = ExplainDefaults()
 ENSEMBLE = EnsembleDefaults()
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Every `skinclf predict` setting: the CLI builds one, `batch.predict.predict` takes it whole.
+    Fields without help here are the options several commands share (`cli.options`)."""
+
+    directory: Path = option(REQUIRED, metavar="DIR", help="Folder of images (JPEG, PNG, BMP, TIFF) to classify.",
+                             argument=True)
+    out: str = option("results.csv", "--out", metavar="CSV", help="CSV to write, or - for stdout.")
+    model: Path | None = None
+    top_k: int | None = option(
+        None, "--top-k", metavar="N",
+        help=f"How many most-probable classes per image [default: {PREDICT.top_k}, or all the model's classes if fewer].")
+    batch_size: int = PREDICT.batch_size
+    recursive: bool = option(True, "--recursive/--no-recursive", metavar="", help="Include sub-folders.")
+    all_probs: bool = option(False, "--all-probs", metavar="", help="Add a `prob_<class>` column for every class.")
+    resume: bool = option(
+        False, "--resume", metavar="", help="Continue an interrupted run (same options): skip files already in the CSV.")
+    overwrite: bool = option(
+        False, "--overwrite", metavar="",
+        help="Start over, discarding the rows of an interrupted run (`CSV.partial`); also needed to replace a file "
+        "that is not an earlier predict CSV.")
+    strict: bool = False
+    tta: int = 1
+    workers: int = PREDICT.workers
+    engine: str = PREDICT.engine
+    threads: int = PREDICT.threads
+    metadata: Path | None = option(
+        None, "--metadata", metavar="CSV",
+        help="Patient metadata per image (image_id or path; age, sex, body site; HAM10000 and ISIC column names "
+        "work as they are), added by the model's metadata head. Images without a row: image only.")
+    ray: str | None = option(
+        None, "--ray", metavar="ADDRESS",
+        help="Classify on a Ray cluster: local (a Ray on this machine, loopback only), auto (the cluster in "
+        "$RAY_ADDRESS or running here) or ray://HOST:PORT. The folder must be readable by every worker at the same "
+        'path. Needs pip install "skinclf[ray]".')
+    ray_workers: int = option(
+        0, "--ray-workers", metavar="N", help="With --ray: model actors on the cluster (0: one per CPU of the cluster).")
+
+    def validate(self) -> None:
+        """The numeric options and the combinations refused before any work (the output paths are
+        checked by `batch.predict`, which knows every file a run writes)."""
+        if self.top_k is not None:
+            at_least("--top-k", self.top_k, 1, example=3)
+        at_least("--batch-size", self.batch_size, 1, example=PREDICT.batch_size)
+        at_least("--threads", self.threads, 0, example=2)  # 0: one per usable CPU
+        at_least("--workers", self.workers, 0, example=2)  # 0: one per usable CPU
+        one_of("--tta", self.tta, TTA_CHOICES)
+        if self.resume and self.overwrite:
+            raise SkinclfError("--resume continues an interrupted run and --overwrite starts over: choose one")
+        if self.ray is None and self.ray_workers:
+            raise SkinclfError("--ray-workers sets the number of workers on a Ray cluster: add --ray local, auto or "
+                               "ray://HOST:PORT")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Every `skinclf evaluate` setting: the CLI builds one, `evaluation.evaluate.run_evaluation` takes it."""
+
+    model: Path | None = None
+    data: Path = option(EVALUATE.data, "--data", metavar="PATH", help="Labelled folder: one sub-folder per class.")
+    out: Path = option(EVALUATE.out, "--out", metavar="PATH", help="Folder for report.json and the PNGs.")
+    predictions: Path | None = option(
+        None, "--predictions", metavar="PATH", help="Score this predict CSV instead of running a model (needs --truth).")
+    truth: Path | None = option(
+        None, "--truth", metavar="PATH",
+        help="Ground truth: HAM10000 metadata (image_id,dx) or ISIC one-hot (image,MEL,NV,...).")
+    mel_sensitivity: float = option(EVALUATE.mel_sensitivity, "--mel-sensitivity", metavar="X",
+                                    help="Melanoma sensitivity for which to report the threshold.")
+    history: bool = option(False, "--history", metavar="", help="Only plot the model's training curves (history.png).")
+    tta: int = 1
+    batch_size: int = EVALUATE.batch_size
+    split: Path | None = option(
+        None, "--split", metavar="PATH",
+        help="split.csv (or its folder) of the `skinclf prepare` run the model was trained on, for models that do not "
+        "record their training images [default: where the model was trained, if found].")
+    engine: str = EVALUATE.engine
+    threads: int = EVALUATE.threads
+    as_json: bool = option(False, "--json", metavar="", help="Print the report as JSON on stdout (no tables).")
+    overwrite: bool = False
+    metadata: Path | None = option(
+        None, "--metadata", metavar="CSV",
+        help="Patient metadata (as predict --metadata): also report the figures with the model's metadata head.")
+
+    def validate(self) -> None:
+        """The options and combinations refused before any work."""
+        at_least("--batch-size", self.batch_size, 1, example=EVALUATE.batch_size)
+        one_of("--tta", self.tta, TTA_CHOICES)
+        if self.history:
+            return
+        if (self.predictions is None) != (self.truth is None):
+            raise SkinclfError("--predictions and --truth go together")
+        if self.metadata is not None and self.predictions is not None:
+            raise SkinclfError("--metadata goes with a model run over --data (a predict CSV already has its answers: "
+                               "run predict with --metadata)")
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Every `skinclf explain` setting: the CLI builds one, `trust.explain.explain_images` takes it."""
+
+    source: Path = option(REQUIRED, help="An image file, or a folder of images (searched recursively).", argument=True)
+    out: Path = option(EXPLAIN.out, "--out", help="Folder for one PNG per image and explain.json.")
+    model: Path | None = None
+    top_k: int = option(EXPLAIN.top_k, "--top-k", help="How many most-probable classes to show.")
+    patch: int = option(EXPLAIN.patch, "--patch", help="Side of the occluding patch, in model-input pixels.")
+    stride: int = option(EXPLAIN.stride, "--stride", help="Step of the sliding patch (smaller: finer, slower).")
+    fill: str = option(EXPLAIN.fill, "--fill", metavar="FILL", help="What covers the patch: blur, grey or mean (colour).")
+    max_side: int = option(EXPLAIN.max_side, "--max-side", help="Longest side of the picture's panels.")
+    batch_size: int = EXPLAIN.batch_size
+    strict: bool = False
+    overwrite: bool = False

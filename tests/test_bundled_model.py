@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BUNDLED_MODEL, CLASSES, SHARED_FULLRES, SHARED_HAM, require
+from utils.paths import require, BUNDLED_MODEL, SHARED_FULLRES, SHARED_HAM
+from utils.synthetic import CLASSES
 from PIL import Image
 
 from skinclf.cli import app
@@ -48,7 +49,7 @@ def test_bundle_is_small_and_carries_its_metadata(bundle) -> None:
     ood = meta["ood"]
     assert ood["score"] == "mahalanobis" and np.isfinite(ood["threshold"])
     assert 0 < ood["flag_rates"][ood["fitted_on"]] <= 0.1
-    # Issue 20's floors: every non-dermoscopic set >= 90% flagged, held-out dermoscopic <= 7%.
+    # The flag's floors: every non-dermoscopic set >= 90% flagged, held-out dermoscopic <= 7%.
     assert all(rate >= 0.9 for name, rate in ood["flag_rates"].items() if name != ood["fitted_on"])
     assert ood["held_out"]["flag_rate"] <= 0.07
 

@@ -1,4 +1,4 @@
-"""What the user sees (issue 18, class 6): help without type noise, argument errors as one line,
+"""What the user sees: help without type noise, argument errors as one line,
 `--out -` counts and order, a closed pipe, plurals, one "Interrupted", class names explained."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BUNDLED_MODEL, REPO, interrupt_after, lesion_image
+from utils.models import interrupt_after
+from utils.paths import BUNDLED_MODEL, REPO
+from utils.synthetic import lesion_image
 
 from skinclf.cli import app
 

@@ -1,4 +1,4 @@
-"""Data safety (issue 18): nothing the user has is overwritten, and `--resume` never keeps a row
+"""Data safety: nothing the user has is overwritten, and `--resume` never keeps a row
 that another model, option, folder or file would have made differently."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import interrupt_after, lesion_image, make_tiny_bundle
+from utils.models import interrupt_after, make_tiny_bundle
+from utils.synthetic import lesion_image
 
 from skinclf.batch.predict import predict_directory
 from skinclf.cli import app
@@ -201,7 +202,7 @@ TINY = ["--weights", "none", "--alpha", "0.25", "--image-size", "64", "--batch-s
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    from conftest import write_ham
+    from utils.synthetic import write_ham
 
     from skinclf.data.prepare import prepare_dataset
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASS_COLOURS, CLASSES, REPO, lesion_image, make_tiny_onnx
+from utils.models import make_tiny_onnx
+from utils.paths import REPO
+from utils.synthetic import lesion_image, CLASSES, CLASS_COLOURS
 
 from skinclf.batch.results import cell_value, csv_cell, read_predictions
 from skinclf.cli import app

@@ -120,3 +120,88 @@ def test_no_source_file_matches_an_ignore_pattern() -> None:
     done = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True,
                           check=False)
     assert done.stdout.strip() == "", f"ignored by git, so left out of the wheel: {done.stdout.split()}"
+
+
+# --- names, signatures and what the tests import ------------------------------------------------
+MAX_PARAMETERS = 12
+TESTS = Path(__file__).resolve().parent
+
+
+def test_no_two_modules_share_a_base_name() -> None:
+    # `metadata.py` in three stages said nothing about which metadata; a name says its job.
+    seen: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name not in ("__init__.py", "__main__.py"):
+            seen.setdefault(path.name, []).append(str(path.relative_to(PACKAGE)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
+
+
+def test_no_function_takes_more_than_twelve_parameters() -> None:
+    # A command's many options travel as one settings object (config.TrainConfig, PredictConfig, ...).
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                count = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)
+                if count > MAX_PARAMETERS:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({count})")
+    assert long == []
+
+
+def defined_names(path: Path) -> set[str]:
+    """What a module defines or imports at its top level (read with `ast`: no import, so no
+    optional dependency is needed to check it)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def source_of(module: str) -> Path | None:
+    """The file of a skinclf module or a tests/utils helper, None if there is none."""
+    root, parts = (PACKAGE.parent, module.split(".")) if module.startswith("skinclf") else (TESTS, module.split("."))
+    base = root.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def missing_imports(path: Path) -> list[str]:
+    """Every `from skinclf... import name` (and `utils...`) in `path`, at any depth, whose module
+    or name does not exist."""
+    missing = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("skinclf", "utils"):
+            source = source_of(node.module)
+            if source is None:
+                missing.append(f"{path.name}:{node.lineno} {node.module}")
+                continue
+            names = defined_names(source)
+            missing += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                        if a.name not in names and source_of(f"{node.module}.{a.name}") is None]
+        elif isinstance(node, ast.Import):
+            missing += [f"{path.name}:{node.lineno} {a.name}" for a in node.names
+                        if a.name.split(".")[0] == "skinclf" and source_of(a.name) is None]
+    return missing
+
+
+def test_every_name_a_test_imports_exists() -> None:
+    # A test skipped for a missing extra (PyTorch, Ray, a browser) still has its imports checked.
+    missing = [m for path in TESTS.rglob("*.py") for m in missing_imports(path)]
+    assert missing == []
+
+
+def test_the_import_check_sees_a_stale_name(tmp_path: Path) -> None:
+    stale = tmp_path / "test_stale.py"
+    stale.write_text("def test():\n    from skinclf.train import train_model\n    from skinclf.model import load_bundle\n",
+                     encoding="utf-8")
+    assert missing_imports(stale) == ["test_stale.py:2 skinclf.train", "test_stale.py:3 skinclf.model.load_bundle"]

@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLASS_COLOURS, REPO, lesion_image, make_tiny_onnx
+from utils.models import make_tiny_onnx
+from utils.paths import REPO
+from utils.synthetic import lesion_image, CLASS_COLOURS
 
 pytest.importorskip("onnxruntime")
 

@@ -31,8 +31,7 @@ from skinclf.batch.results import (
     sidecar_path,
 )
 from skinclf.batch.resume import file_key, record_path, run_record, sidecar_record
-from skinclf.checks import at_least, one_of
-from skinclf.config import PREDICT, TTA_CHOICES
+from skinclf.config import PREDICT, PredictConfig
 from skinclf.data.images import IMAGE_EXTENSIONS
 from skinclf.data.walk import Walk, walk_images
 from skinclf.errors import Interrupted, SkinclfError
@@ -121,19 +120,12 @@ def image_root(source: Path) -> Path:
 SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
 
 
-def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, workers: int, tta: int, resume: bool,
-                   overwrite: bool, threads: int = 0) -> Path | None:
+def _check_options(config: PredictConfig) -> Path | None:
     """Every option checked before any work; returns the output file (None: stdout)."""
-    if top_k is not None:
-        at_least("--top-k", top_k, 1, example=3)
-    at_least("--batch-size", batch_size, 1, example=PREDICT.batch_size)
-    at_least("--threads", threads, 0, example=2)  # 0: one per usable CPU
-    at_least("--workers", workers, 0, example=2)  # 0: one per usable CPU
-    one_of("--tta", tta, TTA_CHOICES)
-    if resume and overwrite:
-        raise SkinclfError("--resume continues an interrupted run and --overwrite starts over: choose one")
+    config.validate()
+    out = config.out
     if str(out) == "-":
-        if resume:
+        if config.resume:
             raise SkinclfError("--resume needs a file for --out, not stdout")
         return None
     target = Path(out)
@@ -146,7 +138,7 @@ def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, worke
     # Never over an image, a model or anything else the user has: only an earlier predict output.
     for path, kind in ((target, CSV), (partial_path(target), CSV), (sidecar_path(target), JSON),
                        (record_path(target), JSON)):
-        check_output_file(path, example="results.csv", kind=kind, overwrite=overwrite)
+        check_output_file(path, example="results.csv", kind=kind, overwrite=config.overwrite)
     if not target.parent.exists() and not target.parent.is_symlink():
         raise SkinclfError(f"--out {out}: the folder {target.parent} does not exist (check the path, or create "
                            f"it first: mkdir -p {target.parent})")
@@ -310,87 +302,66 @@ def _classify(output, batches: Iterable[list[list[str]]], *, total: int, problem
     return tally
 
 
-def predict_directory(
-    *,
-    directory: Path,
-    out: Path | str,
-    model: Path | None = None,
-    top_k: int | None = None,
-    batch_size: int = PREDICT.batch_size,
-    recursive: bool = True,
-    all_probs: bool = False,
-    resume: bool = False,
-    overwrite: bool = False,
-    strict: bool = False,
-    tta: int = 1,
-    workers: int = PREDICT.workers,
-    engine: str = PREDICT.engine,
-    threads: int = PREDICT.threads,
-    show_progress: bool | None = None,
-    metadata: Path | None = None,
-    ray: str | None = None,
-    ray_workers: int = 0,
-) -> PredictSummary:
-    """Classify every image in `directory` into a CSV at `out` ('-' for stdout).
+def predict_directory(directory: Path, *, show_progress: bool | None = None, **settings: Any) -> PredictSummary:
+    """`predict` with its settings as keywords (`config.PredictConfig`'s fields), for library use."""
+    return predict(PredictConfig(directory=Path(directory), **settings), show_progress=show_progress)
+
+
+def predict(config: PredictConfig, *, show_progress: bool | None = None) -> PredictSummary:
+    """Classify every image in `config.directory` into a CSV at `config.out` ('-' for stdout).
 
     `top_k` None: 3, or the model's number of classes if fewer. Returns a summary; with
     `strict`, raises SkinclfError after writing if any file or folder could not be read.
     `ray` (local, auto or ray://HOST:PORT): classify on a Ray cluster's workers (`batch.ray`),
     `ray_workers` of them (0: one per CPU of the cluster); the CSV and its guarantees are the same.
-    `metadata`: a CSV of age, sex and body site per image (`batch.metadata`), added by the
+    `metadata`: a CSV of age, sex and body site per image (`batch.patient`), added by the
     model's metadata head; the CSV gains a `metadata` column (used / missing).
     """
     from skinclf.batch.patient import join, metadata_head, read_metadata
-
-    target = _check_options(out=out, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta, resume=resume,
-                            overwrite=overwrite, threads=threads)
-    address = None
-    if ray is None and ray_workers:
-        raise SkinclfError("--ray-workers sets the number of workers on a Ray cluster: add --ray local, auto or "
-                           "ray://HOST:PORT")
-    if ray is not None:
-        from skinclf.batch import ray as cluster
-
-        address = cluster.check(ray, engine=engine, workers=ray_workers)
-    source = read_metadata(Path(metadata)) if metadata is not None else None  # checked before any work
-    found = list_images(Path(directory), recursive=recursive)
-    directory = image_root(directory)
-    if target is not None and not (resume or overwrite):
-        _check_same_folder(target, directory)
     from skinclf.parallel import usable_cpus
 
-    engine, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k,
-                                   onnx_only=address is not None)
+    c = config
+    target = _check_options(c)
+    address = None
+    if c.ray is not None:
+        from skinclf.batch import ray as cluster
+
+        address = cluster.check(c.ray, engine=c.engine, workers=c.ray_workers)
+    source = read_metadata(Path(c.metadata)) if c.metadata is not None else None  # checked before any work
+    found = list_images(Path(c.directory), recursive=c.recursive)
+    directory = image_root(c.directory)  # one image: its folder (the row's path is the file name)
+    if target is not None and not (c.resume or c.overwrite):
+        _check_same_folder(target, directory)
+    engine, top_k, startup = _load(c.model, engine=c.engine, batch_size=c.batch_size, threads=c.threads, tta=c.tta,
+                                   top_k=c.top_k, onnx_only=address is not None)
     patient = None
     if source is not None:
         patient = PatientData(source=source, joined=join(source, found.files), head=metadata_head(engine))
     start = None
     if address is not None:
         def start():
-            return cluster.start(address, workers=ray_workers, engine=engine, directory=directory, top_k=top_k,
-                                 all_probs=all_probs, batch_size=batch_size, threads=threads, tta=tta,
+            return cluster.start(address, workers=c.ray_workers, engine=engine, directory=directory, top_k=top_k,
+                                 all_probs=c.all_probs, batch_size=c.batch_size, threads=c.threads, tta=c.tta,
                                  metadata=patient is not None)
-    return _run(engine, start, target=target, out=out, directory=directory, found=found, top_k=top_k,
-                all_probs=all_probs, recursive=recursive, resume=resume, overwrite=overwrite, strict=strict,
-                tta=tta, batch_size=batch_size, workers=workers or usable_cpus(), startup=startup,
-                show_progress=show_progress, patient=patient)
+    return _run(engine, start, c, target=target, directory=directory, found=found, top_k=top_k,
+                workers=c.workers or usable_cpus(), startup=startup, show_progress=show_progress, patient=patient)
 
 
-def _run(engine, start, *, target: Path | None, out: Path | str, directory: Path, found: Walk, top_k: int,
-         all_probs: bool, recursive: bool, resume: bool, overwrite: bool, strict: bool, tta: int, batch_size: int,
+def _run(engine, start, config: PredictConfig, *, target: Path | None, directory: Path, found: Walk, top_k: int,
          workers: int, startup: float, show_progress: bool | None, patient: PatientData | None) -> PredictSummary:
     """Open the output, classify what is left to do (here, or on the workers of the cluster that
     `start` connects to, once the output is open), finish."""
+    c = config
     joined = patient.joined if patient is not None else None
-    header = columns(engine.classes, top_k, all_probs) + (["metadata"] if joined is not None else [])
-    run = run_record(identity=engine.identity(), engine=engine.name, top_k=top_k, all_probs=all_probs, tta=tta,
+    header = columns(engine.classes, top_k, c.all_probs) + (["metadata"] if joined is not None else [])
+    run = run_record(identity=engine.identity(), engine=engine.name, top_k=top_k, all_probs=c.all_probs, tta=c.tta,
                      directory=directory, metadata=patient.source.sha256 if patient is not None else "")
     files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
-    output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run)
+    output = open_output(target, header, resume=c.resume, overwrite=c.overwrite, files=files, run=run)
     todo = [f for f in found.files if f not in output.done]
     from skinclf.batch.patient import metadata_cell
 
-    problems = [row(p.path, None, p.reason, engine.classes, top_k, all_probs)
+    problems = [row(p.path, None, p.reason, engine.classes, top_k, c.all_probs)
                 + metadata_cell(None if joined is None else joined.get(p.path), p.reason) for p in found.problems]
     pool = None
     t0 = time.perf_counter()
@@ -399,8 +370,8 @@ def _run(engine, start, *, target: Path | None, out: Path | str, directory: Path
             pool = start()
             startup, t0 = startup + time.perf_counter() - t0, time.perf_counter()
         if pool is None:
-            batches = _embedded(engine, directory=directory, todo=todo, top_k=top_k, all_probs=all_probs,
-                                batch_size=batch_size, workers=workers, tta=tta, patient=patient)
+            batches = _embedded(engine, directory=directory, todo=todo, top_k=top_k, all_probs=c.all_probs,
+                                batch_size=c.batch_size, workers=workers, tta=c.tta, patient=patient)
         else:
             batches = pool.rows(todo, metas=joined.per_file if joined is not None else None)
         tally = _classify(output, batches, total=len(todo), problems=problems, header=header,
@@ -419,7 +390,7 @@ def _run(engine, start, *, target: Path | None, out: Path | str, directory: Path
     seconds = time.perf_counter() - t0
     if target is not None:
         tally = _finish(output, engine=engine, directory=directory, header=header, files=len(found.files), run=run,
-                        options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive, "tta": tta,
+                        options={"top_k": top_k, "all_probs": c.all_probs, "recursive": c.recursive, "tta": c.tta,
                                  "engine": engine.name, **({"metadata": joined.record()} if joined is not None else {})},
                         cluster=pool.describe() if pool is not None else None)
     problem_paths = {p.path for p in found.problems}
@@ -432,8 +403,8 @@ def _run(engine, start, *, target: Path | None, out: Path | str, directory: Path
                              cluster=pool.describe() if pool is not None else None,
                              metadata=joined.record() if joined is not None else None,
                              notes=joined.notes() if joined is not None else [])
-    if strict and tally.errors:
-        raise SkinclfError(_strict_message(summary, out))
+    if c.strict and tally.errors:
+        raise SkinclfError(_strict_message(summary, c.out))
     return summary
 
 

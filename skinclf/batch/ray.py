@@ -42,7 +42,7 @@ from typing import Any
 from skinclf.batch.ray_actor import Classifier
 from skinclf.batch.ray_address import INSTALL, Address, parse_address, ray_installed, require_ray
 from skinclf.batch.ray_hooks import driver_hang
-from skinclf.batch.ray_netns import LISTEN_ENV, may_listen
+from skinclf.batch.ray_netns import LISTEN_ENV, loopback_only, loopback_up, may_listen
 from skinclf.checks import at_least
 from skinclf.errors import SkinclfError
 
@@ -208,7 +208,7 @@ def start(address: Address, *, workers: int, engine, directory: Path, top_k: int
     try:
         if address.kind == "local":
             if loopback_only():
-                _loopback_up()
+                loopback_up()
             os.environ.pop("RAY_ADDRESS", None)
             temp_dir = _temp_dir()
             with _stderr_muted():

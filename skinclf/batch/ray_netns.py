@@ -32,7 +32,7 @@ def may_listen() -> bool:
     return loopback_only() or os.environ.get(LISTEN_ENV) == "all"
 
 
-def _loopback_up() -> None:
+def loopback_up() -> None:
     """Bring `lo` up in a fresh namespace (it starts down; Linux then gives it 127.0.0.1)."""
     import fcntl
     import socket

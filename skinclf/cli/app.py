@@ -188,20 +188,19 @@ def _quiet_stdout() -> None:
         pass
 
 
-def with_settings(settings_class: type) -> Callable[[Callable], Callable]:
-    """Decorator: the command takes every field of the frozen dataclass `settings_class` as an
-    option (flags, metavar, help and default from the field's `config.option`), in field order,
-    and the decorated function receives them as one validated-later `settings_class` instance."""
+def with_settings(settings_class: type, **shared: Any) -> Callable[[Callable], Callable]:
+    """Decorator: the command takes every field of the frozen dataclass `settings_class` as a
+    parameter, in field order: an option (or the argument) from the field's `config.option`
+    (flags, metavar, help, default), or for a field in `shared` that `cli.options` type with the
+    field's default. The decorated function receives one `settings_class` instance."""
     hints = typing.get_type_hints(settings_class)
-    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-                                default=typer.Option(f.default, *f.metadata["flags"], metavar=f.metadata["metavar"],
-                                                     help=f.metadata["help"]))
+    params = [_parameter(f, shared.get(f.name) or hints[f.name], f.name in shared)
               for f in dataclasses.fields(settings_class)]
 
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)
-        def run(**options: Any) -> Any:
-            return command(settings_class(**options))
+        def run(**given: Any) -> Any:
+            return command(settings_class(**given))
 
         run.__signature__ = inspect.Signature(params)  # what typer reads
         run.__annotations__ = {p.name: p.annotation for p in params}
@@ -209,6 +208,15 @@ def with_settings(settings_class: type) -> Callable[[Callable], Callable]:
         return run
 
     return decorate
+
+
+def _parameter(f: dataclasses.Field, annotation: Any, shared: bool) -> inspect.Parameter:
+    if shared:  # an Annotated type of cli.options carries the option; the field gives the default
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=f.default)
+    meta, default = f.metadata, (... if f.default is dataclasses.MISSING else f.default)
+    declare = (typer.Argument(default, metavar=meta["metavar"], help=meta["help"]) if meta["argument"] else
+               typer.Option(default, *meta["flags"], metavar=meta["metavar"], help=meta["help"]))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=declare)
 
 
 def examples(*lines: str) -> str:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Optional
 
 import typer
 
 from skinclf.cli import options
-from skinclf.cli.app import Command, app, examples, out, user_errors
+from skinclf.cli.app import Command, app, examples, out, user_errors, with_settings
 from skinclf.cli.render import predict_summary, render_report
-from skinclf.config import EVALUATE, EXPLAIN, PREDICT, SERVE
+from skinclf.config import SERVE, EvaluateConfig, ExplainConfig, PredictConfig
 
 # True when this process is the `skinclf` command itself (set by `skinclf.cli.main`), not a
 # caller of the app (tests' CliRunner): only then may `predict --ray local` re-run the process.
@@ -31,36 +29,9 @@ AS_COMMAND = False
         "skinclf evaluate --data data/prepared/val --metadata HAM10000_metadata.csv   # with and without metadata",
     )
 )
-def evaluate(
-    model: options.Model = None,
-    data: Path = typer.Option(EVALUATE.data, "--data", metavar="PATH", help="Labelled folder: one sub-folder per class."),
-    out_dir: Path = typer.Option(EVALUATE.out, "--out", metavar="PATH", help="Folder for report.json and the PNGs."),
-    predictions: Optional[Path] = typer.Option(
-        None, "--predictions", metavar="PATH", help="Score this predict CSV instead of running a model (needs --truth)."
-    ),
-    truth: Optional[Path] = typer.Option(
-        None, "--truth", metavar="PATH", help="Ground truth: HAM10000 metadata (image_id,dx) or ISIC one-hot (image,MEL,NV,...)."
-    ),
-    mel_sensitivity: float = typer.Option(
-        EVALUATE.mel_sensitivity, "--mel-sensitivity", metavar="X", help="Melanoma sensitivity for which to report the threshold."
-    ),
-    history: bool = typer.Option(False, "--history", metavar="", help="Only plot the model's training curves (history.png)."),
-    tta: options.Tta = 1,
-    batch_size: options.BatchSize = EVALUATE.batch_size,
-    split: Optional[Path] = typer.Option(
-        None, "--split", metavar="PATH",
-        help="split.csv (or its folder) of the `skinclf prepare` run the model was trained on, for models that do not "
-        "record their training images [default: where the model was trained, if found].",
-    ),
-    engine: options.Engine = EVALUATE.engine,
-    threads: options.Threads = EVALUATE.threads,
-    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the report as JSON on stdout (no tables)."),
-    overwrite: options.Overwrite = False,
-    metadata: Optional[Path] = typer.Option(
-        None, "--metadata", metavar="CSV",
-        help="Patient metadata (as predict --metadata): also report the figures with the model's metadata head.",
-    ),
-) -> None:
+@with_settings(EvaluateConfig, model=options.Model, tta=options.Tta, batch_size=options.BatchSize,
+               engine=options.Engine, threads=options.Threads, overwrite=options.Overwrite)
+def evaluate(config: EvaluateConfig) -> None:
     """Confusion matrix, per-class precision/recall/F1, balanced accuracy, top-k accuracy, ROC-AUC,
     melanoma sensitivity/specificity, and training curves.
 
@@ -70,14 +41,11 @@ def evaluate(
     with user_errors():
         from skinclf.evaluation.evaluate import run_evaluation
 
-        result = run_evaluation(model=model, data=data, out=out_dir, predictions=predictions, truth=truth,
-                                history=history, mel_sensitivity=mel_sensitivity, batch_size=batch_size, tta=tta,
-                                split=split, engine=engine, threads=threads, overwrite=overwrite,
-                                metadata=metadata)
+        result = run_evaluation(config)
     if not result.report:  # --history: only the curves
         out.print("Wrote " + ", ".join(str(p) for p in result.files))
         return
-    if as_json:
+    if config.as_json:
         typer.echo(json.dumps(result.report, indent=2))
         return
     render_report(result.report)
@@ -99,45 +67,9 @@ def evaluate(
         "skinclf predict /mnt/archive --out archive.csv --ray ray://head.internal:10001   # a Ray cluster",
     )
 )
-def predict(
-    directory: Path = typer.Argument(..., metavar="DIR", help="Folder of images (JPEG, PNG, BMP, TIFF) to classify."),
-    out_csv: str = typer.Option("results.csv", "--out", metavar="CSV", help="CSV to write, or - for stdout."),
-    model: options.Model = None,
-    top_k: Optional[int] = typer.Option(
-        None, "--top-k", metavar="N",
-        help=f"How many most-probable classes per image [default: {PREDICT.top_k}, or all the model's classes if fewer].",
-    ),
-    batch_size: options.BatchSize = PREDICT.batch_size,
-    recursive: bool = typer.Option(True, "--recursive/--no-recursive", metavar="", help="Include sub-folders."),
-    all_probs: bool = typer.Option(False, "--all-probs", metavar="", help="Add a `prob_<class>` column for every class."),
-    resume: bool = typer.Option(
-        False, "--resume", metavar="", help="Continue an interrupted run (same options): skip files already in the CSV."
-    ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", metavar="",
-        help="Start over, discarding the rows of an interrupted run (`CSV.partial`); also needed to replace a file "
-        "that is not an earlier predict CSV.",
-    ),
-    strict: options.Strict = False,
-    tta: options.Tta = 1,
-    workers: options.Workers = PREDICT.workers,
-    engine: options.Engine = PREDICT.engine,
-    threads: options.Threads = PREDICT.threads,
-    metadata: Optional[Path] = typer.Option(
-        None, "--metadata", metavar="CSV",
-        help="Patient metadata per image (image_id or path; age, sex, body site; HAM10000 and ISIC column names "
-        "work as they are), added by the model's metadata head. Images without a row: image only.",
-    ),
-    ray: Optional[str] = typer.Option(
-        None, "--ray", metavar="ADDRESS",
-        help="Classify on a Ray cluster: local (a Ray on this machine, loopback only), auto (the cluster in "
-        "$RAY_ADDRESS or running here) or ray://HOST:PORT. The folder must be readable by every worker at the same "
-        'path. Needs pip install "skinclf[ray]".',
-    ),
-    ray_workers: int = typer.Option(
-        0, "--ray-workers", metavar="N", help="With --ray: model actors on the cluster (0: one per CPU of the cluster)."
-    ),
-) -> None:
+@with_settings(PredictConfig, model=options.Model, batch_size=options.BatchSize, strict=options.Strict,
+               tta=options.Tta, workers=options.Workers, engine=options.Engine, threads=options.Threads)
+def predict(config: PredictConfig) -> None:
     """Classify every image in a folder into a CSV of the top-k classes and their probabilities.
 
     One row per file, sorted by path; a file that cannot be read, or a folder that cannot be
@@ -146,17 +78,13 @@ def predict(
     model's identity is recorded in a JSON sidecar (results.csv.json).
     """
     with user_errors():
-        if ray is not None and AS_COMMAND:
+        if config.ray is not None and AS_COMMAND:
             from skinclf.batch.ray_netns import isolate
 
-            isolate(ray)  # --ray local: re-runs this command in a network namespace of its own (loopback only)
-        from skinclf.batch.predict import predict_directory
+            isolate(config.ray)  # --ray local: re-runs this command in a network namespace of its own (loopback only)
+        from skinclf.batch.predict import predict as run_predict
 
-        summary = predict_directory(
-            directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
-            all_probs=all_probs, resume=resume, overwrite=overwrite, strict=strict, tta=tta, workers=workers,
-            engine=engine, threads=threads, metadata=metadata, ray=ray, ray_workers=ray_workers,
-        )
+        summary = run_predict(config)
     for note in summary.notes:
         typer.echo(f"Note: {note}", err=True)
     typer.echo(predict_summary(summary), err=True)
@@ -216,19 +144,9 @@ def serve(
         "skinclf explain ./images --out maps --strict     # exit 1 if any file could not be read",
     )
 )
-def explain(
-    source: Path = typer.Argument(..., help="An image file, or a folder of images (searched recursively)."),
-    out_dir: Path = typer.Option(EXPLAIN.out, "--out", help="Folder for one PNG per image and explain.json."),
-    model: options.Model = None,
-    top_k: int = typer.Option(EXPLAIN.top_k, "--top-k", help="How many most-probable classes to show."),
-    patch: int = typer.Option(EXPLAIN.patch, "--patch", help="Side of the occluding patch, in model-input pixels."),
-    stride: int = typer.Option(EXPLAIN.stride, "--stride", help="Step of the sliding patch (smaller: finer, slower)."),
-    fill: str = typer.Option(EXPLAIN.fill, "--fill", metavar="FILL", help="What covers the patch: blur, grey or mean (colour)."),
-    max_side: int = typer.Option(EXPLAIN.max_side, "--max-side", help="Longest side of the picture's panels."),
-    batch_size: options.BatchSize = EXPLAIN.batch_size,
-    strict: options.Strict = False,
-    overwrite: options.Overwrite = False,
-) -> None:
+@with_settings(ExplainConfig, model=options.Model, batch_size=options.BatchSize, strict=options.Strict,
+               overwrite=options.Overwrite)
+def explain(config: ExplainConfig) -> None:
     """Heat maps of what drove each image's top class (occlusion sensitivity), beside the top-k bars.
 
     A patch slides over the image and the drop of the top class's probability is mapped; it
@@ -238,9 +156,7 @@ def explain(
     with user_errors():
         from skinclf.trust.explain import explain_images
 
-        summary = explain_images(source=source, out=out_dir, model=model, top_k=top_k, patch=patch, stride=stride,
-                                 fill=fill, max_side=max_side, batch_size=batch_size, strict=strict,
-                                 overwrite=overwrite)
+        summary = explain_images(config)
     for item in summary.explained:
         top = ", ".join(f"{c} {p:.2f}" for c, p in item.top)
         odd = "".join(f"  [{w}]" for w in item.warnings)

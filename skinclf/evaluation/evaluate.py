@@ -22,8 +22,7 @@ import pandas as pd
 
 from skinclf import __version__
 from skinclf.batch.results import probabilities, read_predictions, sidecar_path
-from skinclf.checks import at_least, one_of
-from skinclf.config import EVALUATE, TTA_CHOICES
+from skinclf.config import EVALUATE, EvaluateConfig
 from skinclf.data.layout import list_labelled_images, model_path
 from skinclf.errors import SkinclfError
 from skinclf.evaluation.seen import SeenImages, seen_images, seen_report
@@ -322,42 +321,22 @@ def _first_member_history(meta: dict[str, Any]) -> list:
     return next((m["history"] for m in meta.get("members", []) if m.get("history")), [])
 
 
-def run_evaluation(
-    *,
-    model: Path | None = None,
-    data: Path = EVALUATE.data,
-    out: Path = EVALUATE.out,
-    predictions: Path | None = None,
-    truth: Path | None = None,
-    history: bool = False,
-    mel_sensitivity: float = EVALUATE.mel_sensitivity,
-    batch_size: int = EVALUATE.batch_size,
-    tta: int = 1,
-    split: Path | None = None,
-    engine: str = EVALUATE.engine,
-    threads: int = EVALUATE.threads,
-    overwrite: bool = False,
-    metadata: Path | None = None,
-) -> Evaluation:
-    """The `evaluate` command: training curves only (`history`), a predictions CSV against
-    `truth`, or the model over the labelled folder `data`. Files in `out` that an earlier
-    evaluate did not write are replaced only with `overwrite`."""
-    at_least("--batch-size", batch_size, 1, example=EVALUATE.batch_size)
-    one_of("--tta", tta, TTA_CHOICES)
-    check_output_dir(Path(out))
-    check_output_files(Path(out), {"history.png": PNG} if history else REPORT_FILES, overwrite=overwrite)
-    if history:
-        return Evaluation(report={}, out=Path(out), files=[plot_history(model=model, out=out)])
-    if (predictions is None) != (truth is None):
-        raise SkinclfError("--predictions and --truth go together")
-    if metadata is not None and predictions is not None:
-        raise SkinclfError("--metadata goes with a model run over --data (a predict CSV already has its answers: "
-                           "run predict with --metadata)")
-    if predictions is not None:
-        return evaluate_predictions(predictions=predictions, truth=truth, out=out, mel_sensitivity=mel_sensitivity,
-                                    model=model, split=split)
-    return evaluate_model(model=model, data=data, out=out, mel_sensitivity=mel_sensitivity, batch_size=batch_size,
-                          tta=tta, split=split, engine=engine, threads=threads, metadata=metadata)
+def run_evaluation(config: EvaluateConfig | None = None, /, **settings: Any) -> Evaluation:
+    """The `evaluate` command (`config`, or its fields as keywords): training curves only
+    (`history`), a predictions CSV against `truth`, or the model over the labelled folder `data`.
+    Files in `out` that an earlier evaluate did not write are replaced only with `overwrite`."""
+    c = config if config is not None else EvaluateConfig(**settings)
+    c.validate()
+    check_output_dir(Path(c.out))
+    check_output_files(Path(c.out), {"history.png": PNG} if c.history else REPORT_FILES, overwrite=c.overwrite)
+    if c.history:
+        return Evaluation(report={}, out=Path(c.out), files=[plot_history(model=c.model, out=c.out)])
+    if c.predictions is not None:
+        return evaluate_predictions(predictions=c.predictions, truth=c.truth, out=c.out,
+                                    mel_sensitivity=c.mel_sensitivity, model=c.model, split=c.split)
+    return evaluate_model(model=c.model, data=c.data, out=c.out, mel_sensitivity=c.mel_sensitivity,
+                          batch_size=c.batch_size, tta=c.tta, split=c.split, engine=c.engine, threads=c.threads,
+                          metadata=c.metadata)
 
 
 def calibration_section(probs: np.ndarray, y_true: np.ndarray, *, exact: bool) -> dict[str, Any]:

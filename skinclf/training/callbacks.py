@@ -21,13 +21,14 @@ from skinclf.files import atomic_path, atomic_write, atomic_write_json
 keras = load_keras()
 ops = keras.ops
 
-# Tests set this to kill the process after an epoch, as a crash would (see tests/test_train.py).
+# Tests set this to kill the process after an epoch, as a crash would (see tests/training/test_train.py).
 _KILL_AFTER_EPOCH = "_SKINCLF_KILL_AFTER_EPOCH"
 # Settings of runs saved before an option existed, and the value that reproduces them.
 _LEGACY = {"crop_scale": 0.0, "weight_decay": 0.0, "schedule": "plateau", "warmup_epochs": 1, "train_size": 0,
            "fixres_epochs": 0, "colour_constancy": False, "epochs_planned": None}
 
 
+@keras.saving.register_keras_serializable(package="skinclf")
 class BalancedAccuracy(keras.metrics.Metric):
     """Mean per-class recall over the classes seen, accumulated over an epoch (backend-agnostic)."""
 

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, PngImagePlug
 
 from skinclf import ui
 from skinclf.checks import at_least
-from skinclf.config import EXPLAIN
+from skinclf.config import EXPLAIN, ExplainConfig
 from skinclf.data.images import ImageError, load_image
 from skinclf.data.walk import walk_images
 from skinclf.errors import SkinclfError
@@ -283,48 +283,36 @@ def list_inputs(source: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def explain_images(
-    *,
-    source: Path,
-    out: Path = EXPLAIN.out,
-    model: Path | None = None,
-    engine: str = "auto",
-    top_k: int = EXPLAIN.top_k,
-    patch: int = EXPLAIN.patch,
-    stride: int = EXPLAIN.stride,
-    fill: str = EXPLAIN.fill,
-    max_side: int = EXPLAIN.max_side,
-    batch_size: int = EXPLAIN.batch_size,
-    strict: bool = False,
-    overwrite: bool = False,
-    show_progress: bool | None = None,
-) -> ExplainSummary:
+def explain_images(config: ExplainConfig | None = None, /, *, engine: str = "auto", show_progress: bool | None = None,
+                   **settings: Any) -> ExplainSummary:
     """The `explain` command: a heat-map picture per image of `source` (a file or a folder) in
-    `out`, and `explain.json`. With `strict`, raises after writing if any file was bad."""
+    `out`, and `explain.json` (`config`, or its fields as keywords; `engine`: auto, keras, onnx, ...).
+    With `strict`, raises after writing if any file was bad."""
     from skinclf.engines.load import load_engine
 
-    if fill not in FILLS:
-        raise SkinclfError(f"--fill {fill!r}: choose one of {', '.join(FILLS)}")
-    check_output_dir(Path(out))  # before the model loads and the maps are computed
-    files = list_inputs(source)
+    c = config if config is not None else ExplainConfig(**settings)
+    if c.fill not in FILLS:
+        raise SkinclfError(f"--fill {c.fill!r}: choose one of {', '.join(FILLS)}")
+    check_output_dir(Path(c.out))  # before the model loads and the maps are computed
+    files = list_inputs(c.source)
     # Never over a user's picture (e.g. --out the image folder itself), only over earlier maps.
-    check_output_files(Path(out), {**dict.fromkeys(_output_names([rel for rel, _ in files]), PNG),
-                                   "explain.json": JSON}, overwrite=overwrite)
-    engine = load_engine(model, engine=engine, batch_size=batch_size)
-    if not 1 <= stride <= patch <= engine.image_size:
-        raise SkinclfError(f"--patch {patch} / --stride {stride}: need 1 <= stride <= patch <= {engine.image_size} "
-                           "(the model's input size)")
-    summary = explain_files(engine, files, out, top_k=top_k, patch=patch, stride=stride, fill=fill,
-                            max_side=max_side, show_progress=show_progress)
-    atomic_write_json(Path(out) / "explain.json", {
+    check_output_files(Path(c.out), {**dict.fromkeys(_output_names([rel for rel, _ in files]), PNG),
+                                     "explain.json": JSON}, overwrite=c.overwrite)
+    engine = load_engine(c.model, engine=engine, batch_size=c.batch_size)
+    if not 1 <= c.stride <= c.patch <= engine.image_size:
+        raise SkinclfError(f"--patch {c.patch} / --stride {c.stride}: need 1 <= stride <= patch <= "
+                           f"{engine.image_size} (the model's input size)")
+    summary = explain_files(engine, files, c.out, top_k=c.top_k, patch=c.patch, stride=c.stride, fill=c.fill,
+                            max_side=c.max_side, show_progress=show_progress)
+    atomic_write_json(Path(c.out) / "explain.json", {
         "model": engine.identity(),
-        "method": {"name": "occlusion sensitivity", "patch": patch, "stride": stride, "fill": fill,
+        "method": {"name": "occlusion sensitivity", "patch": c.patch, "stride": c.stride, "fill": c.fill,
                    "input_size": engine.image_size,
                    "map": "mean drop of the top class's probability when a patch covering the pixel is occluded"},
         "images": [{**asdict(e), "png": e.png.name} for e in summary.explained],
         "errors": [{"path": p, "error": e} for p, e in summary.errors],
     })
-    if strict and summary.errors:
+    if c.strict and summary.errors:
         raise SkinclfError(f"{len(summary.errors)} of {len(files)} files could not be explained (listed above and in "
-                           f"{Path(out) / 'explain.json'})")
+                           f"{Path(c.out) / 'explain.json'})")
     return summary

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from skinclf.data.images import open_image
+from skinclf.errors import SkinclfError
 
 
 def _square(image: Image.Image, size: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASS_COLOURS, CLASSES, lesion_image
+from utils.synthetic import lesion_image, CLASSES, CLASS_COLOURS
 
 from skinclf.cli import app
 from skinclf.errors import SkinclfError

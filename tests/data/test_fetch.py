@@ -6,7 +6,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_HAM, FakeKaggleApi, HTTPErrorLike, kaggle_style_zip, require
+from utils.paths import require, SHARED_HAM
+from utils.synthetic import kaggle_style_zip, FakeKaggleApi, HTTPErrorLike
 
 from skinclf.cli import app
 from skinclf.data import fetch as fetch_mod

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import CLASS_COLOURS, SHARED_HAM, lesion_image, require
+from utils.paths import require, SHARED_HAM
+from utils.synthetic import lesion_image, CLASS_COLOURS
 
 from skinclf.cli import app
 from skinclf.data.layout import read_metadata

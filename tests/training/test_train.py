@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLASSES, write_ham
+from utils.synthetic import write_ham, CLASSES
 
 from skinclf.cli import app
+from utils.paths import REPO
 from skinclf.config import TrainConfig
 from skinclf.data.prepare import prepare_dataset
 from skinclf.errors import SkinclfError
@@ -33,7 +34,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **(env_extra or {})}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "skinclf", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           check=False)
 
@@ -272,7 +273,7 @@ def test_torch_backend_trains_a_bundle_tensorflow_loads(prepared: Path, tmp_path
     probe = subprocess.run([torch_python, "-c", "import torch"], capture_output=True, check=False)
     if probe.returncode != 0:
         pytest.skip("PyTorch is not installed (set SKINCLF_TORCH_PYTHON to a Python that has it)")
-    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [torch_python, "-c",
          "import numpy as np, sys; from pathlib import Path; from skinclf.training.train import train_model; "

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUNDLED_MODEL, CLASS_COLOURS, SHARED_FULLRES, lesion_image, require
+from utils.paths import require, BUNDLED_MODEL, SHARED_FULLRES
+from utils.synthetic import lesion_image, CLASS_COLOURS
 from PIL import Image
 
 from skinclf.batch.results import DISCLAIMER, columns

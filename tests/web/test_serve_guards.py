@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASS_COLOURS, REPO, lesion_image
+from utils.paths import REPO
+from utils.synthetic import lesion_image, CLASS_COLOURS
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="skinclf[serve] (FastAPI) is not installed")

@@ -1,4 +1,4 @@
-"""Distillation (issue 23): the teacher-view cache, the loss, EMA weights saved, and resume."""
+"""Distilling the ensemble into one network: the teacher-view cache, the loss, EMA weights saved, and resume."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASS_COLOURS, CLASSES, lesion_image, make_tiny_bundle
+from utils.models import make_tiny_bundle
+from utils.synthetic import lesion_image, CLASSES, CLASS_COLOURS
 
 SIZE = 48
 
@@ -159,7 +160,7 @@ def test_tool_passes_every_setting(setup, monkeypatch) -> None:
     import importlib.util
     from dataclasses import fields
 
-    from conftest import REPO
+    from utils.paths import REPO
 
     import skinclf.engines.load
     import skinclf.training.distill

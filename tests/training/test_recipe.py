@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_ham
+from utils.synthetic import write_ham
 from test_train import TINY, run_cli
 
 from skinclf.data.prepare import prepare_dataset
@@ -234,7 +234,8 @@ def test_ensemble_exports_to_onnx_and_matches_keras(tmp_path) -> None:
 
 
 def test_ensemble_fits_prior_correction_and_temperature_on_validation(prepared, tmp_path) -> None:
-    from conftest import CLASSES, make_tiny_bundle
+    from utils.models import make_tiny_bundle
+    from utils.synthetic import CLASSES
 
     from skinclf.model.bundle import load_bundle
     from skinclf.training.ensemble import ensemble_bundles

@@ -11,14 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    CLASS_COLOURS,
-    CLASSES,
-    lesion_folder,
-    lesion_image,
-    make_tiny_bundle,
-    with_ood_record,
-)
+from utils.models import make_tiny_bundle, with_ood_record
+from utils.synthetic import lesion_folder, lesion_image, CLASSES, CLASS_COLOURS
 
 from skinclf.errors import SkinclfError
 from skinclf.model.outlier import (

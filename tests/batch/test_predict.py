@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLASSES, interrupt_after, lesion_image
+from utils.models import interrupt_after
+from utils.synthetic import lesion_image, CLASSES
 from PIL import Image, ImageFilter
 
 from skinclf.batch.predict import predict_directory

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASSES, make_tiny_bundle, write_ham
+from utils.models import make_tiny_bundle
+from utils.synthetic import write_ham, CLASSES
 from PIL import Image
 
 from skinclf.batch.results import columns, row

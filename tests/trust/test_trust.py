@@ -10,13 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    CLASS_COLOURS,
-    CLASSES,
-    lesion_folder,
-    lesion_image,
-    with_ood_record,
-)
+from utils.models import with_ood_record
+from utils.synthetic import lesion_folder, lesion_image, CLASSES, CLASS_COLOURS
 from PIL import Image
 
 from skinclf.cli import app

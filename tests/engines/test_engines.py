@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BUNDLED_MODEL, CLASSES, REPO, SHARED_FULLRES, lesion_image, make_tiny_bundle, require
+from utils.models import make_tiny_bundle
+from utils.paths import require, BUNDLED_MODEL, REPO, SHARED_FULLRES
+from utils.synthetic import lesion_image, CLASSES
 
 from skinclf.cli import app
 from skinclf.errors import SkinclfError
@@ -152,7 +154,7 @@ def test_predict_cli_engine_failure(runner, tiny_bundle, images, tmp_path) -> No
 def test_missing_extra_names_the_pip_command(monkeypatch, runner, tmp_path) -> None:
     from skinclf.training import train
 
-    def no_tensorflow(**_):
+    def no_tensorflow(*_, **__):
         raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
 
     monkeypatch.setattr(train, "train_model", no_tensorflow)

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BUNDLED_MODEL, CLASS_COLOURS, CLASSES, SHARED_HAM, lesion_image, make_tiny_bundle, require
+from utils.models import make_tiny_bundle
+from utils.paths import require, BUNDLED_MODEL, SHARED_HAM
+from utils.synthetic import lesion_image, CLASSES, CLASS_COLOURS
 from skinclf.batch.patient import join, metas_from_json, read_metadata
 from skinclf.cli import app
 from skinclf.errors import SkinclfError

@@ -1,4 +1,4 @@
-"""Issue 12, "No image left behind": every image reachable is classified or reported, every
+"""No image left behind: every image reachable is classified or reported, every
 refusal leads to a command that works, and nothing depends on thread timing."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import lesion_image, make_tiny_bundle
+from utils.models import make_tiny_bundle
+from utils.synthetic import lesion_image
 from PIL import Image
 
 from skinclf.batch.predict import predict_directory
@@ -486,7 +487,7 @@ def test_older_bundles_fall_back_to_split_csv_checked_by_fingerprint(runner, tmp
 
 
 def test_evaluating_a_folder_counts_seen_images_too(tmp_path) -> None:
-    from conftest import write_ham
+    from utils.synthetic import write_ham
 
     from skinclf.data.prepare import prepare_dataset
     from skinclf.evaluation.evaluate import evaluate_model
@@ -503,7 +504,7 @@ def test_evaluating_a_folder_counts_seen_images_too(tmp_path) -> None:
 @pytest.mark.integration
 def test_readme_samples_are_mostly_training_images(tmp_path) -> None:
     """The README's 300 full-size samples: 201 are in the bundled model's seed-42 training split."""
-    from conftest import BUNDLED_MODEL, SHARED_FULLRES, SHARED_HAM, require
+    from utils.paths import require, BUNDLED_MODEL, SHARED_FULLRES, SHARED_HAM
 
     from skinclf.data.prepare import prepare_dataset
     from skinclf.evaluation.evaluate import evaluate_predictions

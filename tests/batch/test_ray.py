@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLASS_COLOURS, CLASSES, REPO, lesion_image, make_tiny_onnx
+from utils.models import make_tiny_onnx
+from utils.paths import REPO
+from utils.synthetic import lesion_image, CLASSES, CLASS_COLOURS
 
 RAY_TIMEOUT = 150  # seconds for one Ray run; a hang fails the test instead of the suite
 
