@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from skinclf.cli.app import app
-from conftest import CLASSES, lesion_folder, lesion_image, make_tiny_bundle, with_ood_record
-
-BUNDLED = Path(__file__).resolve().parents[1] / "models" / "skinclf-mobilenet.keras"
+from utils.models import make_tiny_bundle, with_ood_record
+from utils.paths import BUNDLED_MODEL as BUNDLED
+from utils.synthetic import CLASSES, lesion_folder, lesion_image
 
 
 def rows_of(path: Path) -> list[dict[str, str]]:
@@ -242,7 +242,7 @@ def test_page_sorts_by_melanoma_counts_passed_over_files_and_downloads_mel_prob(
     from selenium.webdriver.support.ui import WebDriverWait
 
     from skinclf.web.server import background_server
-    from test_serve import headless_chromium
+    from utils.browser import headless_chromium
 
     model, web = served
     folder = tmp_path / "visit"
