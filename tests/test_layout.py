@@ -198,6 +198,13 @@ def test_every_name_a_test_imports_exists() -> None:
     # A test skipped for a missing extra (PyTorch, Ray, a browser) still has its imports checked.
     missing = [m for path in TESTS.rglob("*.py") for m in missing_imports(path)]
     assert missing == []
+    # A test importing another test module finds it only when pytest happened to collect that
+    # folder first: shared helpers live in tests/utils/.
+    across = [f"{path.relative_to(TESTS)}:{node.lineno} {node.module}" for path in TESTS.rglob("test_*.py")
+              for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+              if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("test_")
+              and not (path.parent / f"{node.module}.py").is_file()]
+    assert across == []
 
 
 def test_the_import_check_sees_a_stale_name(tmp_path: Path) -> None:

@@ -423,7 +423,7 @@ def test_legacy_h5_model_is_named_as_such(tmp_path) -> None:
 
 
 def _scored_csv(tmp_path: Path, names: list[str], truth: dict[str, str]) -> tuple[Path, Path]:
-    from test_evaluate import one_hot_probs, write_predictions
+    from utils.predictions import one_hot_probs, write_predictions
 
     entries = [(f"{n}.jpg", one_hot_probs(truth[n]), None) for n in names]
     preds = write_predictions(tmp_path / "r.csv", entries, all_probs=True)

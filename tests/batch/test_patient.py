@@ -10,20 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.models import make_tiny_bundle
+from utils.models import make_tiny_bundle, random_spec
 from utils.paths import require, BUNDLED_MODEL, SHARED_HAM
 from utils.synthetic import lesion_image, CLASSES, CLASS_COLOURS
 from skinclf.batch.patient import join, metas_from_json, read_metadata
 from skinclf.cli import app
 from skinclf.errors import SkinclfError
 from skinclf.model.patient_head import (
-    ENCODING_WIDTH,
     HEAD_KEY,
     NO_METADATA,
     MetadataHead,
     PatientMeta,
     encode,
-    image_model_fingerprint,
     load_head,
     parse_age,
     parse_sex,
@@ -34,26 +32,6 @@ HAM_HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
-def random_spec(meta: dict, *, features: int = 0, hidden: int = 0, seed: int = 0, temperature: float = 1.3) -> dict:
-    """A head with random weights (large enough to change answers), as the fitting tool stores it."""
-    from skinclf.training.patient_fit import Fitted, Variant
-
-    rng = np.random.default_rng(seed)
-    k = len(meta["classes"])
-    inputs = ("metadata", "logits") + (("features",) if features else ())
-    width = ENCODING_WIDTH + k + features
-    params = {}
-    if hidden:
-        params.update(W1=rng.normal(0, 0.5, (width, hidden)), b1=rng.normal(0, 0.1, hidden))
-    params.update(W=rng.normal(0, 1.0, (hidden or width, k)), b=rng.normal(0, 0.5, k))
-    fitted = Fitted(variant=Variant("test", inputs=inputs, hidden=hidden), params=params,
-                    feature_center=rng.normal(0, 0.1, features) if features else None,
-                    feature_scale=rng.uniform(0.5, 2, features) if features else None, temperature=temperature)
-    return fitted.spec(classes=list(meta["classes"]), image_model=image_model_fingerprint(meta),
-                       extra={"figures": {"validation": {"image_only": {"balanced_accuracy": 0.5},
-                                                         "with_metadata": {"balanced_accuracy": 0.6}}}})
-
-
 def add_head(src: Path, dst: Path, **kwargs) -> Path:
     from skinclf.model.bundle import load_bundle, save_bundle
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.models import make_tiny_onnx
+from utils.models import make_tiny_onnx, random_spec
 from utils.paths import REPO
 from utils.synthetic import lesion_image, CLASSES, CLASS_COLOURS
 
@@ -153,8 +153,6 @@ def test_ray_local_writes_the_embedded_pipelines_csv_and_strict_fails_after_writ
 
 @needs_ray
 def test_ray_local_applies_the_metadata_head_as_the_embedded_pipeline_does(folder: Path, tmp_path: Path) -> None:
-    from test_metadata import random_spec
-
     from skinclf.batch.predict import predict_directory
     from skinclf.model.patient_head import HEAD_KEY
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from utils.models import make_tiny_bundle
+from utils.predictions import one_hot_probs, write_predictions
 from utils.synthetic import write_ham, CLASSES
 from PIL import Image
 
-from skinclf.batch.results import columns, row
 from skinclf.cli import app
 from skinclf.data.prepare import prepare_dataset
 from skinclf.errors import SkinclfError
@@ -99,21 +98,6 @@ def test_bad_truth_files(tmp_path: Path, content: str, needle: str) -> None:
     (tmp_path / "t.csv").write_text(content)
     with pytest.raises(SkinclfError, match=needle):
         read_truth(tmp_path / "t.csv")
-
-
-def write_predictions(path: Path, entries: list[tuple[str, np.ndarray | None, str | None]], all_probs: bool) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(columns(CLASSES, 3, all_probs))
-        for name, probs, error in entries:
-            writer.writerow(row(name, probs, error, CLASSES, 3, all_probs))
-    return path
-
-
-def one_hot_probs(cls: str, confidence: float = 0.7) -> np.ndarray:
-    p = np.full(len(CLASSES), (1 - confidence) / (len(CLASSES) - 1))
-    p[CLASSES.index(cls)] = confidence
-    return p
 
 
 def test_scoring_a_predictions_csv_reports_mismatches(runner, tmp_path: Path) -> None:

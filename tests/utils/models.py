@@ -85,3 +85,24 @@ def with_ood_record(bundle_path: Path, out: Path, record: dict) -> Path:
 
     bundle = load_bundle(bundle_path)
     return save_bundle(bundle.model, out, {**bundle.meta, "ood": record})
+
+
+def random_spec(meta: dict, *, features: int = 0, hidden: int = 0, seed: int = 0, temperature: float = 1.3) -> dict:
+    """A head with random weights (large enough to change answers), as the fitting tool stores it."""
+    from skinclf.model.patient_head import ENCODING_WIDTH, image_model_fingerprint
+    from skinclf.training.patient_fit import Fitted, Variant
+
+    rng = np.random.default_rng(seed)
+    k = len(meta["classes"])
+    inputs = ("metadata", "logits") + (("features",) if features else ())
+    width = ENCODING_WIDTH + k + features
+    params = {}
+    if hidden:
+        params.update(W1=rng.normal(0, 0.5, (width, hidden)), b1=rng.normal(0, 0.1, hidden))
+    params.update(W=rng.normal(0, 1.0, (hidden or width, k)), b=rng.normal(0, 0.5, k))
+    fitted = Fitted(variant=Variant("test", inputs=inputs, hidden=hidden), params=params,
+                    feature_center=rng.normal(0, 0.1, features) if features else None,
+                    feature_scale=rng.uniform(0.5, 2, features) if features else None, temperature=temperature)
+    return fitted.spec(classes=list(meta["classes"]), image_model=image_model_fingerprint(meta),
+                       extra={"figures": {"validation": {"image_only": {"balanced_accuracy": 0.5},
+                                                         "with_metadata": {"balanced_accuracy": 0.6}}}})
