@@ -72,6 +72,7 @@ def test_same_image_as_jpeg_and_png_gets_the_same_top1(tmp_path: Path, bundle) -
         with Image.open(path) as im:
             im.save(tmp_path / f"{path.stem}.png")
         (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "out").mkdir()
     predict_directory(directory=tmp_path, out=tmp_path / "out" / "r.csv", model=BUNDLED_MODEL, show_progress=False)
     frame = pd.read_csv(tmp_path / "out" / "r.csv", keep_default_na=False)
     frame["stem"] = frame["path"].map(lambda p: Path(p).stem)

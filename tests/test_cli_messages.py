@@ -60,9 +60,9 @@ def mixed(tmp_path) -> Path:
 def test_stdout_rows_are_sorted_and_the_summary_counts_them(runner, mixed, tiny_bundle) -> None:
     result = runner.invoke(app, ["predict", str(mixed), "--out", "-", "--model", str(tiny_bundle), "--top-k", "1"])
     assert result.exit_code == 0, result.output
-    rows = list(csv.reader(io.StringIO(result.stdout)))[1:]
+    header, *rows = list(csv.reader(io.StringIO(result.stdout)))
     assert [r[0] for r in rows] == ["a.jpg", "b_bad.jpg", "c.jpg", "gone", "z.jpg"]
-    errors = [r[0] for r in rows if r[4]]
+    errors = [r[0] for r in rows if r[header.index("error")]]
     assert errors == ["b_bad.jpg", "gone"]
     assert "4 files: 3 classified, 1 error, 1 folder or link could not be read" in result.stderr
 
@@ -112,6 +112,7 @@ def test_plurals_and_one_interrupted(runner, monkeypatch, tiny_bundle, tmp_path)
 def test_the_sidecar_and_the_readme_explain_the_class_abbreviations(runner, tiny_bundle, tmp_path) -> None:
     lesion_image((120, 60, 40), 1).save(tmp_path / "a.jpg")
     out = tmp_path / "out" / "r.csv"
+    out.parent.mkdir()
     result = runner.invoke(app, ["predict", str(tmp_path), "--out", str(out), "--model", str(tiny_bundle)])
     assert result.exit_code == 0, result.output
     names = json.loads((tmp_path / "out" / "r.csv.json").read_text())["classes"]
@@ -145,5 +146,5 @@ def test_files_passed_over_on_purpose_are_counted_in_the_summary(runner, tiny_bu
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "1 file: 1 classified" in text
-    assert "3 other files passed over (hidden, or not .jpg, .jpeg, .png, .bmp, .tif or .tiff: e.g. .hidden.jpg, " \
+    assert "3 other files passed over (hidden, skinclf's own heat maps, or not .jpg, .jpeg, .png, .bmp, .tif or .tiff: e.g. .hidden.jpg, " \
            "b.webp, sub/notes.txt)" in text

@@ -145,13 +145,23 @@ def _add_row(result: MetadataFile, number: int, cells: list[str], index: dict[st
                            site=parse_site(_cell(cells, index, "site")))
     except ValueError as exc:
         raise SkinclfError(f"{where} (image {name}): {exc}") from None
-    table, key = (result.by_path, rel) if rel else (result.by_id, image_id.lower())
+    table, key = (result.by_path, rel) if rel else (result.by_id, _id_key(image_id))
     if key in table:
         raise SkinclfError(f"{where}: image {name} is listed twice (also on line {result.line_of[key]}); keep one row "
                            "per image")
     table[key] = meta
     result.line_of[key] = number
     result.names[key] = name
+
+
+def _id_key(image_id: str) -> str:
+    """How an id is matched: its file name without an image extension (`ISIC_0024358.jpg`, an
+    `Image` column of file names, names the image `ISIC_0024358` names), ignoring case."""
+    from skinclf.data.images import IMAGE_EXTENSIONS
+
+    name = PurePosixPath(image_id.replace("\\", "/")).name
+    stem, dot, ext = name.rpartition(".")
+    return (stem if dot and f".{ext.lower()}" in IMAGE_EXTENSIONS else name).lower()
 
 
 @dataclass
@@ -200,7 +210,12 @@ def join(source: MetadataFile, files: list[str]) -> Joined:
             per_file[key] = meta
             used.add(key)
     for key, meta in source.by_id.items():
-        matches = [rel for rel in by_stem.get(key, []) if rel not in per_file]
+        named = [rel for rel in by_stem.get(key, []) if rel in per_file]
+        if named:  # README: an image named by two rows is refused, whatever names it
+            raise SkinclfError(f"--metadata {source.path}: image {named[0]} is named twice, by path on line "
+                               f"{source.line_of[named[0]]} and by id {source.names[key]} on line "
+                               f"{source.line_of[key]}; keep one row per image")
+        matches = by_stem.get(key, [])
         if len(matches) > 1:
             raise SkinclfError(f"--metadata {source.path}, line {source.line_of[key]}: image id {source.names[key]} matches "
                                f"{len(matches)} images in the folder ({', '.join(matches[:3])}); give a path column "
@@ -209,6 +224,14 @@ def join(source: MetadataFile, files: list[str]) -> Joined:
             per_file[matches[0]] = meta
             used.add(key)
     missing = sorted(set(source.by_path) - used) + sorted(source.names[k] for k in source.by_id if k not in used)
+    # Most rows match nothing and most images got no row: the file names its images in a way
+    # the folder does not (another folder, another naming); going on would classify every image
+    # without its metadata while the user believes it was used.
+    if files and len(missing) > source.rows / 2 and len(per_file) < len(files) / 2:
+        raise SkinclfError(f"--metadata {source.path}: {len(missing)} of {source.rows} rows match no image in the "
+                           f"folder and {len(files) - len(per_file)} of {len(files)} images have no row (e.g. row "
+                           f"{missing[0]!r}, image {files[0]!r}); rows must name images by id (file name, with or "
+                           "without extension) or by path relative to the folder; is it the right file and folder?")
     return Joined(source=source, per_file=per_file, not_in_folder=missing)
 
 

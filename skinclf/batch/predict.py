@@ -56,7 +56,8 @@ class PredictSummary:
     skipped_examples: list[str] = field(default_factory=list)
     warnings: int = 0  # classified rows with a warning
     dropped: int = 0  # rows of a resumed CSV whose files are no longer in the folder
-    unlike_training: int = 0  # images flagged by the model's out-of-distribution threshold (warnings)
+    unlike_training: int = 0  # images flagged by the model's out-of-distribution threshold (warnings), either tier
+    very_unlike: int = 0  # of those, the rare "very unlike the training images" tier
     redone: dict[str, int] = field(default_factory=dict)  # rows of a resumed CSV reclassified, by reason
     cluster: dict[str, Any] | None = None  # --ray: the cluster's address kind and its number of workers
     metadata: dict[str, Any] | None = None  # --metadata: the file, and how many images it gave metadata to
@@ -81,6 +82,8 @@ def list_images(directory: Path, *, recursive: bool) -> Walk:
                            "that folder")
     if not directory.exists():
         raise SkinclfError(f"folder not found: {directory}")
+    if directory.is_file():
+        return _one_image(directory)
     if not directory.is_dir():
         raise SkinclfError(f"not a folder: {directory} (predict classifies every image in a folder)")
     found = walk_images(directory, recursive=recursive)
@@ -91,6 +94,30 @@ def list_images(directory: Path, *, recursive: bool) -> Walk:
         where = "in or below" if recursive else "directly in"
         raise SkinclfError(f"no images {where} {directory} (looked for {kinds}, any case; hidden files skipped)")
     return found
+
+
+def _one_image(path: Path) -> Walk:
+    """`skinclf predict one.jpg`: the one file, as a walk of its folder that found only it (its
+    row's path is the file name)."""
+    from skinclf.data.images import is_image_file
+    from skinclf.own_outputs import PNG, is_own_output
+
+    if not is_image_file(path):
+        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise SkinclfError(f"{path} is not an image by its name (looked for {kinds}, any case): give an image or a "
+                           "folder of images")
+    if is_own_output(path, PNG):
+        raise SkinclfError(f"{path} is a picture skinclf drew (a heat map), not an image to classify")
+    return Walk(files=[path.name])
+
+
+def image_root(source: Path) -> Path:
+    """The folder a predict's row paths are relative to: `source`, or the folder of one image."""
+    source = Path(source)
+    return source.parent if source.is_file() else source
+
+
+SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
 
 
 def _check_options(config: PredictConfig) -> Path | None:
@@ -105,11 +132,33 @@ def _check_options(config: PredictConfig) -> Path | None:
     if not target.name:  # '' arrives as '.'
         what = f"--out {out} is a folder" if str(out) else "--out is empty"
         raise SkinclfError(f"{what}: give a CSV file name, e.g. --out results.csv (or - for the terminal)")
+    if target.suffix.lower() in SPREADSHEET_SUFFIXES:
+        raise SkinclfError(f"--out {out}: predict writes CSV, which every spreadsheet opens; name it "
+                           f"{target.with_suffix('.csv').name}")
     # Never over an image, a model or anything else the user has: only an earlier predict output.
     for path, kind in ((target, CSV), (partial_path(target), CSV), (sidecar_path(target), JSON),
                        (record_path(target), JSON)):
         check_output_file(path, example="results.csv", kind=kind, overwrite=config.overwrite)
+    if not target.parent.exists() and not target.parent.is_symlink():
+        raise SkinclfError(f"--out {out}: the folder {target.parent} does not exist (check the path, or create "
+                           f"it first: mkdir -p {target.parent})")
     return target
+
+
+def _check_same_folder(target: Path, directory: Path) -> None:
+    """An earlier predict CSV at `target` holds another folder's results (its rows' paths are
+    relative, only the sidecar names the folder): replacing it needs --overwrite."""
+    import json
+
+    if not target.exists():
+        return
+    try:
+        earlier = json.loads(sidecar_path(target).read_text(encoding="utf-8")).get("directory")
+    except (OSError, ValueError, AttributeError):
+        return
+    if earlier and Path(earlier) != directory.resolve():
+        raise SkinclfError(f"--out {target} holds the results of another folder ({earlier}): add --overwrite to "
+                           "replace them, or choose another --out")
 
 
 def _top_k(top_k: int | None, classes: list[str]) -> int:
@@ -133,15 +182,30 @@ def _active(engine) -> dict[str, Any] | None:
     return active_record(engine.meta.get("ood"), engine.features_dim > 0)
 
 
-def _ood_note(ood: dict[str, Any] | None, flagged: int) -> dict[str, Any]:
-    """What the ood_score column means for this model, for the sidecar."""
+def _ood_note(ood: dict[str, Any] | None, flagged: int, very_unlike: int = 0) -> dict[str, Any]:
+    """What the ood_percentile column and the two warning tiers mean for this model, for the sidecar."""
+    from skinclf.model.outlier import WARNING, WARNING_RARE
+
     if not ood:
-        return {"score": "energy", "threshold": None, "flagged": 0,
-                "note": "this model has no fitted out-of-distribution threshold: nothing is flagged "
-                        "(run `skinclf calibrate` to fit one)"}
+        return {"score": "energy", "threshold": None, "flagged": 0, "ood_percentile": None,
+                "note": "this model has no fitted out-of-distribution threshold: nothing is flagged and "
+                        "ood_percentile is empty (run `skinclf calibrate` to fit one)"}
+    tiers = {"unusual": {"warning": WARNING, "threshold": ood["threshold"], "pass_rate": ood.get("pass_rate"),
+                         "meaning": f"scores above {ood.get('pass_rate') or 0.95:.0%} of the {ood.get('fitted_on')}: "
+                                    "about 1 in 20 ordinary dermoscopic images; the result is less reliable"}}
+    if ood.get("rare_threshold") is not None:
+        tiers["very unlike"] = {"warning": WARNING_RARE, "threshold": ood["rare_threshold"],
+                                "rule": ood.get("rare_rule"),
+                                "meaning": "scores above anything seen in the validation dermoscopic images: "
+                                           "very likely not a dermoscopic image"}
     return {"score": ood["score"], "threshold": ood["threshold"], "pass_rate": ood.get("pass_rate"),
-            "fitted_on": ood.get("fitted_on"), "flagged": flagged,
-            "note": "ood_score above the threshold: the image is unlike the training images (warning column)"}
+            "fitted_on": ood.get("fitted_on"), "flagged": flagged, "very_unlike": very_unlike, "tiers": tiers,
+            "ood_percentile": ("share (0-100) of the validation dermoscopic images that score lower, i.e. are more "
+                               "like the training images; 95 and above is the 'unusual' tier"
+                               if ood.get("reference_scores") else
+                               "empty: this model's out-of-distribution record has no validation scores "
+                               "(recalibrate it with `skinclf calibrate` for the percentile and both tiers)"),
+            "raw_score": "not in the CSV (the model's score, " + str(ood["score"]) + ", has no scale a reader can use)"}
 
 
 @dataclass
@@ -150,16 +214,18 @@ class _Tally:
 
     errors: int = 0
     warned: int = 0
-    unlike: int = 0
+    unlike: int = 0  # either tier
+    very_unlike: int = 0  # the rare tier
 
     def add(self, rows: list[list[str]], header: list[str]) -> None:
-        from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
+        from skinclf.model.outlier import WARNING, WARNING_RARE
 
         errors, warned = _count(rows, header)
         warning = header.index("warning")
         self.errors += errors
         self.warned += warned
-        self.unlike += sum(1 for r in rows if UNLIKE_TRAINING in r[warning])
+        self.unlike += sum(1 for r in rows if WARNING in r[warning] or WARNING_RARE in r[warning])
+        self.very_unlike += sum(1 for r in rows if WARNING_RARE in r[warning])
 
 
 def _load(model: Path | None, *, engine: str, batch_size: int, threads: int, tta: int, top_k: int | None,
@@ -254,7 +320,7 @@ def predict(config: PredictConfig, *, show_progress: bool | None = None) -> Pred
     any; their age/sex/site tags feed the head unless `dicom_metadata` is False (a `metadata` CSV
     row wins; the cell says `dicom`); `sr`: a folder for one DICOM SR per classified DICOM image.
     """
-    from skinclf.batch.patient import join, metadata_head, read_metadata
+    from skinclf.batch.patient import read_metadata
     from skinclf.parallel import usable_cpus
 
     c = config
@@ -268,8 +334,10 @@ def predict(config: PredictConfig, *, show_progress: bool | None = None) -> Pred
     from skinclf.batch import dicom_rows
 
     sr_dir = dicom_rows.check_sr_dir(c.sr)
-    directory = Path(c.directory)
-    found = list_images(directory, recursive=c.recursive)
+    found = list_images(Path(c.directory), recursive=c.recursive)
+    directory = image_root(c.directory)  # one image: its folder (the row's path is the file name)
+    if target is not None and not (c.resume or c.overwrite):
+        _check_same_folder(target, directory)
     engine, top_k, startup = _load(c.model, engine=c.engine, batch_size=c.batch_size, threads=c.threads, tta=c.tta,
                                    top_k=c.top_k, onnx_only=address is not None)
     patient, dicom = _patient(engine, source, directory=directory, found=found, use_tags=c.dicom_metadata)
@@ -367,7 +435,7 @@ def _run(engine, start, config: PredictConfig, *, target: Path | None, directory
                              unreadable=len(problem_paths), warnings=tally.warned, skipped=found.skipped,
                              skipped_examples=found.skipped_examples,
                              dropped=len([p for p in output.dropped if p not in problem_paths]),
-                             unlike_training=tally.unlike, redone=dict(output.redone),
+                             unlike_training=tally.unlike, very_unlike=tally.very_unlike, redone=dict(output.redone),
                              cluster=pool.describe() if pool is not None else None,
                              metadata=joined.record() if joined is not None else None,
                              notes=joined.notes() if joined is not None else [])
@@ -385,7 +453,7 @@ def _finish(output, *, engine, directory: Path, header: list[str], files: int, r
     resume = sidecar_record(target=output.target, run=run, keys=output.record.keys, paths=[r[0] for r in lines[1:]],
                             kept=len(output.done), redone=output.redone)
     _write_sidecar(output.target, bundle=engine, directory=directory, files=files, errors=tally.errors,
-                   warnings=tally.warned, options=options, ood=_ood_note(_active(engine), tally.unlike),
+                   warnings=tally.warned, options=options, ood=_ood_note(_active(engine), tally.unlike, tally.very_unlike),
                    resume=resume, cluster=cluster)
     output.forget_record()
     return tally

@@ -1,13 +1,16 @@
 """The predict CSV: its columns, its rows, and reading it back (no Keras needed).
 
-    path,top1_class,top1_prob,...,topK_class,topK_prob[,prob_<class>...],ood_score,error,warning
+    path,top1_class,top1_name,top1_prob,...,topK_class,topK_prob[,prob_<class>...][,mel_prob],ood_percentile,error,warning
 
 One row per file, `path` relative to the classified folder, probabilities to 4 decimals, an
 empty `error` on success. A folder below it that could not be read is a row too (its path ends
-in '/'), with an error. `ood_score` is higher the less an image is like the training images
-(see `skinclf.model.outlier` and `skinclf.trust.ood`). `warning` holds short cautions about a classified image (far too small for
-the model, unlike the training images), joined by "; " (see `warning_cell`); warnings never count
-as errors. The rows hold nothing else, so the file opens as-is in pandas or a
+in '/'), with an error. `top1_name` spells out the top class (`CLASS_NAMES`), `mel_prob` is the
+melanoma probability of every image whenever the model has a `mel` class, and `ood_percentile`
+is the share (0-100) of the validation dermoscopic images that are more like the training
+images than this one (see `skinclf.model.outlier` and `skinclf.trust.ood`; empty when the model
+records no such scale). `warning` holds short cautions about a classified image (far too small
+for the model, an unusual image, one very unlike the training images), joined by "; " (see
+`warning_cell`); warnings never count as errors. The rows hold nothing else, so the file opens as-is in pandas or a
 spreadsheet; the model's identity and the reminder that this is not a diagnosis go in a JSON
 sidecar next to it (`results.csv.json`). Every cell is quoted, and a cell a spreadsheet would run
 as a formula starts with a single quote (`csv_cell`; `read_predictions` removes it).
@@ -35,7 +38,8 @@ DISCLAIMER = (
 
 WARNING_SEPARATOR = "; "
 
-# What the HAM10000 class abbreviations stand for (as in models/README.md), for the sidecar.
+# What the HAM10000 class abbreviations stand for: the one set of names, used by the CSV's
+# `top1_name`, the sidecar, the page (served by /api/model) and the README and model card.
 CLASS_NAMES = {
     "akiec": "actinic keratosis / Bowen's disease",
     "bcc": "basal cell carcinoma",
@@ -109,14 +113,19 @@ def read_csv(text: str) -> list[list[str]]:
     return [[cell_value(c) for c in line] for line in csv.reader(io.StringIO(text, newline="")) if line]
 
 
+MELANOMA = "mel"
+
+
 def columns(classes: Sequence[str], top_k: int, all_probs: bool) -> list[str]:
     """The CSV header for a model's classes."""
     cols = ["path"]
     for i in range(1, top_k + 1):
-        cols += [f"top{i}_class", f"top{i}_prob"]
+        cols += [f"top{i}_class", *(["top1_name"] if i == 1 else []), f"top{i}_prob"]
     if all_probs:
         cols += [f"prob_{c}" for c in classes]
-    return [*cols, "ood_score", "error", "warning"]
+    if MELANOMA in classes:
+        cols.append("mel_prob")
+    return [*cols, "ood_percentile", "error", "warning"]
 
 
 def warning_cell(messages: Iterable[str]) -> str:
@@ -128,20 +137,23 @@ def warning_cell(messages: Iterable[str]) -> str:
 
 
 def row(rel_path: str, probs: np.ndarray | None, error: str | None, classes: Sequence[str], top_k: int,
-        all_probs: bool, warnings: Iterable[str] = (), *, ood_score: float | None = None) -> list[str]:
+        all_probs: bool, warnings: Iterable[str] = (), *, ood_percentile: float | None = None) -> list[str]:
     """One CSV row; `probs` is None (or ignored) when `error` is set, and so are `warnings` and
-    `ood_score`."""
+    `ood_percentile`."""
+    mel = list(classes).index(MELANOMA) if MELANOMA in classes else None
     if error:
-        blanks = [""] * (2 * top_k + (len(classes) if all_probs else 0))
+        blanks = [""] * (2 * top_k + 1 + (len(classes) if all_probs else 0) + (mel is not None))
         return [rel_path, *blanks, "", " ".join(error.split()), ""]
     order = np.argsort(-probs, kind="stable")[:top_k]  # ties keep class order
     cells = [rel_path]
-    for i in order:
-        cells += [classes[i], f"{probs[i]:.4f}"]
+    for n, i in enumerate(order):
+        cells += [classes[i], *([CLASS_NAMES.get(classes[i], classes[i])] if n == 0 else []), f"{probs[i]:.4f}"]
     if all_probs:
         cells += [f"{p:.4f}" for p in probs]
-    score = "" if ood_score is None or not np.isfinite(ood_score) else f"{ood_score:.4f}"
-    return [*cells, score, "", warning_cell(warnings)]
+    if mel is not None:
+        cells.append(f"{probs[mel]:.4f}")
+    where = "" if ood_percentile is None or not np.isfinite(ood_percentile) else f"{ood_percentile:.1f}"
+    return [*cells, where, "", warning_cell(warnings)]
 
 
 def batch_rows(batch, *, names: Sequence[str], classes: Sequence[str], top_k: int, all_probs: bool, ood,
@@ -152,19 +164,17 @@ def batch_rows(batch, *, names: Sequence[str], classes: Sequence[str], top_k: in
     The one place rows are made from model output: predict on this machine, on a cluster's
     workers (`batch.ray`) and in `serve` (`web.classifier`); a new column is added here."""
     from skinclf.batch.patient import metadata_cell, with_metadata
-    from skinclf.model.outlier import WARNING as UNLIKE_TRAINING
-    from skinclf.model.outlier import flag
+    from skinclf.model.outlier import levels, tier_warning
 
-    scores, flagged = flag(batch.logits, ood, batch.features)  # the image's own logits, before metadata
+    _, where, tier = levels(batch.logits, ood, batch.features)  # the image's own logits, before metadata
     probs, cells = batch.probs, [[] for _ in names]
     if metas is not None:
         probs, _ = with_metadata(head, batch.logits, batch.probs, list(metas), batch.features)
         cells = [metadata_cell(meta, error) for meta, error in zip(metas, batch.errors)]
     rows = []
-    for name, p, error, notes, score, odd, cell in zip(names, probs, batch.errors, batch.warnings, scores, flagged,
-                                                       cells):
-        notes = [*notes, UNLIKE_TRAINING] if odd and error is None else notes
-        rows.append(row(name, p, error, classes, top_k, all_probs, notes, ood_score=score) + cell)
+    for name, p, error, notes, pct, level, cell in zip(names, probs, batch.errors, batch.warnings, where, tier, cells):
+        notes = [*notes, tier_warning(level)] if level and error is None else notes
+        rows.append(row(name, p, error, classes, top_k, all_probs, notes, ood_percentile=pct) + cell)
     return rows
 
 

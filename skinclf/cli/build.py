@@ -169,7 +169,7 @@ def ensemble(
     summary = f"; validation balanced accuracy {fitted['balanced_accuracy']:.3f}" if fitted else ""
     out.print(f"Wrote {out_model}: the mean of {len(meta['members'])} models over {', '.join(meta['classes'])}"
               f"{summary}. "
-              f"Next: skinclf calibrate {out_model} --data data/prepared/val")
+              f"Next: skinclf calibrate {out_model} --data {val or 'data/prepared/val'}")
 
 
 @app.command(

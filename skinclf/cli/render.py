@@ -55,7 +55,14 @@ def render_report(report: dict) -> None:
         out.print(f"Calibration: ECE {fmt(cal['ece'])} (15 bins), Brier {fmt(cal['brier'])}, NLL {fmt(cal['nll'])}"
                   + ("" if cal["exact"] else " (approximate: top-k columns only; predict --all-probs for exact)"))
     if "provenance" in report:
-        out.print(f"Data: {report['provenance']['note']}")
+        known = (report.get("seen") or {}).get("known")
+        if report["provenance"].get("held_out") is None and known:
+            # No split fingerprint, but the model's image ids tell image by image (next line):
+            # "unknown provenance" would contradict it.
+            out.print("Data: no split fingerprint for this folder; which images the model has seen is checked "
+                      "image by image:")
+        else:
+            out.print(f"Data: {report['provenance']['note']}")
     render_seen(report.get("seen"))
     if report.get("data", {}).get("unreadable"):
         out.print(f"[yellow]{len(report['data']['unreadable'])} unreadable image(s) skipped (listed in report.json)[/yellow]")
@@ -97,8 +104,11 @@ def predict_summary(summary) -> str:
                      "with an error; their images are missing)")
     if summary.warnings:
         parts.append(f"{summary.warnings} with warnings (see the warning column)")
-    if summary.unlike_training:
-        parts.append(f"{summary.unlike_training} unlike the training images (check they are dermoscopic images)")
+    very = getattr(summary, "very_unlike", 0)
+    if summary.unlike_training - very:
+        parts.append(f"{summary.unlike_training - very} unusual (less reliable results)")
+    if very:
+        parts.append(f"{very} very unlike the training images (check they are dermoscopic images)")
     if summary.resumed:
         parts.append(f"{plural(summary.resumed, 'row')} kept from the earlier run")
     if getattr(summary, "redone", None):
@@ -107,7 +117,7 @@ def predict_summary(summary) -> str:
         parts.append(f"{plural(summary.dropped, 'row')} dropped: their files are no longer in the folder")
     if getattr(summary, "skipped", 0):
         examples = ", ".join(summary.skipped_examples)
-        parts.append(f"{plural(summary.skipped, 'other file')} passed over (hidden, or not .jpg, .jpeg, .png, .bmp, "
+        parts.append(f"{plural(summary.skipped, 'other file')} passed over (hidden, skinclf's own heat maps, or not .jpg, .jpeg, .png, .bmp, "
                      f".tif or .tiff: e.g. {examples})")
     meta = getattr(summary, "metadata", None)
     if meta:
@@ -115,6 +125,7 @@ def predict_summary(summary) -> str:
                      "see the metadata column)")
     cluster = getattr(summary, "cluster", None)
     where = f" on {plural(cluster['workers'], 'Ray worker')}" if cluster else ""
-    return (", ".join(parts) + f"; {summary.images_per_second:.1f} img/s ({summary.model.get('engine', 'keras')} "
+    speed = (f"{summary.images_per_second:.1f} img/s" if summary.classified else "nothing left to classify")
+    return (", ".join(parts) + f"; {speed} ({summary.model.get('engine', 'keras')} "
             f"engine{where}) after {summary.startup_seconds:.1f} s start-up"
             + (f"; wrote {summary.out}" if summary.out else "") + ". Decision support, not a diagnosis.")

@@ -181,7 +181,7 @@ def explain(config: ExplainConfig) -> None:
         summary = explain_images(config)
     for item in summary.explained:
         top = ", ".join(f"{c} {p:.2f}" for c, p in item.top)
-        odd = "  [unlike the training images]" if item.unlike_training else ""
+        odd = "".join(f"  [{w}]" for w in item.warnings)
         out.print(f"{item.png}  ({item.path}: {top}){odd}", markup=False)
     typer.echo(f"{len(summary.explained)} explained, {len(summary.errors)} could not be read; wrote "
                f"{summary.out / 'explain.json'}", err=True)

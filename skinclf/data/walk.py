@@ -108,7 +108,9 @@ class _Walker:
             if _broken_link_may_hide_images(entry.name):
                 self.problem(entry.path, "broken link: its target does not exist")
         elif is_image_file(Path(entry.name)):
-            if is_file:
+            if is_file and _own_picture(entry.path):  # an explain heat map: skinclf's output, never an input
+                self.skip(entry.path)
+            elif is_file:
                 self.walk.files.append(_relative(self.root, entry.path))
             else:
                 self.problem(entry.path, "not a regular file (a device, pipe or socket)")
@@ -123,6 +125,16 @@ def _has_dicom_preamble(path: str) -> bool:
     from skinclf.dicom.read import is_dicom
 
     return is_dicom(Path(path), name="")
+
+
+def _own_picture(path: str) -> bool:
+    """A PNG skinclf drew (explain's heat maps carry a "Software: skinclf" chunk): one of its
+    own outputs, which no command takes as an input (`own_outputs`)."""
+    if not path.lower().endswith(".png"):
+        return False
+    from skinclf.own_outputs import PNG, is_own_output
+
+    return is_own_output(Path(path), PNG)
 
 
 def walk_images(directory: Path, *, recursive: bool = True) -> Walk:

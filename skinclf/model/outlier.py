@@ -58,7 +58,19 @@ SCORES: dict[str, str] = {**LOGIT_SCORES, **FEATURE_SCORES}
 PASS_RATE = 0.95
 
 
-WARNING = "unlike the training images: check it is a dermoscopic image"
+# The flag has two tiers, each worded for what is true at its rate (issue 28):
+# - "unusual": above the `threshold` that passes `pass_rate` (95%) of the validation dermoscopic
+#   images, so about 1 in 20 ordinary dermoscopic images gets it; the result is less reliable,
+#   but the image is most likely still a dermoscopic image;
+# - "very unlike": above `rare_threshold`, RARE_FACTOR x the highest score of any validation
+#   image, where no validation dermoscopic image falls (see `fit_tiers`): very likely not a
+#   dermoscopic image at all. A record without `rare_threshold` (a bundle calibrated before the
+#   tiers) has the "unusual" tier only.
+WARNING = "unusual image: the result is less reliable"
+WARNING_RARE = "very unlike the training images: check it is a dermoscopic image"
+WARNINGS = (WARNING, WARNING_RARE)  # every tier's words, the ones older skinclf wrote included
+OLD_WARNING = "unlike the training images: check it is a dermoscopic image"  # skinclf <= issue 28, one tier
+RARE_FACTOR = 1.2
 
 
 def ood_scores(logits: np.ndarray, score: str = "energy") -> np.ndarray:
@@ -169,7 +181,63 @@ def active_record(ood: Mapping[str, Any] | None, has_features: bool) -> Mapping[
     if ood["score"] in FEATURE_SCORES and not (has_features and ood.get("features")):
         fallback = ood.get("fallback")
         return {**fallback, "pass_rate": ood.get("pass_rate"), "fitted_on": ood.get("fitted_on")} if fallback else None
+    # `reference_scores` and `rare_threshold` belong to the score they were fitted for
+    # (the fallback of an engine without features has neither: one tier, no percentile)
     return ood
+
+
+def fit_tiers(inlier_scores: np.ndarray, *, factor: float = RARE_FACTOR) -> dict[str, Any]:
+    """The readable scale and the rare tier, fitted on the inliers' scores (the validation split,
+    where the `threshold` is fitted): `reference_scores`, their sorted scores (packed), from which
+    `percentile` reads the share of them that score lower; and `rare_threshold`, `factor` x the
+    highest of them.
+
+    Why the maximum times 1.2 and not a quantile: a 99.9th percentile of 1,504 images is the
+    second-highest score, so it would flag about 1 dermoscopic image in 1,000 by design, and the
+    words "very unlike the training images" must be true for nearly every image they are printed
+    on. Above the maximum no validation image falls, but the maximum of another 1,500 dermoscopic
+    images is higher about half the time, so a margin is needed: on the bundled model the
+    highest validation scores are 10% apart (8,913 vs 8,080), and 1.2 leaves two such gaps.
+    Measured afterwards (tools/ood_tiers.py): 0 of 1,503 test images above it (the test maximum,
+    8,934, is just above the validation maximum: the maximum itself would have flagged it), while
+    every flat-colour and gradient image, 92% of textures and 35% of photographs are."""
+    s = np.sort(np.asarray(inlier_scores, dtype="float64"))
+    s = s[np.isfinite(s)]
+    if len(s) < 20:
+        raise SkinclfError(f"{len(s)} scores are too few to fit the flag's tiers (need at least 20)")
+    return {"reference_scores": pack(s), "rare_threshold": float(s[-1] + (factor - 1) * abs(s[-1])),  # factor x max, for any sign
+            "rare_rule": f"{factor:g} x the highest score of the {len(s)} inliers",
+            "percentile": "share of the inliers (validation dermoscopic images) scoring lower, 0-100"}
+
+
+def percentile(scores: np.ndarray, record: Mapping[str, Any] | None) -> np.ndarray:
+    """For each score, the share (0-100) of the record's inliers (the validation dermoscopic
+    images) that score lower; NaN where the score is NaN or the record has no `reference_scores`."""
+    s = np.asarray(scores, dtype="float64")
+    if not record or not record.get("reference_scores"):
+        return np.full(s.shape, np.nan)
+    ref = unpack(record["reference_scores"])
+    probe = np.nan_to_num(s, nan=0.0).astype("<f4").astype("float64")  # as the stored scores: float32
+    out = 100.0 * np.searchsorted(ref, probe, side="left") / len(ref)
+    return np.where(np.isfinite(s), out, np.nan)
+
+
+def levels(logits: np.ndarray, ood: Mapping[str, Any] | None,
+           features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores, their percentiles (`percentile`) and each image's tier: 0 none, 1 unusual (above
+    the `threshold`), 2 very unlike (above `rare_threshold`, when the record has one)."""
+    record = active_record(ood, features is not None)
+    scores, flagged = flag(logits, ood, features)
+    level = flagged.astype("int8")
+    if record and record.get("rare_threshold") is not None:
+        with np.errstate(invalid="ignore"):
+            level[scores > float(record["rare_threshold"])] = 2
+    return scores, percentile(scores, record), level
+
+
+def tier_warning(level: int) -> str | None:
+    """The warning cell's words for a tier (None for 0)."""
+    return {1: WARNING, 2: WARNING_RARE}.get(int(level))
 
 
 def flag(logits: np.ndarray, ood: Mapping[str, Any] | None,

@@ -52,8 +52,9 @@ class Explained:
     peak: tuple[float, float]  # where the map is highest, (row, column) as shares of height and width
     max_drop: float  # the largest mean drop of the top class's probability
     panel_size: tuple[int, int]  # (width, height) of the image and map panels
-    unlike_training: bool | None = None  # None: the model has no fitted OOD flag
-    flat: bool = False  # max_drop < FLAT_DROP: no region matters; the map is not painted
+    unlike_training: bool | None = None  # None: the model has no fitted OOD flag; True: either tier
+    flat: bool = False
+    warnings: list[str] = field(default_factory=list)  # predict's warning cell for this image, as a list  # max_drop < FLAT_DROP: no region matters; the map is not painted
 
 
 @dataclass
@@ -204,7 +205,7 @@ def explain_files(
     """Explain `(name, path)` files with `engine` (a callable on image batches with `classes` and
     `image_size`; with `logits` and a fitted `meta["ood"]` the picture also says when an image is
     unlike the training images). Bad files are collected, not raised."""
-    from skinclf.model.outlier import flag
+    from skinclf.model.outlier import levels, tier_warning
 
     classes = list(engine.classes)
     if not 1 <= top_k <= len(classes):
@@ -217,8 +218,9 @@ def explain_files(
     with ui.progress(enabled=show_progress) as progress:
         task = progress.add_task("Explaining", total=len(files), rate="")
         for (rel, path), name in zip(files, names):
+            size_notes: list[str] = []  # "far below the model's input", as predict and the page say
             try:
-                x = load_image(path, engine.image_size).astype("float32")
+                x = load_image(path, engine.image_size, notes=size_notes).astype("float32")
                 shown = _display_image(path, max_side)
             except Exception as exc:  # noqa: BLE001 - ImageError, or a file load_image took but display cannot
                 reason = str(exc) if isinstance(exc, ImageError) else f"cannot decode image: {' '.join(str(exc).split())}"
@@ -230,13 +232,14 @@ def explain_files(
             max_drop = float(heat.max())
             flat = max_drop < FLAT_DROP
             scaled = np.zeros_like(heat) if flat else np.clip(heat, 0, None) / max_drop
-            unlike = None
+            level = None
             if ood and hasattr(engine, "forward"):
-                unlike = _unlike(engine, x, ood)
+                level = _level(engine, x, ood)
             elif ood and hasattr(engine, "logits"):
-                unlike = bool(flag(engine.logits(x[None]), ood)[1][0])
-            notes = [f"flat map: no region moves p(top) by {FLAT_DROP}" if flat else "",
-                     "unlike the training images!" if unlike else ""]
+                level = int(levels(engine.logits(x[None]), ood)[2][0])
+            unlike = None if level is None else level > 0
+            warnings = [*size_notes, *([tier_warning(level)] if level else [])]
+            notes = [f"flat map: no region moves p(top) by {FLAT_DROP}" if flat else "", *warnings]
             picture = render(shown, scaled, probs, classes, top_k=top_k, max_drop=max_drop, note="\n".join(notes))
             target = out / name
             with atomic_path(target) as tmp:
@@ -246,23 +249,29 @@ def explain_files(
             summary.explained.append(Explained(
                 path=rel, png=target, top=[(classes[i], round(float(probs[i]), 4)) for i in order],
                 peak=(round((peak[0] + 0.5) / heat.shape[0], 4), round((peak[1] + 0.5) / heat.shape[1], 4)),
-                max_drop=round(max_drop, 4), panel_size=shown.size, unlike_training=unlike, flat=flat))
+                max_drop=round(max_drop, 4), panel_size=shown.size, unlike_training=unlike, flat=flat,
+                warnings=warnings))
             progress.update(task, advance=1)
     return summary
 
 
-def _unlike(engine, x: np.ndarray, ood) -> bool:
-    """The OOD flag of one image from one forward pass (logits and, when given, features)."""
-    from skinclf.model.outlier import flag
+def _level(engine, x: np.ndarray, ood) -> int:
+    """The OOD tier (0, 1 unusual, 2 very unlike) of one image from one forward pass (logits
+    and, when given, features)."""
+    from skinclf.model.outlier import levels
 
     logits, features = engine.forward(x[None])
-    return bool(flag(logits, ood, features)[1][0])
+    return int(levels(logits, ood, features)[2][0])
 
 
 def list_inputs(source: Path) -> list[tuple[str, Path]]:
     """`(name, path)` of one image file, or of every image in a folder (recursive, sorted)."""
     source = Path(source)
     if source.is_file():
+        from skinclf.own_outputs import PNG, is_own_output
+
+        if is_own_output(source, PNG):
+            raise SkinclfError(f"{source} is a picture skinclf drew (a heat map), not an image to explain")
         return [(source.name, source)]
     if not source.exists():
         raise SkinclfError(f"not found: {source} (give an image file or a folder of images)")

@@ -35,7 +35,9 @@ from skinclf.model.outlier import (
     PASS_RATE,
     SCORES,
     WARNING,
+    WARNING_RARE,
     feature_scores,
+    fit_tiers,
     fit_gaussian,
     ood_scores,
 )
@@ -130,8 +132,10 @@ def fit_ood(
         separation[name] = _candidate(name, inside, outside, pass_rate)
     chosen = score or max(candidates, key=lambda n: (np.nan_to_num(separation[n]["merit"], nan=-1.0),
                                                      -candidates.index(n)))
-    record = _record(chosen, separation[chosen], inlier_logits, inlier_features, stats, fitted_on, sets, outlier_logits)
+    record = _record(chosen, separation[chosen], inlier_logits, inlier_features, stats, fitted_on, sets, outlier_logits,
+                     outlier_features)
     record.update(pass_rate=pass_rate, fitted_on=fitted_on, separation=_rounded(separation), warning=WARNING,
+                  rare_warning=WARNING_RARE,
                   chosen_by="highest (mean ROC-AUC over the outlier sets + worst set's flag rate) / 2, "
                             f"threshold passing {pass_rate:.0%} of the {fitted_on}")
     if chosen in FEATURE_SCORES:
@@ -145,12 +149,20 @@ def fit_ood(
     return record
 
 
-def _record(chosen, best, inlier_logits, inlier_features, stats, fitted_on, sets, outlier_logits) -> dict[str, Any]:
+def _record(chosen, best, inlier_logits, inlier_features, stats, fitted_on, sets, outlier_logits,
+            outlier_features=None) -> dict[str, Any]:
     inside = _scores(chosen, inlier_logits, inlier_features, stats)
     counts = {fitted_on: int(np.isfinite(inside).sum()), **{k: len(outlier_logits[k]) for k in sets}}
     rates = {fitted_on: float(np.mean(inside[np.isfinite(inside)] > best["threshold"])), **best["flag_rates"]}
     record = {"score": chosen, "formula": SCORES[chosen], "threshold": best["threshold"], "flag_rates": rates,
               "counts": counts}
+    # The readable scale (percentile of the inliers) and the rare "very unlike" tier, fitted on
+    # the same inliers as the threshold (`outlier.fit_tiers`), with that tier's rate on every set.
+    record.update(fit_tiers(inside))
+    rare = record["rare_threshold"]
+    outside = {k: _scores(chosen, outlier_logits[k], (outlier_features or {}).get(k), stats) for k in sets}
+    record["rare_flag_rates"] = {fitted_on: float(np.mean(inside[np.isfinite(inside)] > rare)),
+                                 **{k: float(np.mean(v > rare)) for k, v in outside.items()}}
     if chosen in FEATURE_SCORES:  # only what the chosen score reads: the bundle stays small
         record["features"] = {k: v for k, v in stats.items() if k != "background" or chosen == "relative_mahalanobis"}
     return record

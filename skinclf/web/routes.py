@@ -32,7 +32,7 @@ from importlib import resources
 from typing import Any
 
 from skinclf import __version__
-from skinclf.batch.results import DISCLAIMER, columns, write_csv
+from skinclf.batch.results import DISCLAIMER, class_names, columns, write_csv
 from skinclf.config import SERVE
 from skinclf.errors import SkinclfError
 from skinclf.web.classifier import (
@@ -97,6 +97,7 @@ def model_info(engine, limits: Limits, top_k: int) -> dict[str, Any]:
     return {
         "identity": engine.identity(),
         "classes": engine.classes,
+        "class_names": class_names(engine.classes),
         "metrics": {"validation": shown.get("validation", {}), **({"test": shown["test"]} if "test" in shown else {})},
         "accepted_with": {"split": headline, "note": (metrics.get("test") or {}).get("note") if headline == "test"
                           else "validation figures: they chose the model's settings, so they flatter it",
@@ -129,7 +130,7 @@ def create_app(engine, *, limits: Limits = Limits(), top_k: int = SERVE.top_k,
     """The FastAPI application around a loaded `engine` (see `skinclf.engines.load.load_engine`)."""
     try:
         import python_multipart  # noqa: F401 - read_uploads' parser: a missing extra is one line here
-        from fastapi import FastAPI
+        from fastapi import FastAPI, Request
         from fastapi.responses import HTMLResponse, JSONResponse
     except ImportError:
         raise SkinclfError(MISSING_EXTRA) from None
@@ -174,8 +175,8 @@ def create_app(engine, *, limits: Limits = Limits(), top_k: int = SERVE.top_k,
     _add_predict(app, engine, info, top_k)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
-    def docs() -> HTMLResponse:
-        return HTMLResponse(docs_html(app.openapi()))
+    def docs(request: Request) -> HTMLResponse:
+        return HTMLResponse(docs_html(app.openapi(), base=str(request.base_url)))
 
     return app
 
@@ -287,7 +288,7 @@ def _add_guards(app, allowed_hosts: Sequence[str] | None, limits: Limits) -> Non
         return JSONResponse({"detail": str(exc)}, status_code=503)
 
 
-def docs_html(spec: dict[str, Any]) -> str:
+def docs_html(spec: dict[str, Any], base: str = "http://127.0.0.1:8000/") -> str:
     """A plain, self-contained rendering of the OpenAPI document (Swagger UI would need a CDN)."""
     e = html.escape
     parts = [f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{e(spec['info']['title'])} API</title>",
@@ -311,7 +312,7 @@ def docs_html(spec: dict[str, Any]) -> str:
                 parts.append(f"<p>Body:</p><pre>{e(json.dumps(op['requestBody']['content'], indent=2))}</pre>")
             parts.append("<p>Responses: " + ", ".join(
                 f"<b>{e(code)}</b> {e(r.get('description', ''))}" for code, r in op.get("responses", {}).items()) + "</p>")
-    example = "curl -F files=@lesion1.jpg -F files=@lesion2.jpg 'http://127.0.0.1:8000/api/predict?format=csv'"
+    example = f"curl -F files=@lesion1.jpg -F files=@lesion2.jpg '{base.rstrip('/')}/api/predict?format=csv'"
     parts.append(f"<h2>Example</h2><pre>{e(example)}</pre>")
     return "".join(parts) + "</html>"
 

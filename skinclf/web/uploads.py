@@ -26,7 +26,7 @@ async def read_uploads(request, limits: Limits, fields: dict[str, str] | None = 
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
         raise Rejected(413, f"request of {int(declared):,} bytes is over the limit of "
-                            f"{limits.max_request_bytes:,} bytes (--max-request-mb)")
+                            f"{limits.max_request_bytes:,} bytes ({limits.max_request_bytes / 1048576:.4g} MiB, --max-request-mb)")
     parts = _Parts(limits, wanted=fields if fields is not None else {})
     await _feed(request.stream(), MultipartParser(params[b"boundary"], parts.callbacks()), limits)
     for name, value in parts.fields.items():
@@ -94,7 +94,7 @@ class _Parts:
             return
         if len(part.data) + end - start > self.limits.max_file_bytes:
             raise Rejected(413, f"{part.name}: over the limit of {self.limits.max_file_bytes:,} bytes per file "
-                                "(--max-file-mb)")
+                                f"({self.limits.max_file_bytes / 1048576:.4g} MiB, --max-file-mb)")
         part.data += data[start:end]
 
 

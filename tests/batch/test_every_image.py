@@ -198,7 +198,8 @@ def test_resume_with_other_options_names_the_way_out_and_leaves_nothing(small, t
 def test_an_interrupted_run_can_be_resumed_or_overwritten(small, tiny_bundle, tmp_path) -> None:
     out = tmp_path / "a.csv"
     partial = tmp_path / "a.csv.partial"
-    partial.write_text("path,top1_class,top1_prob,ood_score,error,warning\n0.jpg,nv,0.5000,-1.0000,,\n")
+    partial.write_text("path,top1_class,top1_name,top1_prob,mel_prob,ood_percentile,error,warning\n"
+                       "0.jpg,nv,melanocytic nevus,0.5000,0.1000,50.0,,\n")
     with pytest.raises(SkinclfError, match="add --resume .* or --overwrite to start over"):
         predict_directory(directory=small, out=out, model=tiny_bundle, show_progress=False)
     with pytest.raises(SkinclfError, match=r"written with --top-k 1 \(no --all-probs\).*--resume --top-k 1.*--overwrite"):
@@ -370,8 +371,8 @@ def test_warning_cell_joins_short_messages() -> None:
 def test_default_top_k_fits_a_two_class_model(small, tmp_path) -> None:
     bundle = make_tiny_bundle(tmp_path / "two.keras", classes=("mel", "nv"))
     predict_directory(directory=small, out=tmp_path / "r.csv", model=bundle, show_progress=False)
-    assert list(read(tmp_path / "r.csv").columns) == ["path", "top1_class", "top1_prob", "top2_class", "top2_prob",
-                                                      "ood_score", "error", "warning"]
+    assert list(read(tmp_path / "r.csv").columns) == ["path", "top1_class", "top1_name", "top1_prob", "top2_class",
+                                                      "top2_prob", "mel_prob", "ood_percentile", "error", "warning"]
 
 
 def test_resume_drops_rows_of_deleted_files_and_says_so(runner, small, tiny_bundle, tmp_path) -> None:

@@ -86,8 +86,9 @@ def test_every_file_gets_a_row_and_bad_files_do_not_stop_the_batch(runner, mixed
     assert result.exit_code == 0, result.output
     frame = read(out)
     assert list(frame["path"]) == sorted(GOOD | set(BAD))  # one row per file, sorted; skipped files absent
-    assert list(frame.columns) == ["path", "top1_class", "top1_prob", "top2_class", "top2_prob", "top3_class",
-                                   "top3_prob", *[f"prob_{c}" for c in CLASSES], "ood_score", "error", "warning"]
+    assert list(frame.columns) == ["path", "top1_class", "top1_name", "top1_prob", "top2_class", "top2_prob",
+                                   "top3_class", "top3_prob", *[f"prob_{c}" for c in CLASSES],
+                                   *(["mel_prob"] if "mel" in CLASSES else []), "ood_percentile", "error", "warning"]
     assert (frame["warning"] == "").all()  # every image is big enough for the model (and no OOD threshold)
     errors = dict(zip(frame["path"], frame["error"]))
     for name, needle in BAD.items():
@@ -157,7 +158,8 @@ def test_stdout_and_no_recursive(runner, mixed, tiny_bundle) -> None:
                                  "--no-recursive"])
     assert result.exit_code == 0, result.output
     rows = list(csv.reader(io.StringIO(result.stdout)))
-    assert rows[0] == ["path", "top1_class", "top1_prob", "ood_score", "error", "warning"]
+    assert rows[0] == ["path", "top1_class", "top1_name", "top1_prob", *(["mel_prob"] if "mel" in CLASSES else []),
+                       "ood_percentile", "error", "warning"]
     assert [r[0] for r in rows[1:]] == sorted((GOOD - {"sub/l_nested.jpg"}) | set(BAD))
 
 

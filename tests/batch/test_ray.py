@@ -104,7 +104,7 @@ def _same(rows: list[list[str]], reference: list[list[str]]) -> None:
     assert rows[0] == reference[0]
     assert [r[0] for r in rows] == [r[0] for r in reference]
     header = reference[0]
-    numbers = [i for i, c in enumerate(header) if c.endswith("_prob") or c.startswith("prob_") or c == "ood_score"]
+    numbers = [i for i, c in enumerate(header) if c.endswith("_prob") or c.startswith("prob_") or c in ("ood_percentile", "mel_prob")]
     for got, want in zip(rows[1:], reference[1:]):
         for i, (a, b) in enumerate(zip(got, want)):
             if i in numbers and a and b:

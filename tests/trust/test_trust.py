@@ -289,18 +289,19 @@ def test_predict_adds_the_ood_score_and_warns_without_failing_strict(runner, tin
     out = tmp_path / "r.csv"
     result = runner.invoke(app, ["predict", str(images), "--out", str(out), "--model", str(model), "--strict"])
     assert result.exit_code == 0, result.output
-    assert "3 unlike the training images" in result.output
+    assert "3 unusual (less reliable results)" in result.output
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["warning"] for r in rows] == [WARNING] * 3
-    assert all(float(r["ood_score"]) > -1e9 and r["top1_class"] for r in rows)
+    # A record without the validation scores (calibrated before issue 28): one tier, no percentile.
+    assert all(r["ood_percentile"] == "" and r["top1_class"] for r in rows)
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["ood"]["flagged"] == 3 and sidecar["ood"]["score"] == "energy"
-    # Without a fitted threshold the score is still written and nothing is flagged.
+    # Without a fitted threshold nothing is flagged and there is no percentile.
     plain = runner.invoke(app, ["predict", str(images), "--out", str(tmp_path / "p.csv"), "--model", str(tiny_bundle)])
     assert plain.exit_code == 0 and "unlike" not in plain.output
     with open(tmp_path / "p.csv", newline="") as fh:
-        assert all(r["warning"] == "" and r["ood_score"] for r in csv.DictReader(fh))
+        assert all(r["warning"] == "" and r["ood_percentile"] == "" for r in csv.DictReader(fh))
 
 
 def test_explain_command_success_and_strict_failure(runner, tiny_bundle, tmp_path: Path) -> None:

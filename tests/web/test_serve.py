@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from utils.paths import require, BUNDLED_MODEL, SHARED_FULLRES
 from utils.synthetic import lesion_image, CLASS_COLOURS
+from utils.browser import headless_chromium
 from PIL import Image
 
 from skinclf.batch.results import DISCLAIMER, columns
@@ -461,30 +462,6 @@ def test_cli_serve_failures_are_one_line(runner, tiny_model: Path, tmp_path: Pat
 
 
 # --- the page in a real browser ------------------------------------------------------------
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
-
-def headless_chromium(downloads: Path):
-    """A headless Chromium driven by Selenium, downloading into `downloads`; skips without one."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip(f"no browser: {CHROMIUM} and {CHROMEDRIVER} are needed "
-                    "(Debian: apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1200,1000", "--no-first-run", "--disable-extensions"):
-        options.add_argument(arg)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
-    return driver
-
 
 @pytest.mark.integration
 def test_page_in_headless_chromium_classifies_uploads_and_downloads_the_predict_csv(
