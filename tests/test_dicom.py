@@ -118,7 +118,7 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
 
 
 def _probs(r: dict[str, str]) -> list[tuple[str, str]]:
-    return [(r[f"top{i}_class"], r[f"top{i}_prob"]) for i in (1, 2, 3)] + [("ood", r["ood_score"])]
+    return [(r[f"top{i}_class"], r[f"top{i}_prob"]) for i in (1, 2, 3)] + [("ood", r["ood_percentile"])]
 
 
 @pytest.fixture(scope="module")

@@ -126,20 +126,23 @@ class ReceivedImages:
         return SUCCESS
 
     def _classify(self, x: np.ndarray, tags, rel: str, notes: list[str]) -> list[str]:
-        from skinclf.batch.patient import MISSING, with_metadata
+        """The row of one received image, made by the one row builder (`batch_rows`): the tags'
+        metadata through the head when the model has one; the cell says `dicom` where used."""
+        from skinclf.batch.patient import MISSING
         from skinclf.batch.results import batch_rows
         from skinclf.engines.runner import BatchResult
 
         meta = meta_of(tags)
         with self.engine_lock:
             probs, logits, features = self.run(x[None].astype("float32"))
-        used = self.head is not None and meta.present
-        fused = with_metadata(self.head, logits, probs, [meta], features)[0] if used else probs
-        batch = BatchResult(paths=[Path("/received") / rel], probs=fused, errors=[None], warnings=[notes],
-                            logits=logits, features=features)
-        cells = batch_rows(batch, directory=Path("/received"), classes=self.runner.classes, top_k=self.top_k,
-                           all_probs=self.all_probs, ood=self.ood)[0]
-        return [*cells, DICOM if used else MISSING, tags.sop_instance_uid]
+        batch = BatchResult(paths=[Path(rel)], probs=probs, errors=[None], warnings=[notes], logits=logits,
+                            features=features)
+        metas = [meta] if self.head is not None else None
+        cells = batch_rows(batch, names=[rel], classes=self.runner.classes, top_k=self.top_k,
+                           all_probs=self.all_probs, ood=self.ood, metas=metas, head=self.head)[0]
+        if metas is not None:
+            cells = cells[:-1]  # the builder's used/missing cell: here the values came from the tags
+        return [*cells, DICOM if metas is not None and meta.present else MISSING, tags.sop_instance_uid]
 
 
 def run_listener(*, out: Path, model: Path | None, host: str, port: int, ae_title: str, allow: list[str],
