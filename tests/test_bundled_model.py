@@ -64,6 +64,23 @@ def test_fixed_images_match_the_recorded_output(bundle) -> None:
         assert probs == pytest.approx([expected[c] for c in bundle.classes], abs=2e-4), name
 
 
+@pytest.mark.parametrize("engine,tolerance", [("onnx", 2e-4), ("onnx-int8", 0.02)])
+def test_the_onnx_forms_are_up_to_date_and_give_the_recorded_output(engine, tolerance) -> None:
+    """The float and int8 ONNX forms beside the bundle were exported from it (predict uses them only
+    then) and still give what they gave when committed (int8 kernels differ a little between CPUs:
+    the same top class, probabilities within 0.02)."""
+    from skinclf.data.images import load_image
+    from skinclf.engines.load import load_engine
+
+    loaded = load_engine(require(BUNDLED_MODEL), engine=engine)
+    assert loaded.format == engine
+    for name, expected in EXPECTED["engines"][engine].items():
+        x = load_image(require(SHARED_FULLRES) / name, loaded.image_size)[None].astype("float32")
+        probs = loaded(x)[0]
+        assert probs == pytest.approx([expected[c] for c in loaded.classes], abs=tolerance), name
+        assert loaded.classes[int(np.argmax(probs))] == max(expected, key=expected.get)
+
+
 def test_same_image_as_jpeg_and_png_gets_the_same_top1(tmp_path: Path, bundle) -> None:
     from skinclf.batch.predict import predict_directory
 

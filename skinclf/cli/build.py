@@ -63,7 +63,7 @@ def train(config: TrainConfig) -> None:
 )
 def export(
     model: Optional[Path] = typer.Argument(None, help="Model bundle (.keras) [default: the bundled model]."),
-    fmt: Optional[str] = typer.Option(
+    to_format: Optional[str] = typer.Option(
         None, "--format", metavar="FORMAT",
         help="onnx (float32), onnx-int8 (static int8, calibrated), tflite (float32), web (a static site running the "
         "ONNX form in the browser: --out is a folder) or tfjs (not available: its "
@@ -105,7 +105,7 @@ def export(
     runs it with ONNX Runtime alone. Re-export whenever the .keras model changes: predict uses the
     .onnx beside a .keras only while its recorded SHA-256 matches.
     """
-    if fmt == "web":  # a static site for the browser: skinclf/web/static_site.py
+    if to_format == "web":  # a static site for the browser: skinclf/web/static_site.py
         with user_errors():
             from skinclf.web.static_site import export_web, report_line
 
@@ -115,7 +115,7 @@ def export(
     with user_errors():
         from skinclf.engines.export import export_model
 
-        result = export_model(model=model, format=fmt, out=out_path, probes=probes, calibration=calibration,
+        result = export_model(model=model, format=to_format, out=out_path, probes=probes, calibration=calibration,
                               calibration_images=calibration_images, validation=validation, overwrite=overwrite)
     line = (f"Wrote {result.out} ({result.format}, {result.size_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
             f"max abs difference of probabilities from Keras {result.max_abs_diff:.2g} on {result.probes} probe images")
