@@ -442,3 +442,24 @@ class ExplainConfig:
     batch_size: int = EXPLAIN.batch_size
     strict: bool = False
     overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    """Every `skinclf listen` setting (a DICOM Storage SCP classifying what it receives): the CLI
+    builds one, `batch.received.run_listener` takes it whole."""
+
+    out: Path = Path("received.csv")
+    allow: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "SKINCLF"
+    max_associations: int = 4
+    max_mb: float = 64.0
+    sr: Path | None = None
+    dicom_metadata: bool = True
+    model: Path | None = None
+    top_k: int | None = None
+    engine: str = "auto"
+    threads: int = 0
+    max_objects: int = 0

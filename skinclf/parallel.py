@@ -43,12 +43,30 @@ def usable_cpus() -> int:
     return max(1, count)
 
 
+def decode_workers(requested: int) -> int:
+    """Threads that decode images beside the model: `requested`, or for 0 (automatic) none on a
+    machine of 2 usable CPUs or fewer, else one per usable CPU.
+
+    On 2 cores the model's own threads already use both: decoding threads beside them preempt
+    one of them, and every parallel operator then waits for the straggler. Measured on the 300
+    full-size samples (bench/predict_workers.py): decoding between batches in the same thread is
+    faster there than 1 or 2 decoding threads."""
+    if requested:
+        return requested
+    cpus = usable_cpus()
+    return 0 if cpus <= 2 else cpus
+
+
 def in_background(tasks: Sequence[Callable[[], T]], *, workers: int, lookahead: int | None = None) -> Iterator[T]:
-    """Run `tasks` in a thread pool, yielding results in order, at most `lookahead` ahead.
+    """Run `tasks` in a thread pool, yielding results in order, at most `lookahead` ahead;
+    `workers` 0: one after the other in the calling thread (see `decode_workers`).
 
     Decoding and resizing release the GIL in Pillow, so threads overlap them with the model,
     which releases it too. Bounded lookahead keeps memory flat however many tasks there are.
     """
+    if workers == 0:
+        yield from (task() for task in tasks)
+        return
     lookahead = lookahead or 2 * workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="skinclf-load") as pool:
         pending: deque = deque()

@@ -61,7 +61,8 @@ def image(tmp_path: Path) -> Path:
 @pytest.fixture
 def listening(tmp_path: Path):
     """A listener (bundled ONNX model) on 127.0.0.1, an ephemeral port, allowing DERMCAM."""
-    from skinclf.batch.listen import run_listener
+    from skinclf.batch.received import run_listener
+    from skinclf.config import ListenSettings
 
     require(ONNX)
     stop, ready, result = threading.Event(), [], {}
@@ -69,9 +70,9 @@ def listening(tmp_path: Path):
 
     def target():
         try:
-            result["counts"] = run_listener(out=out, model=ONNX, host="127.0.0.1", port=0, ae_title="SKINCLF",
-                                            allow=["DERMCAM"], max_associations=2, max_mb=4, sr=sr, stop=stop,
-                                            on_ready=ready.append)
+            settings = ListenSettings(out=out, model=ONNX, host="127.0.0.1", port=0, ae_title="SKINCLF",
+                                      allow=("DERMCAM",), max_associations=2, max_mb=4, sr=sr)
+            result["counts"] = run_listener(settings, stop=stop, on_ready=ready.append)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             result["error"] = exc
             ready.append(None)

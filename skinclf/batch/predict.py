@@ -321,7 +321,7 @@ def predict(config: PredictConfig, *, show_progress: bool | None = None) -> Pred
     row wins; the cell says `dicom`); `sr`: a folder for one DICOM SR per classified DICOM image.
     """
     from skinclf.batch.patient import read_metadata
-    from skinclf.parallel import usable_cpus
+    from skinclf.parallel import decode_workers
 
     c = config
     target = _check_options(c)
@@ -333,7 +333,7 @@ def predict(config: PredictConfig, *, show_progress: bool | None = None) -> Pred
     source = read_metadata(Path(c.metadata)) if c.metadata is not None else None  # checked before any work
     from skinclf.batch import dicom_rows
 
-    sr_dir = dicom_rows.check_sr_dir(c.sr)
+    dicom_rows.check_sr_dir(c.sr)
     found = list_images(Path(c.directory), recursive=c.recursive)
     directory = image_root(c.directory)  # one image: its folder (the row's path is the file name)
     if target is not None and not (c.resume or c.overwrite):
@@ -348,8 +348,8 @@ def predict(config: PredictConfig, *, show_progress: bool | None = None) -> Pred
                                  all_probs=c.all_probs, batch_size=c.batch_size, threads=c.threads, tta=c.tta,
                                  metadata=patient is not None)
     return _run(engine, start, c, target=target, directory=directory, found=found, top_k=top_k,
-                workers=c.workers or usable_cpus(), startup=startup, show_progress=show_progress, patient=patient,
-                dicom=dicom, sr_dir=sr_dir)
+                workers=decode_workers(c.workers), startup=startup, show_progress=show_progress, patient=patient,
+                dicom=dicom)
 
 
 def _patient(engine, source, *, directory: Path, found: Walk, use_tags: bool):
@@ -375,14 +375,15 @@ def _patient(engine, source, *, directory: Path, found: Walk, use_tags: bool):
 
 
 def _run(engine, start, config: PredictConfig, *, target: Path | None, directory: Path, found: Walk, top_k: int,
-         workers: int, startup: float, show_progress: bool | None, patient: PatientData | None, dicom=None,
-         sr_dir: Path | None = None) -> PredictSummary:
+         workers: int, startup: float, show_progress: bool | None, patient: PatientData | None,
+         dicom=None) -> PredictSummary:
     """Open the output, classify what is left to do (here, or on the workers of the cluster that
     `start` connects to, once the output is open), finish."""
     c = config
     from skinclf.batch import dicom_rows
 
     joined = patient.joined if patient is not None else None
+    sr_dir = Path(c.sr) if c.sr is not None else None  # checked (and made) before the model loaded
     header = (columns(engine.classes, top_k, c.all_probs) + (["metadata"] if joined is not None else [])
               + ([dicom_rows.SOP_COLUMN] if dicom is not None else []))
     sha = patient.source.sha256 if patient is not None and patient.source is not None else ""

@@ -49,13 +49,15 @@ def listen(
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         with user_errors():
-            from skinclf.batch.listen import run_listener
+            from skinclf.batch.received import run_listener
+            from skinclf.config import ListenSettings
 
             try:
+                settings = ListenSettings(out=out_csv, model=model, host=host, port=port, ae_title=ae_title,
+                                          allow=tuple(allow), max_associations=max_associations, max_mb=max_mb, sr=sr,
+                                          dicom_metadata=dicom_metadata, max_objects=max_objects)
                 counts = run_listener(
-                    out=out_csv, model=model, host=host, port=port, ae_title=ae_title, allow=allow,
-                    max_associations=max_associations, max_mb=max_mb, sr=sr, dicom_metadata=dicom_metadata,
-                    stop=stop, max_objects=max_objects,
+                    settings, stop=stop,
                     on_ready=lambda p: typer.echo(f"Listening on {host}:{p} as {ae_title}, accepting "
                                                   f"{', '.join(allow)}; Ctrl-C stops.", err=True))
             except KeyboardInterrupt:

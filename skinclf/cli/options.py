@@ -14,7 +14,7 @@ Model = Annotated[Optional[Path], typer.Option(
     help="Model bundle (.keras, or its .onnx form) [default: $SKINCLF_MODEL, else the bundled model].")]
 Engine = Annotated[str, typer.Option("--engine", metavar="NAME", help=engine_help())]
 Threads = Annotated[int, typer.Option("--threads", metavar="N", help="ONNX Runtime threads (0: one per usable CPU).")]
-Workers = Annotated[int, typer.Option("--workers", metavar="N", help="Threads decoding images (0: one per usable CPU).")]
+Workers = Annotated[int, typer.Option("--workers", metavar="N", help="Threads decoding images beside the model (0: automatic: none on 2 CPUs or fewer, where decoding between batches is faster, else one per usable CPU).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per model call.")]
 Tta = Annotated[int, typer.Option("--tta", metavar="N", help="Average the logits over 4 flips/rotations of each image (--tta 4, 4x slower; the unlike-training flag uses the image as it is). 1: off.")]
 Strict = Annotated[bool, typer.Option(

@@ -117,7 +117,7 @@ def predict_files(
     run = engine_tta(engine, tta)
     n_classes, width = len(engine.classes), engine.features_dim if features else 0
     tasks = [partial(_decode, list(paths[i : i + batch_size]), image_size) for i in range(0, len(paths), batch_size)]
-    for batch_paths, x, errors, notes in in_background(tasks, workers=max(1, workers)):
+    for batch_paths, x, errors, notes in in_background(tasks, workers=max(0, workers)):
         ok = [j for j, e in enumerate(errors) if e is None]
         probs = np.full((len(batch_paths), n_classes), np.nan, dtype="float32")
         logits = np.full((len(batch_paths), n_classes), np.nan, dtype="float32")

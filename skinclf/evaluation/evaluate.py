@@ -144,7 +144,7 @@ def evaluate_model(
     from skinclf.batch.patient import join, metadata_head, read_metadata, with_metadata
     from skinclf.engines.load import load_engine
     from skinclf.engines.runner import predict_files
-    from skinclf.parallel import usable_cpus
+    from skinclf.parallel import decode_workers
 
     _check_sensitivity(mel_sensitivity)
     source = read_metadata(Path(metadata)) if metadata is not None else None
@@ -156,7 +156,7 @@ def evaluate_model(
     joined = join(source, rels) if source is not None else None
     probs_parts, meta_parts, used_parts, unreadable = [], [], [], []
     for batch in predict_files(engine, images.paths, image_size=engine.image_size, batch_size=batch_size,
-                               workers=workers or usable_cpus(), tta=tta):
+                               workers=decode_workers(workers), tta=tta):
         probs_parts.append(batch.probs)
         if joined is not None:
             metas = [joined.get(p.relative_to(data).as_posix()) for p in batch.paths]

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from skinclf.batch.dicom_rows import DICOM, SOP_COLUMN, meta_of, write_report
+from skinclf.config import ListenSettings
 from skinclf.batch.results import DISCLAIMER, class_names, columns, read_csv, row, sidecar_path, write_csv
 from skinclf.errors import SkinclfError
 from skinclf.files import atomic_write, atomic_write_json, check_output_file
@@ -145,38 +146,47 @@ class ReceivedImages:
         return [*cells, DICOM if metas is not None and meta.present else MISSING, tags.sop_instance_uid]
 
 
-def run_listener(*, out: Path, model: Path | None, host: str, port: int, ae_title: str, allow: list[str],
-                 max_associations: int, max_mb: float, sr: Path | None = None, top_k: int | None = None,
-                 dicom_metadata: bool = True, engine: str = "onnx", threads: int = 0, stop: threading.Event,
-                 max_objects: int = 0, on_ready=None) -> dict[str, int]:
+def run_listener(settings: ListenSettings, *, stop: threading.Event, on_ready=None) -> dict[str, int]:
     """Receive, classify and record DICOM images until `stop` is set (or `max_objects` rows are
     written, 0: no limit). Every option is checked, and the model loaded, before the port opens.
     `on_ready(port)` is called once it listens. Returns the listener's counters."""
     from skinclf.batch.dicom_rows import check_sr_dir
     from skinclf.batch.predict import _load
-    from skinclf.dicom.listen import ListenConfig, ListenError, Listener
+    from skinclf.dicom.storage_scp import ListenConfig, ListenError, Listener
 
-    if max_mb <= 0:
-        raise SkinclfError(f"--max-mb {max_mb}: must be above 0")
-    config = ListenConfig(host=host, port=port, ae_title=ae_title, allow=tuple(allow),
-                          max_associations=max_associations, max_bytes=int(max_mb * 1024 * 1024))
+    s = settings
+    if s.max_mb <= 0:
+        raise SkinclfError(f"--max-mb {s.max_mb}: must be above 0")
+    config = ListenConfig(host=s.host, port=s.port, ae_title=s.ae_title, allow=tuple(s.allow),
+                          max_associations=s.max_associations, max_bytes=int(s.max_mb * 1024 * 1024))
     try:
         Listener(config, lambda data, ae: SUCCESS)  # the options checked before the model loads
     except ListenError as exc:
         raise SkinclfError(str(exc)) from None
-    sr_dir = check_sr_dir(sr)
-    runner, top_k, _ = _load(model, engine=engine, batch_size=1, threads=threads, tta=1, top_k=top_k)
-    received = ReceivedImages(runner, out=Path(out), top_k=top_k, use_tags=dicom_metadata, sr_dir=sr_dir)
-    received.sidecar({"host": host, "ae_title": ae_title, "allow": list(allow), "max_associations": max_associations,
-                      "max_mb": max_mb, "sr": str(sr_dir) if sr_dir else None, "top_k": top_k})
+    sr_dir = check_sr_dir(s.sr)
+    engine, top_k, _ = _load(s.model, engine=s.engine, batch_size=1, threads=s.threads, tta=1, top_k=s.top_k)
+    received = ReceivedImages(engine, out=Path(s.out), top_k=top_k, use_tags=s.dicom_metadata, sr_dir=sr_dir)
+    received.sidecar({"host": s.host, "ae_title": s.ae_title, "allow": list(s.allow),
+                      "max_associations": s.max_associations, "max_mb": s.max_mb,
+                      "sr": str(sr_dir) if sr_dir else None, "top_k": top_k})
+    return _serve(Listener(config, _counting(received, s.max_objects, stop)), stop=stop, on_ready=on_ready,
+                  received=received)
 
+
+def _counting(received: ReceivedImages, max_objects: int, stop: threading.Event):
+    """The per-object callback: classify, and stop after `max_objects` rows (0: never)."""
     def on_object(data: bytes, calling_ae: str) -> int:
         status = received(data, calling_ae)
         if max_objects and received.rows >= max_objects:
             stop.set()
         return status
 
-    listener = Listener(config, on_object)
+    return on_object
+
+
+def _serve(listener, *, stop: threading.Event, on_ready, received: ReceivedImages) -> dict[str, int]:
+    from skinclf.dicom.storage_scp import ListenError
+
     try:
         bound = listener.start()
     except ListenError as exc:
