@@ -28,7 +28,7 @@ UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.1
 
 # AnatomicRegionSequence code meanings (SNOMED CT, CID 4031/4028) and BodyPartExamined values
 # (CID 4031's code strings), lower-cased, onto the metadata head's sites (model.metadata.SITES
-# and ISIC's coarser groups; tests/test_dicom.py checks every value parses there).
+# and ISIC's coarser groups; tests/dicom/test_dicom.py checks every value parses there).
 SITE_OF = {
     "abdomen": "abdomen", "abdominal wall": "abdomen", "skin of abdomen": "abdomen",
     "back": "back", "upper back": "back", "lower back": "back", "skin of back": "back", "thoracic back": "back",

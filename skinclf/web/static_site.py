@@ -14,9 +14,12 @@ What reproduces predict, and where it lives:
 - prior correction, melanoma weight and temperature: folded into the graph's last layer
   (`model.network.fold_logit_transform`), so `softmax(logits)` is predict's probability row;
 - the out-of-distribution score (Mahalanobis on the graph's `features` output, or a logit
-  score) and its threshold: the bundle's record, computed in the page as `model.outlier` does;
+  score), its two tiers (`threshold`, `rare_threshold`) and its percentile (the sorted
+  validation scores): the bundle's record, computed in the page as `model.outlier` does;
+- the row itself (`batch.results.columns` and `row`: `top1_name`, `mel_prob`, `ood_percentile`,
+  the warning cell, numbers formatted as Python formats them): in the page's script;
 - the metadata head (age, sex, site), when the bundle has one that fits: its JSON, applied in
-  the page as `model.metadata.MetadataHead.apply` does.
+  the page as `model.patient_head.MetadataHead.apply` does.
 
 ONNX Runtime Web comes from the npm registry, pinned (`ORT_WEB_VERSION`) and checked against its
 published integrity (sha512) before any file of it is used; it is cached in the user's cache
@@ -243,8 +246,8 @@ def site_config(meta: dict[str, Any], *, weights: str, model_bytes: bytes, top_k
     """`skinclf-web.json`: everything the page needs to reproduce predict's row."""
     from skinclf.batch.results import DISCLAIMER, class_names, columns
     from skinclf.data import images
-    from skinclf.model import metadata as md
-    from skinclf.model.outlier import FEATURE_SCORES, WARNING, active_record
+    from skinclf.model import patient_head as md
+    from skinclf.model.outlier import FEATURE_SCORES, WARNING, WARNING_RARE, active_record
     from skinclf.web.routes import METRIC_KEYS
 
     classes = list(meta["classes"])
@@ -258,6 +261,11 @@ def site_config(meta: dict[str, Any], *, weights: str, model_bytes: bytes, top_k
         if ood["score"] in FEATURE_SCORES:
             stats = ood["features"]
             ood_out["features"] = {k: stats[k] for k in ("class", "background") if k in stats}
+        # The two tiers and the readable scale (`outlier.levels`, `outlier.percentile`): the
+        # validation scores themselves (sorted float32, as the record packs them; 1,504 of them
+        # are 8 kB), so the page counts the ones below a score exactly as Python does.
+        ood_out["rare_threshold"] = None if ood.get("rare_threshold") is None else float(ood["rare_threshold"])
+        ood_out["reference_scores"] = ood.get("reference_scores") or None
     head, head_note = None, None
     try:
         loaded = md.load_head(meta, path=source)
@@ -287,6 +295,7 @@ def site_config(meta: dict[str, Any], *, weights: str, model_bytes: bytes, top_k
         "input_size": size,
         "top_k": top_k,
         "columns": columns(classes, top_k, False),
+        "columns_all_probs": columns(classes, top_k, True),
         "preprocessing": {
             "decode": "the browser's decoder (JPEG, PNG, BMP; TIFF refused), EXIF orientation applied, no colour "
                       "management; alpha composited on black",
@@ -315,7 +324,7 @@ def site_config(meta: dict[str, Any], *, weights: str, model_bytes: bytes, top_k
         "metadata": {"sexes": list(md.SEXES), "sites": list(md.SITES), "site_groups": dict(md.SITE_GROUPS),
                      "age": list(md.AGE_RANGE), "age_center": md.AGE_CENTER, "age_scale": md.AGE_SCALE,
                      "encoding_width": md.ENCODING_WIDTH},
-        "warnings": {"unlike_training": WARNING,
+        "warnings": {"unusual": WARNING, "very_unlike": WARNING_RARE,
                      "too_small": "image is {w}x{h} pixels, far below the model's {n}x{n} input: the result is "
                                   "unreliable",
                      "separator": "; "},

@@ -2,7 +2,7 @@
 // Decode + resize as skinclf/data/images.py does (Pillow), run model.onnx with ONNX Runtime Web
 // (colour constancy, prior shift, melanoma weight and temperature are inside the graph), then
 // the out-of-distribution score of skinclf/model/outlier.py and the metadata head of
-// skinclf/model/metadata.py, from skinclf-web.json. Nothing is sent anywhere.
+// skinclf/model/patient_head.py, from skinclf-web.json. Nothing is sent anywhere.
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -70,6 +70,39 @@
     return -logsumexp(logits);
   }
 
+  function tierOf(score) {
+    // outlier.levels: 1 above the threshold ("unusual"), 2 above rare_threshold ("very unlike").
+    const o = state.cfg.ood;
+    if (!o) return 0;
+    let level = score > o.threshold ? 1 : 0;
+    if (o.rare_threshold !== null && o.rare_threshold !== undefined && score > o.rare_threshold) level = 2;
+    return level;
+  }
+
+  function percentileOf(score) {
+    // outlier.percentile: the share (0-100) of the validation images scoring lower, the score
+    // rounded to float32 as the stored scores are (numpy searchsorted, side "left"); null: none.
+    const ref = state.reference;
+    if (!ref || !Number.isFinite(score)) return null;
+    const probe = Math.fround(score);
+    let lo = 0, hi = ref.length;
+    while (lo < hi) { const mid = (lo + hi) >>> 1; if (ref[mid] < probe) lo = mid + 1; else hi = mid; }
+    return 100 * lo / ref.length;
+  }
+
+  function pyFixed(v, digits) {
+    // Python's f"{v:.Nf}": the double's exact decimal value rounded half to even (toFixed rounds
+    // an exact tie such as 6.25 up, Python to 6.2).
+    const exact = Math.abs(v).toFixed(100);
+    const dot = exact.indexOf(".");
+    const kept = exact.slice(0, dot + 1 + digits), next = exact.charAt(dot + 1 + digits);
+    const rest = exact.slice(dot + 2 + digits);
+    const tie = next === "5" && /^0*$/.test(rest);
+    const lastDigit = Number(kept.charAt(kept.length - 1));
+    const text = tie && lastDigit % 2 === 0 ? kept.replace(/\.$/, "") : Math.abs(v).toFixed(digits);
+    return (v < 0 || Object.is(v, -0) ? "-" : "") + text;
+  }
+
   function logsumexp(z) {
     const top = Math.max(...z);
     let s = 0;
@@ -107,6 +140,7 @@
       state.gClass = prepareGaussian(cfg.ood.features.class);
       if (cfg.ood.features.background) state.gBack = prepareGaussian(cfg.ood.features.background);
     }
+    if (cfg.ood && cfg.ood.reference_scores) state.reference = float32s(cfg.ood.reference_scores.base64);
     if (cfg.metadata_head) state.head = prepareHead(cfg.metadata_head);
     if (cfg.classifier) state.classifier = prepareClassifier(cfg.classifier);
     ort.env.wasm.numThreads = 1;  // single-threaded: works from any static server, no cross-origin isolation
@@ -258,7 +292,7 @@
     }
   }
 
-  // --- the metadata head (skinclf.model.metadata.MetadataHead.apply) ------------------------------------
+  // --- the metadata head (skinclf.model.patient_head.MetadataHead.apply) ------------------------------------
   function prepareHead(spec) {
     return spec;
   }
@@ -327,7 +361,7 @@
     for (let j = 0; j < c.cols; j++) {
       let s = c.b[j];
       for (let i = 0; i < c.rows; i++) s += features[i] * c.w[i * c.cols + j];
-      z[j] = s;
+      z[j] = Math.fround(s);  // float32, as LinearHead.__call__
     }
     return z;
   }
@@ -345,13 +379,21 @@
       e.notes = notes;
       for (const k of Object.keys(out)) if (out[k].dispose) out[k].dispose();
     }
-    const score = oodScore(e.logits, e.features);
-    const flagged = !!cfg.ood && score > cfg.ood.threshold;
-    const used = !!state.head && hasMeta(e.meta);
-    const probs = softmax(used ? applyHead(e.logits, e.features, e.meta) : e.logits);
-    const warnings = e.notes.slice();
-    if (flagged) warnings.push(cfg.warnings.unlike_training);
-    return makeRow(e.name, probs, score, warnings, used);
+    return rowOf(e.name, e.logits, e.features, e.notes, e.meta);
+  }
+
+  function rowOf(name, logits, features, notes, meta) {
+    // skinclf.batch.results.batch_rows for one image: the OOD score, tier and percentile from the
+    // image's own logits (before metadata), then the head, the warnings (the image's, then the tier's).
+    const cfg = state.cfg;
+    const score = oodScore(logits, features);
+    const level = tierOf(score);
+    const used = !!state.head && hasMeta(meta);
+    const probs = softmax(used ? applyHead(logits, features, meta) : logits);
+    const warnings = notes.slice();
+    if (level === 1) warnings.push(cfg.warnings.unusual);
+    if (level === 2) warnings.push(cfg.warnings.very_unlike);
+    return makeRow(name, probs, percentileOf(score), warnings, used);
   }
 
   function warningCell(messages) {
@@ -359,12 +401,16 @@
     return Array.from(new Set(cleaned)).join(state.cfg.warnings.separator);
   }
 
-  function makeRow(path, probs, score, warnings, used) {
+  function makeRow(path, probs, pct, warnings, used) {
+    // skinclf.batch.results.row, keyed by column: top-k (ties keep class order), top1_name,
+    // prob_<class> (for --all-probs), mel_prob, ood_percentile (one decimal), error, warning.
     const cfg = state.cfg, classes = cfg.classes;
     const order = classes.map((_, i) => i).sort((a, b) => probs[b] - probs[a] || a - b).slice(0, cfg.top_k);
-    const row = { path, error: "", warning: warningCell(warnings), ood_score: Number.isFinite(score) ? score.toFixed(4) : "" };
-    order.forEach((c, i) => { row["top" + (i + 1) + "_class"] = classes[c]; row["top" + (i + 1) + "_prob"] = probs[c].toFixed(4); });
-    classes.forEach((c, i) => { row["prob_" + c] = probs[i].toFixed(4); });
+    const row = { path, error: "", warning: warningCell(warnings), ood_percentile: pct === null ? "" : pyFixed(pct, 1) };
+    order.forEach((c, i) => { row["top" + (i + 1) + "_class"] = classes[c]; row["top" + (i + 1) + "_prob"] = pyFixed(probs[c], 4); });
+    row.top1_name = cfg.class_names[row.top1_class] || row.top1_class;
+    classes.forEach((c, i) => { row["prob_" + c] = pyFixed(probs[i], 4); });
+    if (classes.includes("mel")) row.mel_prob = row.prob_mel;
     row.metadata = used ? "used" : "missing";
     return row;
   }
@@ -444,7 +490,7 @@
 
   function melProb(e) {
     if (!e.row || e.status !== "done") return -1;
-    return e.row.prob_mel !== undefined ? parseFloat(e.row.prob_mel) : 0;
+    return e.row.mel_prob !== undefined ? parseFloat(e.row.mel_prob) : 0;
   }
 
   function sorted() {
@@ -494,7 +540,11 @@
         bars.appendChild(label); bars.appendChild(track); bars.appendChild(el("span", { class: "prob" }, p));
       }
       info.appendChild(bars);
-      if (e.row.prob_mel !== undefined) info.appendChild(el("p", { class: "melp" }, "melanoma probability " + e.row.prob_mel));
+      if (e.row.mel_prob !== undefined) info.appendChild(el("p", { class: "melp" }, "melanoma probability " + e.row.mel_prob));
+      if (e.row.ood_percentile !== "") {
+        info.appendChild(el("p", { class: "oodp" }, "ood_percentile " + e.row.ood_percentile + ": more unusual than " +
+                            e.row.ood_percentile + "% of the validation dermoscopic images"));
+      }
       for (const w of warningsOf(e) || []) info.appendChild(el("p", { class: "warning", role: "note" }, "\u26A0 Warning: " + w));
       if (warningsOf(e)) li.setAttribute("data-warning", "true");
       if (e.row.metadata === "used") info.appendChild(el("p", { class: "melp" }, "with the patient's age, sex and body site"));
@@ -558,11 +608,7 @@
   function csvText() {
     // The rows skinclf predict writes for these files (its columns; --all-probs when ticked), sorted by path.
     const cfg = state.cfg;
-    let header = cfg.columns.slice();
-    if ($("allprobs").checked) {
-      const at = header.indexOf("ood_score");
-      header.splice(at, 0, ...cfg.classes.map((c) => "prob_" + c));
-    }
+    let header = ($("allprobs").checked ? cfg.columns_all_probs : cfg.columns).slice();
     const withMeta = state.entries.some((e) => hasMeta(e.meta));
     if (withMeta) header = header.concat(["metadata"]);
     const rows = state.entries.map((e) => header.map((c) => {

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, lesion_image, require
+from conftest import REPO, lesion_image, require
 
 pytest.importorskip("pynetdicom")
 pydicom = pytest.importorskip("pydicom")
 
-from tests import dicom_files as D  # noqa: E402
+from utils import dicom_files as D  # noqa: E402
 
 ONNX = REPO / "models" / "skinclf-mobilenet.onnx"
 VL_PHOTO = D.VL_PHOTO

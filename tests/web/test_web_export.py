@@ -1,8 +1,10 @@
 """`skinclf export --format web` (a static site classifying in the browser) and `serve --static`.
 
 The fast tests use a tiny ONNX model and a stand-in runtime tarball (the pin patched to its
-hash); the integration test exports the bundled model with the real, pinned onnxruntime-web
-(cached by .ci/run) and compares the page's CSV in headless Chromium with `skinclf predict`.
+hash), and run the page's row functions (app.js) in node against `batch.results.batch_rows`; the
+integration test exports the bundled model's float ONNX form afresh into a temporary folder, the
+site from it with the real, pinned onnxruntime-web (cached by .ci/run), and compares the page's
+CSV in headless Chromium with `skinclf predict` on the same bundle.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 import time
 import urllib.error
@@ -20,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUNDLED_MODEL, SHARED_FULLRES, lesion_image, make_tiny_onnx, require
+from conftest import BUNDLED_MODEL, CLASSES, SHARED_FULLRES, lesion_image, make_tiny_onnx, require
 from PIL import Image
 
+from skinclf.batch.results import columns
 from skinclf.cli import app as cli_app
 from skinclf.web import static_site
 from skinclf.web.static_host import background_site
@@ -70,8 +74,12 @@ def test_export_web_writes_the_site(runner, tiny_onnx: Path, runtime: Path, tmp_
     config = json.loads((site / "skinclf-web.json").read_text())
     assert config["format"] == "skinclf-web/1" and config["input_size"] == 32 and config["top_k"] == 3
     assert config["classes"][:2] == ["akiec", "bcc"] and config["class_names"]["mel"] == "melanoma"
-    assert config["columns"] == ["path", "top1_class", "top1_prob", "top2_class", "top2_prob", "top3_class",
-                                 "top3_prob", "ood_score", "error", "warning"]
+    assert config["columns"] == ["path", "top1_class", "top1_name", "top1_prob", "top2_class", "top2_prob",
+                                 "top3_class", "top3_prob", "mel_prob", "ood_percentile", "error", "warning"]
+    assert config["columns"] == columns(CLASSES, 3, False)  # predict's header, from the one place
+    assert config["columns_all_probs"] == columns(CLASSES, 3, True)
+    assert config["warnings"]["unusual"].startswith("unusual image")
+    assert config["warnings"]["very_unlike"].startswith("very unlike the training images")
     assert config["short_disclaimer"] == "decision support, not a diagnosis" and "not a diagnosis" in config["disclaimer"]
     assert config["runtime"]["integrity"] == static_site.ORT_WEB_INTEGRITY and config["runtime"]["threads"] == 1
     assert config["ood"] is None and config["metadata_head"] is None  # the tiny model has neither
@@ -185,6 +193,103 @@ def test_serve_static_serves_the_site_and_never_takes_an_upload(runner, tiny_onn
     assert public.exit_code == 1 and "loopback only" in public.output
 
 
+# --- the page's row, in node, against batch.results ----------------------------------------------------
+
+APP_JS = Path(static_site.__file__).with_name("site") / "app.js"
+
+
+def js_functions(*names: str) -> str:
+    """The source of the named top-level functions of app.js (two-space indent inside its IIFE)."""
+    page = APP_JS.read_text(encoding="utf-8")
+    parts = []
+    for name in names:
+        start = page.index(f"  function {name}(")
+        line_end = page.index("\n", start)
+        end = line_end if page[start:line_end].rstrip().endswith("}") else page.index("\n  }\n", start) + 4
+        parts.append(page[start:end])
+    return "\n".join(parts)
+
+
+def run_node(script: str):
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    done = subprocess.run(["node", "-e", script], capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_pages_number_format_is_pythons() -> None:
+    # toFixed rounds an exact tie up (6.25 -> 6.3); Python's format rounds it to even (6.2).
+    values = [6.25, 12.5, 18.75, 0.03125, 0.5, 0.0, 99.95, 100.0, 1 / 3, 0.00005, 0.00015, 2.675,
+              *np.random.default_rng(0).random(500).tolist(), *(100 * c / 1504 for c in range(1505))]
+    got = run_node(js_functions("pyFixed") + f"\nprocess.stdout.write(JSON.stringify({json.dumps(values)}"
+                   ".map((v) => [pyFixed(v, 1), pyFixed(v, 4)])));")
+    assert got == [[f"{v:.1f}", f"{v:.4f}"] for v in values]
+
+
+def test_pages_rows_are_predicts_rows(tiny_onnx: Path, runtime: Path, tmp_path: Path) -> None:
+    """Tiers, percentile (ties included), top1_name, mel_prob, warnings: app.js's rowOf in node
+    gives the cells `batch_rows` gives for the same logits and the same OOD record."""
+    from types import SimpleNamespace
+
+    from skinclf.batch.results import batch_rows
+    from skinclf.model.outlier import WARNING, WARNING_RARE, pack
+
+    rng = np.random.default_rng(1)
+    ref = np.sort(rng.normal(-3.0, 1.0, 200).astype("float32"))
+    record = {"score": "max_logit", "threshold": float(np.quantile(ref, 0.95)), "pass_rate": 0.95,
+              "fitted_on": "validation split", "reference_scores": pack(ref),
+              "rare_threshold": float(ref[-1] + 0.2 * abs(ref[-1]))}
+    meta = {"format": "skinclf-bundle/1", "name": "tiny-onnx", "classes": list(CLASSES), "input_size": [32, 32],
+            "export": {"format": "onnx", "source_sha256": ""}, "ood": record}
+    model = make_tiny_onnx(tmp_path / "ood.onnx", meta=meta)
+    site = tmp_path / "site"
+    static_site.export_web(model=model, out=site, runtime=runtime)
+    config = json.loads((site / "skinclf-web.json").read_text())
+    assert config["ood"]["rare_threshold"] == record["rare_threshold"]
+    assert config["ood"]["reference_scores"] == record["reference_scores"]
+    # max_logit score = -max(z): scores below, at (exactly a stored value) and above each tier
+    top = np.concatenate([-rng.normal(-3.0, 1.5, 40), -ref[[0, 50, 51, 199]], [-record["threshold"] * 1.001, 1.0, 0.1]])
+    logits = (top[:, None] - rng.uniform(0.05, 3.0, (len(top), len(CLASSES)))).astype("float32")
+    logits[np.arange(len(top)), rng.integers(0, len(CLASSES), len(top))] = top
+    notes = [["image is 10x10 pixels, far below the model's 32x32 input: the result is unreliable"] if i % 9 == 0
+             else [] for i in range(len(top))]
+    names = [f"{i}.jpg" for i in range(len(top))]
+    z = logits.astype("float64")
+    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    batch = SimpleNamespace(logits=logits, probs=probs, features=None, errors=[None] * len(top), warnings=notes)
+    want = batch_rows(batch, names=names, classes=CLASSES, top_k=3, all_probs=True, ood=record)
+    inputs = [[n, [float(v) for v in row], note] for n, row, note in zip(names, logits, notes)]
+    script = (f"const state = {{ cfg: {json.dumps(config)}, reference: null, head: null }};\n"
+              + js_functions("float32s", "oodScore", "tierOf", "percentileOf", "pyFixed", "logsumexp", "softmax",
+                             "hasMeta", "warningCell", "makeRow", "rowOf")
+              + "\nstate.reference = float32s(state.cfg.ood.reference_scores.base64);"
+              + f"\nprocess.stdout.write(JSON.stringify({json.dumps(inputs)}.map(([n, z, notes]) => {{"
+              " const r = rowOf(n, z, null, notes, null); return state.cfg.columns_all_probs.map((c) => r[c]); })));")
+    got = run_node(script)
+    assert got == want
+    warnings = [r[-1] for r in want]
+    assert any(WARNING in w for w in warnings) and any(WARNING_RARE in w for w in warnings)
+    assert any(w.startswith("image is") and w.endswith(WARNING) for w in warnings)  # the image's note first
+    assert {r[-3] for r in want} >= {"0.0", "25.0", "25.5", "99.5", "100.0"}  # ties counted as numpy's "left"
+
+
+def test_pages_csv_cells_are_predicts() -> None:
+    from skinclf.batch.results import write_csv
+
+    page = APP_JS.read_text(encoding="utf-8")
+    values = ["=1+1.jpg", "'=x", "-0.1234", "-x", "a\\b", "plain.jpg", 'say "hi".jpg', "\tx", "@", "0.5000", ""]
+    script = (page[page.index("  const FORMULA_START"):page.index("  function csvText")]
+              + f"\nprocess.stdout.write(JSON.stringify({json.dumps(values)}.map(csvCell)));")
+    expected = []
+    for value in values:
+        buffer = io.StringIO()
+        write_csv(buffer, [[value]])
+        expected.append(buffer.getvalue().rstrip("\n"))
+    assert run_node(script) == expected
+
+
 # --- the page in headless Chromium, against skinclf predict ----------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -193,7 +298,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # SKINCLF_WEB_IMAGES=N classifies a spread subset instead.
 WEB_IMAGES = int(os.environ.get("SKINCLF_WEB_IMAGES", "300"))
 # Issue 31 asks for the melanoma probability within 0.02 of predict's on 95% of images. Measured: 92%
-# (300 samples). The cause is the JPEG decode, not the model form or the resize (a lossless PNG gives
+# (300 samples; again with the graph ending at the features and the head applied in the page). The cause is the JPEG decode, not the model form or the resize (a lossless PNG gives
 # Pillow's pixels exactly, below): Pillow decodes JPEGs at half scale with libjpeg's reduced IDCT, the
 # browser at full scale, and the box mean over 2x2 differs by rounding (mean 0.2 levels per pixel), to
 # which the model is that sensitive. Closing it needs a JPEG decoder in the page (follow-up); until then
@@ -229,23 +334,37 @@ def requests_made(driver) -> list[dict]:
     return found
 
 
-def compare(page: list[dict], expected: list[dict], threshold: float | None) -> dict:
-    """Agreement of the page's rows with predict's (same paths): top-1, melanoma probability, flags."""
+def tier(warning: str) -> int:
+    """The OOD tier a warning cell names: 0 none, 1 unusual, 2 very unlike (`outlier.tier_warning`)."""
+    from skinclf.model.outlier import WARNING, WARNING_RARE
+
+    return 2 if WARNING_RARE in warning else 1 if WARNING in warning else 0
+
+
+def compare(page: list[dict], expected: list[dict], threshold_percentile: float | None) -> dict:
+    """Agreement of the page's rows with predict's (same paths): top-1 (and its name), melanoma
+    probability, OOD percentile and tier. A tier may differ only between none and "unusual" for an
+    image whose percentile (predict's) is within 2 points of the threshold's."""
     want = {r["path"]: r for r in expected}
     assert sorted(r["path"] for r in page) == sorted(want)
     top1 = np.mean([r["top1_class"] == want[r["path"]]["top1_class"] for r in page])
-    mel = np.array([abs(float(r["prob_mel"]) - float(want[r["path"]]["prob_mel"])) for r in page])
-    unlike = "unlike the training images"
-    flag_diff = []
+    assert all(r["top1_name"] == want[r["path"]]["top1_name"] for r in page
+               if r["top1_class"] == want[r["path"]]["top1_class"])
+    mel = np.array([abs(float(r["mel_prob"]) - float(want[r["path"]]["mel_prob"])) for r in page])
+    pct = np.array([abs(float(r["ood_percentile"]) - float(want[r["path"]]["ood_percentile"])) for r in page])
+    tier_diff = []
     for r in page:
-        a, b = unlike in r["warning"], unlike in want[r["path"]]["warning"]
+        a, b = tier(r["warning"]), tier(want[r["path"]]["warning"])
         if a != b:
-            near = threshold is not None and abs(float(want[r["path"]]["ood_score"]) / threshold - 1) < 0.1
-            flag_diff.append((r["path"], near))
+            near = ({a, b} == {0, 1} and threshold_percentile is not None
+                    and abs(float(want[r["path"]]["ood_percentile"]) - threshold_percentile) <= 2.0)
+            tier_diff.append((r["path"], a, b, want[r["path"]]["ood_percentile"], near))
     return {"images": len(page), "top1": float(top1), "mel_within_002": float(np.mean(mel <= 0.02)),
-            "mel_max_diff": float(mel.max()), "flag_diff": flag_diff,
-            "flagged": sum(unlike in r["warning"] for r in page),
-            "flagged_predict": sum(unlike in r["warning"] for r in expected)}
+            "mel_max_diff": float(mel.max()), "pct_within_2": float(np.mean(pct <= 2.0)),
+            "pct_within_5": float(np.mean(pct <= 5.0)), "pct_median_diff": float(np.median(pct)),
+            "pct_max_diff": float(pct.max()), "tier_diff": tier_diff,
+            "flagged": [sum(tier(r["warning"]) == t for r in page) for t in (1, 2)],
+            "flagged_predict": [sum(tier(r["warning"]) == t for r in expected) for t in (1, 2)]}
 
 
 @pytest.mark.integration
@@ -256,13 +375,22 @@ def test_site_in_headless_chromium_agrees_with_predict_and_sends_nothing(tmp_pat
     from skinclf.batch.predict import predict_directory
     from skinclf.data.images import load_image
 
-    require(BUNDLED_MODEL.with_suffix(".onnx"))
+    require(BUNDLED_MODEL)
     require(SHARED_FULLRES)
     if not static_site.cached_runtime().is_file():
         pytest.skip(f"no {static_site.cached_runtime()} (.ci/run fetches it: npm pack onnxruntime-web@"
                     f"{static_site.ORT_WEB_VERSION})")
+    # The site is made from the bundle's float ONNX form beside it (as `skinclf export --format web`
+    # needs): a copy of the bundle and a fresh export in tmp_path, so the test never depends on
+    # models/*.onnx being up to date. predict runs that same form (auto: no int8 form beside it).
+    model = tmp_path / "model" / BUNDLED_MODEL.name
+    model.parent.mkdir()
+    shutil.copy(BUNDLED_MODEL, model)
+    from skinclf.engines.export import export_model
+
+    export_model(model=model, format="onnx", out=model.with_suffix(".onnx"))
     site = tmp_path / "site"
-    exported = static_site.export_web(model=BUNDLED_MODEL, out=site)
+    exported = static_site.export_web(model=model, out=site)
     assert exported.size_bytes <= static_site.BUDGET_BYTES
     # A lossless probe: the page's decode + resize must give Pillow's pixels exactly.
     probe = np.asarray(lesion_image((150, 100, 70), 7, (600, 450)).filter(__import__("PIL.ImageFilter").ImageFilter.BLUR))
@@ -275,7 +403,7 @@ def test_site_in_headless_chromium_agrees_with_predict_and_sends_nothing(tmp_pat
     folder.mkdir()
     for path in chosen:
         shutil.copy(path, folder / path.name)
-    predict_directory(directory=folder, out=tmp_path / "results.csv", model=BUNDLED_MODEL, batch_size=16,
+    predict_directory(directory=folder, out=tmp_path / "results.csv", model=model, batch_size=16,
                       show_progress=False, all_probs=True)
     expected = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text(encoding="utf-8"))))
     downloads = tmp_path / "downloads"
@@ -323,16 +451,24 @@ def test_site_in_headless_chromium_agrees_with_predict_and_sends_nothing(tmp_pat
     header = text.splitlines()[0]
     assert header == ",".join(f'"{c}"' for c in expected[0].keys())  # predict --all-probs's columns
     page = list(csv.DictReader(io.StringIO(text)))
-    figures = compare(page, expected, _threshold())
+    figures = compare(page, expected, _threshold_percentile(model.with_suffix(".onnx")))
     print(f"\nweb vs predict on {figures['images']} images: {figures} ({seconds:.0f} s, first result {first:.2f} s)")
     assert figures["top1"] >= 0.98, figures
     assert figures["mel_within_002"] >= MEL_WITHIN_002, figures
     assert figures["mel_max_diff"] <= 0.1, figures
-    assert all(near for _, near in figures["flag_diff"]), figures
+    # Measured: median 0.7 points, 83% within 2, 99.7% within 5, at most 6.1 (the decode again:
+    # the middle of the validation scores is dense, so a small change of score moves the percentile).
+    assert figures["pct_median_diff"] <= 1.5 and figures["pct_within_5"] >= 0.98, figures
+    assert figures["pct_max_diff"] <= 10.0, figures
+    assert all(near for *_, near in figures["tier_diff"]), figures
 
 
-def _threshold() -> float | None:
+def _threshold_percentile(onnx_path: Path) -> float | None:
+    """Where the "unusual" threshold falls on the ood_percentile scale (about 95)."""
     from skinclf.engines.onnx import read_model_meta
+    from skinclf.model.outlier import active_record, percentile
 
-    ood = read_model_meta(BUNDLED_MODEL.with_suffix(".onnx")).get("ood") or {}
-    return ood.get("threshold")
+    record = active_record(read_model_meta(onnx_path).get("ood"), True)
+    if not record or not record.get("reference_scores"):
+        return None
+    return float(percentile(np.array([float(record["threshold"])]), record)[0])

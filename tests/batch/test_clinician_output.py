@@ -1,7 +1,11 @@
-"""Issue 28: every number, warning and column the clinician reads means what it says.
+"""What the clinician reads means what it says: every number, warning and column of the output.
 
-Each test fails on the code before issue 28 (the tiers, the readable OOD column, the melanoma and
-class-name columns, the inputs and outputs a clinic gets wrong, the page agreeing with predict).
+The out-of-distribution warning has two tiers worded for their rates ("unusual image" for about
+1 dermoscopic image in 20, "very unlike the training images" for none of the validation images)
+and a readable `ood_percentile` column; the CSV always has `mel_prob` and the spelled-out
+`top1_name`; inputs and outputs a clinic gets wrong (an .xlsx name, a missing folder, another
+folder's results, one image, metadata ids with extensions, skinclf's own heat maps) are refused
+or handled; serve's API and page give the same columns and the page sorts by melanoma probability.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Issue 32: DICOM in (predict reads .dcm / DICM files), SR out (--sr), and the reading rules.
 
-DICOM files are built with pydicom (tests/dicom_files.py) from the shared sample JPEGs:
+DICOM files are built with pydicom (tests/utils/dicom_files.py) from the shared sample JPEGs:
 uncompressed RGB and JPEG baseline encapsulating the JPEG's own bytes, with and without the
 metadata tags, always with patient-identifying tags set, which must appear in no output.
 """
@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, SHARED_FULLRES, lesion_image, require
+from conftest import REPO, SHARED_FULLRES, lesion_image, require
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
 
-from tests import dicom_files as D  # noqa: E402
+from utils import dicom_files as D  # noqa: E402
 
 ONNX = REPO / "models" / "skinclf-mobilenet.onnx"
 SAMPLES = ("ISIC_0024358.jpg", "ISIC_0024359.jpg")
