@@ -68,6 +68,7 @@ class PredictSummary:
         return self.classified / self.seconds if self.seconds > 0 else 0.0
 
 
+STDOUT = ("-", "/dev/stdout")  # --out names the terminal (or the pipe): rows stream there, nothing is replaced
 _URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # s3://, gs://, az://, hdfs://, ...
 
 
@@ -105,7 +106,7 @@ def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, worke
     one_of("--tta", tta, TTA_CHOICES)
     if resume and overwrite:
         raise SkinclfError("--resume continues an interrupted run and --overwrite starts over: choose one")
-    if str(out) == "-":
+    if str(out) in STDOUT:
         if resume:
             raise SkinclfError("--resume needs a file for --out, not stdout")
         return None

@@ -62,7 +62,7 @@ def train(config: TrainConfig) -> None:
 )
 def export(
     model: Optional[Path] = typer.Argument(None, help="Model bundle (.keras) [default: the bundled model]."),
-    fmt: Optional[str] = typer.Option(
+    format_name: Optional[str] = typer.Option(
         None, "--format", metavar="FORMAT",
         help="onnx (float32), onnx-int8 (static int8, calibrated), tflite (float32) or tfjs (not available: its "
         "converter cannot be installed beside TensorFlow 2.21 / Keras 3) [default: what --out's suffix names, "
@@ -97,7 +97,7 @@ def export(
     with user_errors():
         from skinclf.engines.export import export_model
 
-        result = export_model(model=model, format=fmt, out=out_path, probes=probes, calibration=calibration,
+        result = export_model(model=model, format=format_name, out=out_path, probes=probes, calibration=calibration,
                               calibration_images=calibration_images, validation=validation, overwrite=overwrite)
     line = (f"Wrote {result.out} ({result.format}, {result.size_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
             f"max abs difference of probabilities from Keras {result.max_abs_diff:.2g} on {result.probes} probe images")
