@@ -220,10 +220,9 @@ def metas_from_json(text: str, names: list[str]) -> tuple[list[PatientMeta], lis
     the file, as `predict --metadata` names the line."""
     import json
 
-    try:
-        data = json.loads(text) if text.strip() else None
-    except ValueError as exc:
-        raise SkinclfError(f"metadata: not valid JSON ({exc})") from None
+    from skinclf.json_input import parse_json
+
+    data = parse_json(text, what="metadata") if text.strip() else None
     notes: list[str] = []
     entries: list[Any] = [None] * len(names)
     if data is None:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from skinclf.cli import options
-from skinclf.cli.app import Command, app, examples, out, user_errors, with_settings
+from skinclf.cli.app import Command, app, examples, out, say, user_errors, with_settings
 from skinclf.cli.render import fmt
 from skinclf.config import CALIBRATE, ENSEMBLE, EXPORT, TrainConfig
 
@@ -40,13 +40,13 @@ def train(config: TrainConfig) -> None:
         result = train_model(config)
     val = result.val_metrics
     mel = val.get("melanoma", {}).get("at_decision", {})
-    out.print(
+    say(
         f"Saved {result.model_path}: best epoch {result.best_epoch} of {result.epochs_run} "
         f"({result.monitor} {result.best_value:.4f}); validation balanced accuracy {val['balanced_accuracy']:.3f}, "
         f"accuracy {val['accuracy']:.3f}"
         + (f", melanoma recall {mel['sensitivity']:.3f}" if mel else "")
         + (f"; {result.images_per_second:.1f} img/s training" if result.images_per_second else "")
-        + f". Checkpoints in {result.run_dir}"
+        + f". Checkpoints in {result.run_dir}", err=False,
     )
 
 
@@ -103,7 +103,7 @@ def export(
             f"max abs difference of probabilities from Keras {result.max_abs_diff:.2g} on {result.probes} probe images")
     if result.top1_agreement is not None:
         line += f"; top-1 agreement {result.top1_agreement:.2%}"
-    out.print(line)
+    say(line, err=False)
     if result.validation:
         v = result.validation
         f, q = v["float"], v["int8"]
@@ -149,9 +149,9 @@ def ensemble(
                                 overwrite=overwrite)
     fitted = meta.get("metrics", {}).get("validation")
     summary = f"; validation balanced accuracy {fitted['balanced_accuracy']:.3f}" if fitted else ""
-    out.print(f"Wrote {out_model}: the mean of {len(meta['members'])} models over {', '.join(meta['classes'])}"
+    say(f"Wrote {out_model}: the mean of {len(meta['members'])} models over {', '.join(meta['classes'])}"
               f"{summary}. "
-              f"Next: skinclf calibrate {out_model} --data data/prepared/val")
+              f"Next: skinclf calibrate {out_model} --data data/prepared/val", err=False)
 
 
 @app.command(
@@ -217,4 +217,4 @@ def calibrate(
     out.print(flags)
     if result.unreadable:
         out.print(f"[yellow]{len(result.unreadable)} unreadable image(s) skipped[/yellow]")
-    out.print("Wrote " + ", ".join(str(p) for p in result.files))
+    say("Wrote " + ", ".join(str(p) for p in result.files), err=False)

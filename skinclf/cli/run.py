@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from skinclf.cli import options
-from skinclf.cli.app import Command, app, examples, out, user_errors
+from skinclf.cli.app import Command, app, examples, out, say, user_errors
 from skinclf.cli.render import predict_summary, render_report
 from skinclf.config import EVALUATE, EXPLAIN, PREDICT, SERVE
 
@@ -75,13 +75,13 @@ def evaluate(
                                 split=split, engine=engine, threads=threads, overwrite=overwrite,
                                 metadata=metadata)
     if not result.report:  # --history: only the curves
-        out.print("Wrote " + ", ".join(str(p) for p in result.files))
+        say("Wrote " + ", ".join(str(p) for p in result.files), err=False)
         return
     if as_json:
         typer.echo(json.dumps(result.report, indent=2))
         return
     render_report(result.report)
-    out.print("Wrote " + ", ".join(str(p) for p in result.files))
+    say("Wrote " + ", ".join(str(p) for p in result.files), err=False)
 
 
 @app.command(
@@ -158,8 +158,8 @@ def predict(
             engine=engine, threads=threads, metadata=metadata, ray=ray, ray_workers=ray_workers,
         )
     for note in summary.notes:
-        typer.echo(f"Note: {note}", err=True)
-    typer.echo(predict_summary(summary), err=True)
+        say(f"Note: {note}")
+    say(predict_summary(summary))
 
 
 @app.command(
@@ -196,9 +196,9 @@ def serve(
 
     def ready(info) -> None:
         for warning in info.warnings:
-            typer.echo(f"Warning: {warning}", err=True)
-        typer.echo(f"Model {info.model['name']} ({info.model['sha256'][:12]}, {info.model['engine']} engine) loaded.")
-        typer.echo(f"Open {info.url} in a browser (Ctrl-C to stop). Decision support, not a diagnosis.")
+            say(f"Warning: {warning}")
+        say(f"Model {info.model['name']} ({info.model['sha256'][:12]}, {info.model['engine']} engine) loaded.", err=False)
+        say(f"Open {info.url} in a browser (Ctrl-C to stop). Decision support, not a diagnosis.", err=False)
 
     with user_errors():
         from skinclf.web.server import serve as run_server
@@ -244,6 +244,6 @@ def explain(
     for item in summary.explained:
         top = ", ".join(f"{c} {p:.2f}" for c, p in item.top)
         odd = "  [unlike the training images]" if item.unlike_training else ""
-        out.print(f"{item.png}  ({item.path}: {top}){odd}", markup=False)
-    typer.echo(f"{len(summary.explained)} explained, {len(summary.errors)} could not be read; wrote "
-               f"{summary.out / 'explain.json'}", err=True)
+        say(f"{item.png}  ({item.path}: {top}){odd}", err=False)
+    say(f"{len(summary.explained)} explained, {len(summary.errors)} could not be read; wrote "
+        f"{summary.out / 'explain.json'}")
