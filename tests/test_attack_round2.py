@@ -267,3 +267,29 @@ def test_a_multi_page_tiff_is_classified_on_page_1_with_a_warning(runner, onnx_m
     assert rows["stack.tif"]["top1_class"] and not rows["stack.tif"]["error"]
     assert "3 pages" in rows["stack.tif"]["warning"] and "page 1" in rows["stack.tif"]["warning"]
     assert "page" not in rows["single.tif"]["warning"]
+
+
+# --- 2. --metadata keeps only what the folder needs ---------------------------------------------------------
+
+def test_metadata_is_streamed_and_only_the_folders_rows_are_kept(tmp_path: Path) -> None:
+    from skinclf.batch import patient
+
+    rows = "".join(f"H{i},ISIC_{i:07d},nv,histo,{i % 90},male,back\n" for i in range(5000))
+    meta = tmp_path / "m.csv"
+    meta.write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n" + rows + "H,ISIC_9999999,nv,histo,300,,\n")
+    files = ["ISIC_0000007.jpg", "sub/ISIC_0004000.png"]
+    source = patient.read_metadata(meta, files)  # the bad age is on a row for another image: not checked
+    assert set(source.by_id) == {"isic_0000007", "isic_0004000"} and source.rows == 5001
+    joined = patient.join(source, files)
+    assert joined.record()["rows_not_in_folder"] == 4999 and "4999 rows for images not in the folder" in joined.notes()[1]
+
+
+def test_a_metadata_file_larger_than_a_clinics_is_refused_saying_why(monkeypatch, tmp_path: Path) -> None:
+    from skinclf.batch import patient
+
+    assert patient.MAX_BYTES <= 64 * 1024 * 1024
+    meta = tmp_path / "m.csv"
+    meta.write_text("image_id,age\nISIC_1,40\n")
+    monkeypatch.setattr(patient, "MAX_BYTES", 10)
+    with pytest.raises(SkinclfError, match="more than a clinic's metadata file holds"):
+        patient.read_metadata(meta, ["ISIC_1.jpg"])

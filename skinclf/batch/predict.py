@@ -287,9 +287,10 @@ def predict_directory(
         from skinclf.batch import ray as cluster
 
         address = cluster.check(ray, engine=engine, workers=ray_workers)
-    source = read_metadata(Path(metadata)) if metadata is not None else None  # checked before any work
     directory = Path(directory)
     found = list_images(directory, recursive=recursive)
+    # Checked before any work; only the rows of the folder's images are kept.
+    source = read_metadata(Path(metadata), found.files) if metadata is not None else None
     from skinclf.parallel import usable_cpus
 
     engine, top_k, startup = _load(model, engine=engine, batch_size=batch_size, threads=threads, tta=tta, top_k=top_k,
