@@ -293,3 +293,51 @@ def test_a_metadata_file_larger_than_a_clinics_is_refused_saying_why(monkeypatch
     monkeypatch.setattr(patient, "MAX_BYTES", 10)
     with pytest.raises(SkinclfError, match="more than a clinic's metadata file holds"):
         patient.read_metadata(meta, ["ISIC_1.jpg"])
+
+
+# --- 8. a Ray skinclf starts has no dashboard, no metrics export, no usage statistics -------------------
+
+def test_ray_local_starts_without_dashboard_metrics_or_usage_stats_and_sigterm_is_one_line(
+        monkeypatch, onnx_model: Path, tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    from skinclf.batch import ray as cluster
+    from skinclf.batch.ray_address import parse_address
+
+    calls: list[dict] = []
+    fake = SimpleNamespace(init=lambda **kw: calls.append(kw), shutdown=lambda: None, put=lambda data: "ref",
+                           cluster_resources=lambda: {"CPU": 2})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(cluster, "require_ray", lambda: None)
+    monkeypatch.setattr(cluster, "loopback_only", lambda: False)
+    monkeypatch.setattr(cluster, "_temp_dir", lambda: str(tmp_path / "ray"))
+    for name in ("RAY_USAGE_STATS_ENABLED", "RAY_enable_metrics_collection", cluster.USAGE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(cluster.USAGE_ENV, "0")
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        engine = SimpleNamespace(onnx_path=str(onnx_model))
+        pool = cluster.start(parse_address("local"), workers=1, engine=engine, directory=tmp_path, top_k=3,
+                             all_probs=False, batch_size=4, threads=1, tta=1)
+        handler = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    (init,) = calls
+    assert init["include_dashboard"] is False and init["_system_config"]["enable_metrics_collection"] is False
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0" and os.environ["RAY_enable_metrics_collection"] == "0"
+    assert pool.workers == 1
+    with pytest.raises(KeyboardInterrupt):  # predict's interrupted path: one line naming the .partial, exit 130
+        handler(signal.SIGTERM, None)
+
+
+# --- 9. resume without --metadata after a --metadata run names the option ----------------------------------
+
+def test_resume_without_metadata_after_a_metadata_run_names_the_option(runner, folder: Path, onnx_model: Path,
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "r.csv"
+    assert runner.invoke(app, ["predict", str(folder), "--model", str(onnx_model), "--out", str(out)]).exit_code == 0
+    text = out.read_text(encoding="utf-8").splitlines()
+    out.write_text("\n".join([text[0] + ',"metadata"', *(line + ',"missing"' for line in text[1:])]) + "\n")
+    got = runner.invoke(app, ["predict", str(folder), "--model", str(onnx_model), "--out", str(out), "--resume"])
+    assert got.exit_code == 1 and "written with --metadata" in got.output and "older version" not in got.output

@@ -59,6 +59,10 @@ def _mismatch(source: Path, old: list[str], new: list[str], finished: bool) -> S
     start_over = "run without --resume to replace it" if finished else "pass --overwrite to start over"
     if not old or old[0] != "path" or "error" not in old:
         return SkinclfError(f"cannot resume {source}: it is not a CSV written by skinclf predict; {start_over}")
+    if ("metadata" in old) != ("metadata" in new):  # the last column: a --metadata run's
+        how = "with --metadata (its CSV has a metadata column); resume with --metadata and the same file" \
+            if "metadata" in old else "without --metadata; resume without it"
+        return SkinclfError(f"cannot resume {source}: it was written {how}, or {start_over}")
     was, now = header_options(old), header_options(new)
     if was["all_probs"] and now["all_probs"] and was["classes"] != now["classes"]:
         return SkinclfError(f"cannot resume {source}: it was written by a model with other classes "
