@@ -341,3 +341,31 @@ def test_resume_without_metadata_after_a_metadata_run_names_the_option(runner, f
     out.write_text("\n".join([text[0] + ',"metadata"', *(line + ',"missing"' for line in text[1:])]) + "\n")
     got = runner.invoke(app, ["predict", str(folder), "--model", str(onnx_model), "--out", str(out), "--resume"])
     assert got.exit_code == 1 and "written with --metadata" in got.output and "older version" not in got.output
+
+
+# --- 7. --resume --verify catches an edit in place that kept size and modification time --------------------
+
+def test_resume_verify_redoes_a_file_edited_in_place_with_its_old_mtime(runner, folder: Path, onnx_model: Path,
+                                                                       tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "r.csv"
+    args = ["predict", str(folder), "--model", str(onnx_model), "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    image = folder / "0.jpg"
+    before = os.stat(image)
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a corrupted byte, same size
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))  # as cp -p / rsync -t leave it
+    plain = runner.invoke(app, [*args, "--resume"])
+    assert plain.exit_code == 0 and "2 rows kept" in plain.output and "(checked: size and modification time)" in plain.output
+    verified = runner.invoke(app, [*args, "--resume", "--verify"])
+    assert verified.exit_code == 0, verified.output
+    assert "1 row kept" in verified.output and "SHA-256 of the content (--verify)" in verified.output
+    assert "1 row redone (file content changed since (SHA-256, --verify))" in verified.output
+    sidecar = json.loads((tmp_path / "r.csv.json").read_text(encoding="utf-8"))["resume"]
+    assert sidecar["check"].startswith("size, modification time and SHA-256") and len(sidecar["files"]["1.jpg"]) == 3
+    again = runner.invoke(app, [*args, "--resume", "--verify"])
+    assert again.exit_code == 0 and "2 rows kept" in again.output
+    assert runner.invoke(app, [*args, "--verify"]).exit_code == 1  # --verify needs --resume

@@ -30,7 +30,7 @@ from skinclf.batch.results import (
     row,
     sidecar_path,
 )
-from skinclf.batch.resume import file_key, record_path, run_record, sidecar_record
+from skinclf.batch.resume import CHECKS, file_key, record_path, run_record, sidecar_record
 from skinclf.checks import at_least, one_of
 from skinclf.config import PREDICT, TTA_CHOICES
 from skinclf.data.images import IMAGE_EXTENSIONS
@@ -62,6 +62,7 @@ class PredictSummary:
     cluster: dict[str, Any] | None = None  # --ray: the cluster's address kind and its number of workers
     metadata: dict[str, Any] | None = None  # --metadata: the file, and how many images it gave metadata to
     notes: list[str] = field(default_factory=list)  # things the user should know (ignored columns, unmatched rows)
+    check: str = ""  # --resume: how kept rows were checked against their files (resume.CHECKS)
 
     @property
     def images_per_second(self) -> float:
@@ -96,7 +97,7 @@ def list_images(directory: Path, *, recursive: bool) -> Walk:
 
 
 def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, workers: int, tta: int, resume: bool,
-                   overwrite: bool, threads: int = 0) -> Path | None:
+                   overwrite: bool, threads: int = 0, verify: bool = False) -> Path | None:
     """Every option checked before any work; returns the output file (None: stdout)."""
     if top_k is not None:
         at_least("--top-k", top_k, 1, example=3)
@@ -106,6 +107,8 @@ def _check_options(*, out: Path | str, top_k: int | None, batch_size: int, worke
     one_of("--tta", tta, TTA_CHOICES)
     if resume and overwrite:
         raise SkinclfError("--resume continues an interrupted run and --overwrite starts over: choose one")
+    if verify and not resume:
+        raise SkinclfError("--verify checks the files of the rows --resume keeps: add --resume")
     if str(out) in STDOUT:
         if resume:
             raise SkinclfError("--resume needs a file for --out, not stdout")
@@ -265,6 +268,7 @@ def predict_directory(
     metadata: Path | None = None,
     ray: str | None = None,
     ray_workers: int = 0,
+    verify: bool = False,
 ) -> PredictSummary:
     """Classify every image in `directory` into a CSV at `out` ('-' for stdout).
 
@@ -278,7 +282,7 @@ def predict_directory(
     from skinclf.batch.patient import join, metadata_head, read_metadata
 
     target = _check_options(out=out, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta, resume=resume,
-                            overwrite=overwrite, threads=threads)
+                            overwrite=overwrite, threads=threads, verify=verify)
     address = None
     if ray is None and ray_workers:
         raise SkinclfError("--ray-workers sets the number of workers on a Ray cluster: add --ray local, auto or "
@@ -307,12 +311,13 @@ def predict_directory(
     return _run(engine, start, target=target, out=out, directory=directory, found=found, top_k=top_k,
                 all_probs=all_probs, recursive=recursive, resume=resume, overwrite=overwrite, strict=strict,
                 tta=tta, batch_size=batch_size, workers=workers or usable_cpus(), startup=startup,
-                show_progress=show_progress, patient=patient)
+                show_progress=show_progress, patient=patient, verify=verify)
 
 
 def _run(engine, start, *, target: Path | None, out: Path | str, directory: Path, found: Walk, top_k: int,
          all_probs: bool, recursive: bool, resume: bool, overwrite: bool, strict: bool, tta: int, batch_size: int,
-         workers: int, startup: float, show_progress: bool | None, patient: PatientData | None) -> PredictSummary:
+         workers: int, startup: float, show_progress: bool | None, patient: PatientData | None,
+         verify: bool = False) -> PredictSummary:
     """Open the output, classify what is left to do (here, or on the workers of the cluster that
     `start` connects to, once the output is open), finish."""
     joined = patient.joined if patient is not None else None
@@ -320,7 +325,7 @@ def _run(engine, start, *, target: Path | None, out: Path | str, directory: Path
     run = run_record(identity=engine.identity(), engine=engine.name, top_k=top_k, all_probs=all_probs, tta=tta,
                      directory=directory, metadata=patient.source.sha256 if patient is not None else "")
     files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
-    output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run)
+    output = open_output(target, header, resume=resume, overwrite=overwrite, files=files, run=run, verify=verify)
     todo = [f for f in found.files if f not in output.done]
     from skinclf.batch.patient import metadata_cell
 
@@ -355,7 +360,7 @@ def _run(engine, start, *, target: Path | None, out: Path | str, directory: Path
         tally = _finish(output, engine=engine, directory=directory, header=header, files=len(found.files), run=run,
                         options={"top_k": top_k, "all_probs": all_probs, "recursive": recursive, "tta": tta,
                                  "engine": engine.name, **({"metadata": joined.record()} if joined is not None else {})},
-                        cluster=pool.describe() if pool is not None else None)
+                        cluster=pool.describe() if pool is not None else None, verify=verify)
     problem_paths = {p.path for p in found.problems}
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
                              errors=tally.errors, seconds=seconds, model=engine.identity(), startup_seconds=startup,
@@ -365,20 +370,21 @@ def _run(engine, start, *, target: Path | None, out: Path | str, directory: Path
                              unlike_training=tally.unlike, redone=dict(output.redone),
                              cluster=pool.describe() if pool is not None else None,
                              metadata=joined.record() if joined is not None else None,
-                             notes=joined.notes() if joined is not None else [])
+                             notes=joined.notes() if joined is not None else [],
+                             check=CHECKS[verify] if resume else "")
     if strict and tally.errors:
         raise SkinclfError(_strict_message(summary, out))
     return summary
 
 
 def _finish(output, *, engine, directory: Path, header: list[str], files: int, run: dict,
-            options: dict[str, Any], cluster: dict[str, Any] | None = None) -> _Tally:
+            options: dict[str, Any], cluster: dict[str, Any] | None = None, verify: bool = False) -> _Tally:
     """Move the CSV into place and write its sidecar; returns the tally over every row (kept ones too)."""
     lines = output.finish()
     tally = _Tally()
     tally.add(lines[1:], header)
     resume = sidecar_record(target=output.target, run=run, keys=output.record.keys, paths=[r[0] for r in lines[1:]],
-                            kept=len(output.done), redone=output.redone)
+                            kept=len(output.done), redone=output.redone, verify=verify)
     _write_sidecar(output.target, bundle=engine, directory=directory, files=files, errors=tally.errors,
                    warnings=tally.warned, options=options, ood=_ood_note(_active(engine), tally.unlike),
                    resume=resume, cluster=cluster)

@@ -90,6 +90,7 @@ def evaluate(
         "skinclf predict ./images --out results.csv",
         "skinclf predict ./images --out results.csv --top-k 2 --all-probs",
         "skinclf predict /mnt/clinic/2026-11 --out nov.csv --resume     # finish an interrupted run",
+        "skinclf predict /mnt/clinic/2026-11 --out nov.csv --resume --verify   # and re-hash every kept file",
         "skinclf predict ./images --out - --no-recursive | head",
         "skinclf predict ./images --out results.csv --model my-model.keras --strict",
         "skinclf predict ./images --out results.csv --engine keras          # TensorFlow instead of ONNX Runtime",
@@ -117,6 +118,11 @@ def predict(
         False, "--overwrite", metavar="",
         help="Start over, discarding the rows of an interrupted run (`CSV.partial`); also needed to replace a file "
         "that is not an earlier predict CSV.",
+    ),
+    verify: bool = typer.Option(
+        False, "--verify", metavar="",
+        help="With --resume: keep a row only if its file's SHA-256 is the one recorded with it (catches an edit "
+        "in place that kept size and modification time, e.g. cp -p or rsync -t).",
     ),
     strict: options.Strict = False,
     tta: options.Tta = 1,
@@ -155,7 +161,7 @@ def predict(
         summary = predict_directory(
             directory=directory, out=out_csv, model=model, top_k=top_k, batch_size=batch_size, recursive=recursive,
             all_probs=all_probs, resume=resume, overwrite=overwrite, strict=strict, tta=tta, workers=workers,
-            engine=engine, threads=threads, metadata=metadata, ray=ray, ray_workers=ray_workers,
+            engine=engine, threads=threads, metadata=metadata, ray=ray, ray_workers=ray_workers, verify=verify,
         )
     for note in summary.notes:
         say(f"Note: {note}")
