@@ -369,3 +369,15 @@ def test_resume_verify_redoes_a_file_edited_in_place_with_its_old_mtime(runner, 
     again = runner.invoke(app, [*args, "--resume", "--verify"])
     assert again.exit_code == 0 and "2 rows kept" in again.output
     assert runner.invoke(app, [*args, "--verify"]).exit_code == 1  # --verify needs --resume
+
+
+def test_serve_reaches_its_ready_lines_with_names_escaped(runner, monkeypatch) -> None:
+    pytest.importorskip("fastapi")
+    from skinclf.web import server
+
+    info = SimpleNamespace(warnings=[f"{PWNED}.onnx is stale"], url="http://127.0.0.1:8000/",
+                           model={"name": f"m{PWNED}", "sha256": "ab" * 32, "engine": "onnx"})
+    monkeypatch.setattr(server, "serve", lambda **kwargs: kwargs["on_ready"](info))
+    got = runner.invoke(app, ["serve"])
+    assert got.exit_code == 0 and "Open http://127.0.0.1:8000/ in a browser" in got.output, got.output
+    assert "\x1b" not in got.output and "Warning: \\x1b]0;PWNED\\x07.onnx is stale" in got.output
