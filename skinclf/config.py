@@ -345,6 +345,10 @@ class PredictConfig:
         False, "--overwrite", metavar="",
         help="Start over, discarding the rows of an interrupted run (`CSV.partial`); also needed to replace a file "
         "that is not an earlier predict CSV.")
+    verify: bool = option(
+        False, "--verify", metavar="",
+        help="With --resume: keep a row only if its file's SHA-256 is the one recorded with it (catches an edit "
+        "in place that kept size and modification time, e.g. cp -p or rsync -t).")
     strict: bool = False
     tta: int = 1
     workers: int = PREDICT.workers
@@ -380,6 +384,8 @@ class PredictConfig:
         one_of("--tta", self.tta, TTA_CHOICES)
         if self.resume and self.overwrite:
             raise SkinclfError("--resume continues an interrupted run and --overwrite starts over: choose one")
+        if self.verify and not self.resume:
+            raise SkinclfError("--verify checks the files of the rows --resume keeps: add --resume")
         if self.ray is None and self.ray_workers:
             raise SkinclfError("--ray-workers sets the number of workers on a Ray cluster: add --ray local, auto or "
                                "ray://HOST:PORT")

@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from skinclf.errors import SkinclfError
-from skinclf.own_outputs import MODEL, is_own_output
+from skinclf.own_outputs import MODEL, is_own_output, looks_like_model
 
 
 def _default_mode() -> int:
@@ -120,14 +121,35 @@ def _check_can_create_in(folder: Path, option: str, target: Path) -> None:
         raise SkinclfError(f"{option} {target}: cannot write in {existing} (permission denied); choose another place")
 
 
+_SPECIAL = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+            (stat.S_ISSOCK, "a socket"))
+
+
+def check_not_special(path: Path, *, option: str = "--out") -> None:
+    """Refuse an output path that exists and is not a regular file (a device, a pipe, a socket,
+    or a link to one), whatever --overwrite says: replacing it would turn e.g. /dev/null into a
+    file, and writing into it is never what a result file is for."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to /dev/null is /dev/null
+    except OSError:
+        return  # a new name (or a dangling link: replaced like a file)
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    what = next((name for test, name in _SPECIAL if test(mode)), "not a regular file")
+    raise SkinclfError(f"{option} {path} is {what}, not a file: skinclf writes only regular files, even with "
+                       "--overwrite; choose a file name")
+
+
 def check_output_file(path: Path, *, option: str = "--out", example: str = "results.csv", kind: str | None = None,
                       overwrite: bool = False) -> None:
     """Refuse, before any work, an output file that could not be written (the path is a folder,
-    or its folder can neither be made nor written in) or must not be: an existing file that is
-    not this command's own earlier output of `kind` (see `check_replace`)."""
+    or its folder can neither be made nor written in) or must not be: a device, pipe or socket
+    (`check_not_special`), or an existing file that is not this command's own earlier output of
+    `kind` (see `check_replace`)."""
     path = Path(path)
     if path.is_dir():
         raise SkinclfError(f"{option} {path} is a folder: give a file name, e.g. {option} {path / example}")
+    check_not_special(path, option=option)
     _check_can_create_in(path.parent, option, path)
     if kind is not None:
         check_replace(path, kind=kind, overwrite=overwrite, option=option)
@@ -137,9 +159,13 @@ def check_replace(path: Path, *, kind: str, overwrite: bool, option: str = "--ou
     """Refuse to replace an existing file unless it is this command's own earlier output of
     `kind` or `overwrite` says so. Called before any work, so nothing is lost and no time wasted."""
     path = Path(path)
+    check_not_special(path, option=option)
     if overwrite or not (path.exists() or path.is_symlink()) or is_own_output(path, kind):
         return
-    what = "a model" if kind == MODEL else f"not a {kind} written by skinclf"
+    if kind == MODEL:
+        what = "a model" if looks_like_model(path) else "not a model (by its content, whatever its name)"
+    else:
+        what = f"not a {kind} written by skinclf"
     raise SkinclfError(f"{option} {path} already exists and is {what}: refusing to replace it; choose another "
                        f"path, or add --overwrite to replace it")
 

@@ -6,6 +6,8 @@ terminal, so logs and pipes stay clean.
 
 from __future__ import annotations
 
+import unicodedata
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -19,6 +21,34 @@ from rich.progress import (
 )
 
 stderr = Console(stderr=True, highlight=False)
+
+# Characters that steer a terminal or reorder what it shows, beside the control characters (Cc:
+# C0 with ESC and BEL, DEL, C1): bidirectional overrides and isolates, which can make a name read
+# as another.
+_BIDI = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _shown(ch: str) -> str:
+    if ch not in _BIDI and unicodedata.category(ch) != "Cc":
+        return ch
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object, *, lines: bool = False) -> str:
+    """`text` safe to print on a terminal: every control character (ESC, BEL, CR, C1 ...) and
+    bidirectional override shown escaped (`\\x1b`), so a file name, an image id or any other
+    string a user or an upload supplied cannot retitle the window, move the cursor or hide text.
+    `lines`: keep line breaks (a message of several lines); a name never has them.
+
+    The one escaping function: everything skinclf prints about files and inputs goes through it
+    (the CLI's errors, notes, summaries and per-file lines; the progress lines of the library)."""
+    text = str(text)
+    if lines:
+        return "\n".join(printable(line) for line in text.split("\n"))
+    if text.isprintable():
+        return text
+    return "".join(_shown(ch) for ch in text)
 
 
 def progress(*, transient: bool = False, enabled: bool | None = None) -> Progress:

@@ -228,10 +228,10 @@ def test_train_refuses_an_existing_out_and_old_checkpoints_before_any_work(runne
                                                                            monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     mine = tmp_path / "mine.keras"
-    mine.write_bytes(b"a model that took a week")
+    mine.write_bytes(b"PK\x03\x04 a model that took a week")  # a .keras is a zip
     result = runner.invoke(app, ["train", "--data", str(prepared), "--out", str(mine), *TINY])
     assert result.exit_code == 1 and "already exists and is a model" in result.output
-    assert mine.read_bytes() == b"a model that took a week"
+    assert mine.read_bytes() == b"PK\x03\x04 a model that took a week"
     (tmp_path / "runs" / "new").mkdir(parents=True)
     (tmp_path / "runs" / "new" / "state.json").write_text("{}")
     result = runner.invoke(app, ["train", "--data", str(prepared), "--out", str(tmp_path / "new.keras"), *TINY])
@@ -363,12 +363,12 @@ def test_export_replaces_its_own_earlier_export(runner, tmp_path) -> None:
 
 def test_ensemble_and_calibrate_refuse_an_existing_model(runner, tiny_bundle, tmp_path) -> None:
     other = tmp_path / "other.keras"
-    other.write_bytes(b"someone's model")
+    other.write_bytes(b"PK\x03\x04 someone's model")  # a .keras is a zip
     result = runner.invoke(app, ["ensemble", str(tiny_bundle), str(tiny_bundle), "--out", str(other)])
     assert result.exit_code == 1 and "already exists and is a model" in result.output
     result = runner.invoke(app, ["calibrate", str(tiny_bundle), "--out", str(other), "--data", str(tmp_path)])
     assert result.exit_code == 1 and "already exists and is a model" in result.output
-    assert other.read_bytes() == b"someone's model"
+    assert other.read_bytes() == b"PK\x03\x04 someone's model"
 
 
 # --- which model --------------------------------------------------------------------------

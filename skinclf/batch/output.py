@@ -59,6 +59,10 @@ def _mismatch(source: Path, old: list[str], new: list[str], finished: bool) -> S
     start_over = "run without --resume to replace it" if finished else "pass --overwrite to start over"
     if not old or old[0] != "path" or "error" not in old:
         return SkinclfError(f"cannot resume {source}: it is not a CSV written by skinclf predict; {start_over}")
+    if ("metadata" in old) != ("metadata" in new):  # the last column: a --metadata run's
+        how = "with --metadata (its CSV has a metadata column); resume with --metadata and the same file" \
+            if "metadata" in old else "without --metadata; resume without it"
+        return SkinclfError(f"cannot resume {source}: it was written {how}, or {start_over}")
     was, now = header_options(old), header_options(new)
     if was["all_probs"] and now["all_probs"] and was["classes"] != now["classes"]:
         return SkinclfError(f"cannot resume {source}: it was written by a model with other classes "
@@ -126,8 +130,8 @@ class CsvOutput:
             self.record.path.unlink(missing_ok=True)
 
 
-def _resume_rows(target: Path, partial: Path, header: list[str], *, run: dict,
-                 files: dict[str, FileKey | None]) -> tuple[list[list[str]], list[str], Counter]:
+def _resume_rows(target: Path, partial: Path, header: list[str], *, run: dict, files: dict[str, FileKey | None],
+                 verify: bool = False) -> tuple[list[list[str]], list[str], Counter, dict[str, FileKey]]:
     """The rows to keep from an interrupted run (or a finished CSV), the paths dropped because
     they are no longer in the folder, and why other rows are redone (see `skinclf.batch.resume`).
     Raises, creating nothing, if the file does not fit."""
@@ -136,12 +140,12 @@ def _resume_rows(target: Path, partial: Path, header: list[str], *, run: dict,
     if not lines or lines[0] != header:
         raise _mismatch(source, lines[0] if lines else [], header, finished=source == target)
     was, keys = read_partial_record(target) if source == partial else read_finished_record(target, sidecar_path(target))
-    kept, redone = still_valid(lines[1:], was=was, keys=keys, now=run, current=files)
-    return kept, sorted(r[0] for r in lines[1:] if r[0] not in files), redone
+    kept, redone = still_valid(lines[1:], was=was, keys=keys, now=run, current=files, verify=verify)
+    return kept, sorted(r[0] for r in lines[1:] if r[0] not in files), redone, keys
 
 
 def open_output(out: Path | None, header: list[str], *, resume: bool, overwrite: bool,
-                files: dict[str, FileKey | None], run: dict) -> CsvOutput:
+                files: dict[str, FileKey | None], run: dict, verify: bool = False) -> CsvOutput:
     """Open the CSV for this run (`out` None: stdout). `files` maps each file to classify to its
     key (`resume.file_key`) and `run` is `resume.run_record`. With `resume`, rows still valid
     for them are kept (rows of other paths are dropped and listed, stale rows are redone);
@@ -157,9 +161,10 @@ def open_output(out: Path | None, header: list[str], *, resume: bool, overwrite:
     rows: list[list[str]] = []
     dropped: list[str] = []
     redone: Counter = Counter()
+    recorded: dict[str, FileKey] = {}
     if resume and (partial.exists() or out.exists()):
         created = not partial.exists()  # continuing a finished CSV: add new files
-        rows, dropped, redone = _resume_rows(out, partial, header, run=run, files=files)
+        rows, dropped, redone, recorded = _resume_rows(out, partial, header, run=run, files=files, verify=verify)
         _write_lines(partial, [header, *rows])  # also cuts a torn last line
     elif partial.exists():
         count = max(0, len(_read_lines(partial)) - 1)
@@ -168,7 +173,9 @@ def open_output(out: Path | None, header: list[str], *, resume: bool, overwrite:
     else:
         created = True
         _write_lines(partial, [header])
-    record = RowRecord(out, run, {r[0]: files.get(r[0]) for r in rows})
+    # A kept row keeps its recorded SHA-256 (its file is unchanged): no file is hashed twice.
+    record = RowRecord(out, run, {r[0]: recorded.get(r[0]) if len(recorded.get(r[0]) or ()) > 2 else files.get(r[0])
+                                  for r in rows})
     sink = open(partial, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed by finish/abandon
     return CsvOutput(sink=sink, partial=partial, target=out, done={r[0] for r in rows}, dropped=dropped,
                      created=created, record=record, files=files, redone=redone)

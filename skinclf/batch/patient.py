@@ -13,11 +13,12 @@ counted and reported, never fatal; an image without a row is classified from the
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -34,7 +35,7 @@ COLUMNS = {
              "site", "body_site", "location", "anatomic_site", "anatom_site"),
 }
 USED, MISSING = "used", "missing"  # the CSV's `metadata` column
-MAX_BYTES = 200 * 1024 * 1024
+MAX_BYTES = 64 * 1024 * 1024  # HAM10000's 10,015 rows are 0.6 MB; ISIC 2020's 33,126 rows 2 MB
 
 
 def _norm_column(name: str) -> str:
@@ -57,10 +58,13 @@ class MetadataFile:
     ignored: list[str] = field(default_factory=list)
     line_of: dict[str, int] = field(default_factory=dict)  # key -> line number (for messages)
     names: dict[str, str] = field(default_factory=dict)  # key -> the id or path as the file spells it
+    total: int = 0  # rows in the file
+    elsewhere: int = 0  # rows for images not in the folder, not kept (read with `files`)
+    elsewhere_examples: list[str] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
-        return len(self.by_path) + len(self.by_id)
+        return self.total
 
     def notes(self) -> list[str]:
         if not self.ignored:
@@ -70,39 +74,57 @@ class MetadataFile:
                 "(only image id or path, age, sex and site are read)"]
 
 
-def read_metadata(path: Path) -> MetadataFile:
-    """Read and check a metadata CSV; any problem is one SkinclfError naming the file and line."""
-    path = Path(path)
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise SkinclfError(f"--metadata {path}: file not found")
     if not path.is_file():
         raise SkinclfError(f"--metadata {path}: not a file (expected a CSV with image_id or path, age, sex, site)")
     if path.stat().st_size > MAX_BYTES:
-        raise SkinclfError(f"--metadata {path}: over {MAX_BYTES // (1024 * 1024)} MB; is this a metadata CSV?")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
+        raise SkinclfError(f"--metadata {path}: over {MAX_BYTES // (1024 * 1024)} MB, more than a clinic's metadata "
+                           "file holds (one row per image: a million images fit in 64 MB); is this a metadata CSV? "
+                           "Keep the rows and columns of the images to classify")
+
+
+def _lines(fh: TextIO, path: Path) -> Iterator[str]:
+    for line in fh:
+        if "\x00" in line:
+            raise SkinclfError(f"--metadata {path}: not a text file (expected a CSV with image_id or path, age, sex, site)")
+        yield line
+
+
+def _encoding(path: Path) -> str:
+    """utf-8 (with or without a BOM) if the whole file decodes so, else latin-1 (read in blocks)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    with open(path, "rb") as fh:
         try:
-            text = path.read_bytes().decode("latin-1")
-        except Exception:  # noqa: BLE001
-            raise SkinclfError(f"--metadata {path}: not a text file (expected a CSV)") from None
-    except OSError as exc:
-        raise SkinclfError(f"--metadata {path}: cannot read it ({exc.strerror or exc})") from None
-    if "\x00" in text:
-        raise SkinclfError(f"--metadata {path}: not a text file (expected a CSV with image_id or path, age, sex, site)")
+            while block := fh.read(1 << 20):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return "latin-1"
+    return "utf-8-sig"
+
+
+def read_metadata(path: Path, files: list[str] | None = None) -> MetadataFile:
+    """Read and check a metadata CSV; any problem is one SkinclfError naming the file and line.
+
+    The file is streamed (never held whole) and only the id, path, age, sex and site cells are
+    looked at. With `files` (the folder's images, relative POSIX paths), only the rows for those
+    images are checked and kept: the others are counted, with a few examples, so memory follows
+    the folder, not the file."""
+    path = Path(path)
+    _check_file(path)
     try:
-        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    reader = csv.reader(io.StringIO(text, newline=""), dialect)
-    try:
-        lines = list(reader)
+        with open(path, encoding=_encoding(path), newline="") as fh:
+            return _read_rows(path, fh, files)
     except csv.Error as exc:
         raise SkinclfError(f"--metadata {path}: not a readable CSV ({exc})") from None
-    if not lines or not any(c.strip() for c in lines[0]):
-        raise SkinclfError(f"--metadata {path}: empty (expected a header: image_id or path, and age, sex or site)")
-    header = lines[0]
-    result = MetadataFile(path=path, sha256=sha256_file(path))
+    except OSError as exc:
+        raise SkinclfError(f"--metadata {path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _header_index(result: MetadataFile, header: list[str]) -> dict[str, int]:
+    path = result.path
     index: dict[str, int] = {}
     for i, name in enumerate(header):
         norm = _norm_column(name)
@@ -118,13 +140,43 @@ def read_metadata(path: Path) -> MetadataFile:
     if not {"age", "sex", "site"} & set(index):
         raise SkinclfError(f"--metadata {path}: no age, sex or site column (expected age or age_approx, sex, and "
                            f"localization or anatom_site_general_challenge; found {', '.join(h.strip() for h in header[:8])})")
-    for number, cells in enumerate(lines[1:], start=2):
-        if not any(c.strip() for c in cells):
-            continue
-        _add_row(result, number, cells, index)
-    if not result.rows:
+    return index
+
+
+def _read_rows(path: Path, fh: TextIO, files: list[str] | None) -> MetadataFile:
+    sample = fh.read(4096)
+    fh.seek(0)
+    try:
+        dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(_lines(fh, path), dialect)
+    header = next(reader, [])
+    if "\x00" in sample:
+        raise SkinclfError(f"--metadata {path}: not a text file (expected a CSV with image_id or path, age, sex, site)")
+    if not any(c.strip() for c in header):
+        raise SkinclfError(f"--metadata {path}: empty (expected a header: image_id or path, and age, sex or site)")
+    result = MetadataFile(path=path, sha256=sha256_file(path))
+    index = _header_index(result, header)
+    wanted = _Wanted(files) if files is not None else None
+    for number, cells in enumerate(reader, start=2):
+        if any(c.strip() for c in cells):
+            _add_row(result, number, cells, index, wanted)
+    if not result.total:
         raise SkinclfError(f"--metadata {path}: no rows below the header")
     return result
+
+
+class _Wanted:
+    """The folder's images by relative path and by id (file name without extension, lower case)."""
+
+    def __init__(self, files: list[str]) -> None:
+        self.paths = set(files)
+        self.ids = {_id_key(rel) for rel in files}
+
+    def __contains__(self, key: tuple[str | None, str | None]) -> bool:
+        rel, image_id = key
+        return rel in self.paths if rel else _id_key(image_id) in self.ids
 
 
 def _cell(cells: list[str], index: dict[str, int], role: str) -> str | None:
@@ -132,7 +184,8 @@ def _cell(cells: list[str], index: dict[str, int], role: str) -> str | None:
     return cells[i] if i is not None and i < len(cells) else None
 
 
-def _add_row(result: MetadataFile, number: int, cells: list[str], index: dict[str, int]) -> None:
+def _add_row(result: MetadataFile, number: int, cells: list[str], index: dict[str, int],
+             wanted: _Wanted | None = None) -> None:
     where = f"--metadata {result.path}, line {number}"
     rel, image_id = _cell(cells, index, "path"), _cell(cells, index, "id")
     rel = _norm_path(rel) if rel and rel.strip() else None
@@ -140,6 +193,12 @@ def _add_row(result: MetadataFile, number: int, cells: list[str], index: dict[st
     if rel is None and image_id is None:
         raise SkinclfError(f"{where}: no image id or path")
     name = rel or image_id
+    result.total += 1
+    if wanted is not None and (rel, image_id) not in wanted:  # for an image not in the folder: counted only
+        result.elsewhere += 1
+        if len(result.elsewhere_examples) < 5:
+            result.elsewhere_examples.append(name)
+        return
     try:
         meta = PatientMeta(age=parse_age(_cell(cells, index, "age")), sex=parse_sex(_cell(cells, index, "sex")),
                            site=parse_site(_cell(cells, index, "site")))
@@ -170,7 +229,8 @@ class Joined:
 
     source: MetadataFile
     per_file: dict[str, PatientMeta]  # relative path -> metadata (images with a row only)
-    not_in_folder: list[str]  # keys of rows that match no image
+    not_in_folder: list[str]  # keys of rows that match no image (some of them, when read for a folder)
+    not_in_folder_count: int = 0
 
     def get(self, rel: str) -> PatientMeta:
         return self.per_file.get(rel, NO_METADATA)
@@ -184,13 +244,13 @@ class Joined:
         used = sum(1 for m in self.per_file.values() if m.present)
         return {"file": str(self.source.path.resolve()), "sha256": self.source.sha256, "rows": self.source.rows,
                 "columns": self.source.columns, "ignored_columns": self.source.ignored,
-                "images_with_metadata": used, "rows_not_in_folder": len(self.not_in_folder),
+                "images_with_metadata": used, "rows_not_in_folder": self.not_in_folder_count,
                 "not_in_folder_examples": self.not_in_folder[:5]}
 
     def notes(self) -> list[str]:
         notes = self.source.notes()
-        if self.not_in_folder:
-            n = len(self.not_in_folder)
+        if self.not_in_folder_count:
+            n = self.not_in_folder_count
             notes.append(f"{self.source.path.name}: {n} row{'s' if n > 1 else ''} for images not in the folder "
                          f"(e.g. {', '.join(self.not_in_folder[:3])}); ignored")
         return notes
@@ -227,12 +287,15 @@ def join(source: MetadataFile, files: list[str]) -> Joined:
     # Most rows match nothing and most images got no row: the file names its images in a way
     # the folder does not (another folder, another naming); going on would classify every image
     # without its metadata while the user believes it was used.
-    if files and len(missing) > source.rows / 2 and len(per_file) < len(files) / 2:
-        raise SkinclfError(f"--metadata {source.path}: {len(missing)} of {source.rows} rows match no image in the "
+    unmatched = len(missing) + source.elsewhere
+    if files and unmatched > source.rows / 2 and len(per_file) < len(files) / 2:
+        example = (missing + source.elsewhere_examples)[0]
+        raise SkinclfError(f"--metadata {source.path}: {unmatched} of {source.rows} rows match no image in the "
                            f"folder and {len(files) - len(per_file)} of {len(files)} images have no row (e.g. row "
-                           f"{missing[0]!r}, image {files[0]!r}); rows must name images by id (file name, with or "
+                           f"{example!r}, image {files[0]!r}); rows must name images by id (file name, with or "
                            "without extension) or by path relative to the folder; is it the right file and folder?")
-    return Joined(source=source, per_file=per_file, not_in_folder=missing)
+    return Joined(source=source, per_file=per_file, not_in_folder=missing + source.elsewhere_examples,
+                  not_in_folder_count=unmatched)
 
 
 def metas_from_json(text: str, names: list[str]) -> tuple[list[PatientMeta], list[str]]:
@@ -243,10 +306,9 @@ def metas_from_json(text: str, names: list[str]) -> tuple[list[PatientMeta], lis
     the file, as `predict --metadata` names the line."""
     import json
 
-    try:
-        data = json.loads(text) if text.strip() else None
-    except ValueError as exc:
-        raise SkinclfError(f"metadata: not valid JSON ({exc})") from None
+    from skinclf.json_input import parse_json
+
+    data = parse_json(text, what="metadata") if text.strip() else None
     notes: list[str] = []
     entries: list[Any] = [None] * len(names)
     if data is None:

@@ -30,7 +30,7 @@ from skinclf.batch.results import (
     row,
     sidecar_path,
 )
-from skinclf.batch.resume import file_key, record_path, run_record, sidecar_record
+from skinclf.batch.resume import CHECKS, file_key, record_path, run_record, sidecar_record
 from skinclf.config import PREDICT, PredictConfig
 from skinclf.data.images import IMAGE_EXTENSIONS
 from skinclf.data.walk import Walk, walk_images
@@ -62,12 +62,14 @@ class PredictSummary:
     cluster: dict[str, Any] | None = None  # --ray: the cluster's address kind and its number of workers
     metadata: dict[str, Any] | None = None  # --metadata: the file, and how many images it gave metadata to
     notes: list[str] = field(default_factory=list)  # things the user should know (ignored columns, unmatched rows)
+    check: str = ""  # --resume: how kept rows were checked against their files (resume.CHECKS)
 
     @property
     def images_per_second(self) -> float:
         return self.classified / self.seconds if self.seconds > 0 else 0.0
 
 
+STDOUT = ("-", "/dev/stdout")  # --out names the terminal (or the pipe): rows stream there, nothing is replaced
 _URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # s3://, gs://, az://, hdfs://, ...
 
 
@@ -124,7 +126,7 @@ def _check_options(config: PredictConfig) -> Path | None:
     """Every option checked before any work; returns the output file (None: stdout)."""
     config.validate()
     out = config.out
-    if str(out) == "-":
+    if str(out) in STDOUT:
         if config.resume:
             raise SkinclfError("--resume needs a file for --out, not stdout")
         return None
@@ -330,12 +332,13 @@ def predict(config: PredictConfig, *, show_progress: bool | None = None) -> Pred
         from skinclf.batch import ray as cluster
 
         address = cluster.check(c.ray, engine=c.engine, workers=c.ray_workers)
-    source = read_metadata(Path(c.metadata)) if c.metadata is not None else None  # checked before any work
     from skinclf.batch import dicom_rows
 
     dicom_rows.check_sr_dir(c.sr)
     found = list_images(Path(c.directory), recursive=c.recursive)
     directory = image_root(c.directory)  # one image: its folder (the row's path is the file name)
+    # Checked before any work; only the rows of the folder's images are kept.
+    source = read_metadata(Path(c.metadata), found.files) if c.metadata is not None else None
     if target is not None and not (c.resume or c.overwrite):
         _check_same_folder(target, directory)
     engine, top_k, startup = _load(c.model, engine=c.engine, batch_size=c.batch_size, threads=c.threads, tta=c.tta,
@@ -390,7 +393,7 @@ def _run(engine, start, config: PredictConfig, *, target: Path | None, directory
     run = run_record(identity=engine.identity(), engine=engine.name, top_k=top_k, all_probs=c.all_probs, tta=c.tta,
                      directory=directory, metadata=sha + ("+dicom" if joined is not None and joined.tag_metas else ""))
     files = {f: file_key(directory / f) for f in found.files} if target is not None else {}
-    output = open_output(target, header, resume=c.resume, overwrite=c.overwrite, files=files, run=run)
+    output = open_output(target, header, resume=c.resume, overwrite=c.overwrite, files=files, run=run, verify=c.verify)
     todo = [f for f in found.files if f not in output.done]
     from skinclf.batch.patient import metadata_cell
 
@@ -429,7 +432,7 @@ def _run(engine, start, config: PredictConfig, *, target: Path | None, directory
         tally = _finish(output, engine=engine, directory=directory, header=header, files=len(found.files), run=run,
                         options={"top_k": top_k, "all_probs": c.all_probs, "recursive": c.recursive, "tta": c.tta,
                                  "engine": engine.name, **({"metadata": joined.record()} if joined is not None else {})},
-                        cluster=pool.describe() if pool is not None else None)
+                        cluster=pool.describe() if pool is not None else None, verify=verify)
     problem_paths = {p.path for p in found.problems}
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
                              errors=tally.errors, seconds=seconds, model=engine.identity(), startup_seconds=startup,
@@ -439,20 +442,21 @@ def _run(engine, start, config: PredictConfig, *, target: Path | None, directory
                              unlike_training=tally.unlike, very_unlike=tally.very_unlike, redone=dict(output.redone),
                              cluster=pool.describe() if pool is not None else None,
                              metadata=joined.record() if joined is not None else None,
-                             notes=joined.notes() if joined is not None else [])
+                             notes=joined.notes() if joined is not None else [],
+                             check=CHECKS[c.verify] if c.resume else "")
     if c.strict and tally.errors:
         raise SkinclfError(_strict_message(summary, c.out))
     return summary
 
 
 def _finish(output, *, engine, directory: Path, header: list[str], files: int, run: dict,
-            options: dict[str, Any], cluster: dict[str, Any] | None = None) -> _Tally:
+            options: dict[str, Any], cluster: dict[str, Any] | None = None, verify: bool = False) -> _Tally:
     """Move the CSV into place and write its sidecar; returns the tally over every row (kept ones too)."""
     lines = output.finish()
     tally = _Tally()
     tally.add(lines[1:], header)
     resume = sidecar_record(target=output.target, run=run, keys=output.record.keys, paths=[r[0] for r in lines[1:]],
-                            kept=len(output.done), redone=output.redone)
+                            kept=len(output.done), redone=output.redone, verify=verify)
     _write_sidecar(output.target, bundle=engine, directory=directory, files=files, errors=tally.errors,
                    warnings=tally.warned, options=options, ood=_ood_note(_active(engine), tally.unlike, tally.very_unlike),
                    resume=resume, cluster=cluster)

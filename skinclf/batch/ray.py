@@ -188,10 +188,48 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# What keeps a Ray that skinclf starts from reaching out: no dashboard (and so none of its modules
+# that ask cloud metadata servers, 169.254.169.254, who they run on), no usage statistics, no
+# metrics export, no event export. Ray reads these from the environment of every process it starts.
+QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0", "RAY_enable_export_api_write": "0"}
+LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
+
+
+def local_init_args(temp_dir: str) -> dict[str, Any]:
+    """`ray.init`'s arguments for `--ray local`: this machine, no dashboard, no metrics export."""
+    from skinclf.parallel import usable_cpus
+
+    return {"address": "local", "num_cpus": usable_cpus(), "include_dashboard": False, "_temp_dir": temp_dir,
+            "_node_ip_address": "127.0.0.1" if loopback_only() else None, "object_store_memory": OBJECT_STORE_BYTES,
+            "_system_config": dict(LOCAL_SYSTEM_CONFIG), "log_to_driver": False, "logging_level": logging.ERROR}
+
+
+def quiet_environment(address: Address) -> None:
+    """Ray's switches set before it is imported. A cluster skinclf joins (auto, ray://) was started
+    with its own settings: see the README for what it must switch off."""
+    os.environ.update(QUIET_ENV)
+    if os.environ.get(USAGE_ENV) == "1":
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "1"
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # predict's Ctrl-C path: rows kept in .partial, one line, exit 130
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the driver as Ctrl-C does (one line naming the .partial to resume), instead of
+    Ray's handler, which prints a native stack dump. Called once Ray is up (it installs its own)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+
+
 def start(address: Address, *, workers: int, engine, directory: Path, top_k: int, all_probs: bool, batch_size: int,
           threads: int, tta: int, metadata: bool = False) -> Pool:
     """Start (local) or join the cluster, put the model's ONNX form in its object store; a Pool."""
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "1" if os.environ.get(USAGE_ENV) == "1" else "0"
+    quiet_environment(address)
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ notices (failures still raise)
     if address.kind == "local":
         # Ray 2.59+ protects a local cluster with a token it saves in ~/.ray/auth_token: this
@@ -202,7 +240,6 @@ def start(address: Address, *, workers: int, engine, directory: Path, top_k: int
     require_ray()
     import ray
 
-    from skinclf.parallel import usable_cpus
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
     temp_dir = None
     try:
@@ -212,13 +249,12 @@ def start(address: Address, *, workers: int, engine, directory: Path, top_k: int
             os.environ.pop("RAY_ADDRESS", None)
             temp_dir = _temp_dir()
             with _stderr_muted():
-                ray.init(address="local", num_cpus=usable_cpus(), include_dashboard=False, _temp_dir=temp_dir,
-                         _node_ip_address="127.0.0.1" if loopback_only() else None,
-                         object_store_memory=OBJECT_STORE_BYTES, **quiet)
+                ray.init(**local_init_args(temp_dir))
         else:
             with _stderr_muted():
                 ray.init(address=address.value, **quiet)
         _quiet()
+        stop_on_sigterm()
         cpus = int(ray.cluster_resources().get("CPU", 1))
         ref = ray.put(Path(engine.onnx_path).read_bytes())
     except SkinclfError:

@@ -7,7 +7,8 @@ nanoseconds). Anything else is reclassified, and the summary and the sidecar say
 
 Where the record lives:
 - while a run is unfinished: `<out>.partial.json`, JSON lines beside `<out>.partial`: first the
-  run (model, options, folder), then `[path, size, mtime_ns]` per row, appended after the rows
+  run (model, options, folder), then `[path, size, mtime_ns, sha256]` per row (records of
+  earlier versions lack the SHA-256: read as before, and `--verify` redoes their rows), appended after the rows
   themselves, so a kill between the two leaves a row without a record, which is redone;
 - once finished: the sidecar `<out>.json`, key `resume`: the run, the per-file map, and the
   SHA-256 of the CSV it describes. A sidecar that does not describe this very CSV (an edit, a
@@ -30,8 +31,19 @@ _WHY = {"model": "another model", "onnx": "another ONNX form of the model", "eng
         "metadata": "another --metadata file (or none)"}
 NO_RECORD = "no record of what they were computed from"
 FILE_CHANGED = "file changed since (size or modification time)"
+CONTENT_CHANGED = "file content changed since (SHA-256, --verify)"
+NO_HASH = "no SHA-256 recorded to verify against (--verify)"
+CHECKS = {False: "size and modification time", True: "size, modification time and SHA-256 of the content (--verify)"}
 
-FileKey = list[int]
+FileKey = list  # [size, mtime_ns] of a file now; a record adds its SHA-256: [size, mtime_ns, sha256]
+
+
+def content_hash(path: Path) -> str | None:
+    """SHA-256 of a file's bytes (None if it cannot be read: its row is then never kept by --verify)."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
 
 
 def record_path(target: Path) -> Path:
@@ -67,10 +79,11 @@ def read_partial_record(target: Path) -> tuple[dict | None, dict[str, FileKey]]:
     keys: dict[str, FileKey] = {}
     for line in lines[1:]:
         try:
-            path, size, mtime = json.loads(line)
+            path, *key = json.loads(line)  # [path, size, mtime_ns] or, since --verify, [..., sha256]
         except (ValueError, TypeError):
             continue  # an empty or torn last line: that row has no record and is redone
-        keys[path] = [size, mtime]
+        if len(key) in (2, 3):
+            keys[path] = key
     return (run if isinstance(run, dict) else None), keys
 
 
@@ -86,8 +99,10 @@ def read_finished_record(target: Path, sidecar: Path) -> tuple[dict | None, dict
 
 
 def still_valid(rows: list[list[str]], *, was: dict | None, keys: dict[str, FileKey], now: dict,
-                current: dict[str, FileKey | None]) -> tuple[list[list[str]], Counter]:
-    """The rows that may be kept, and why the others (of files still in the folder) must be redone."""
+                current: dict[str, FileKey | None], verify: bool = False) -> tuple[list[list[str]], Counter]:
+    """The rows that may be kept, and why the others (of files still in the folder) must be redone.
+    `verify`: also re-hash each file and compare with the SHA-256 recorded with its row (an edit
+    in place that kept the size and the modification time, e.g. `cp -p`, `rsync -t`)."""
     rows = [r for r in rows if r[0] in current]
     if was is None:
         return [], Counter({NO_RECORD: len(rows)}) if rows else Counter()
@@ -100,13 +115,25 @@ def still_valid(rows: list[list[str]], *, was: dict | None, keys: dict[str, File
     kept, redone = [], Counter()
     for r in rows:
         key = current[r[0]]
-        if r[0] not in keys:
-            redone[NO_RECORD] += 1
-        elif key is None or keys[r[0]] != key:
-            redone[FILE_CHANGED] += 1
+        why = _why_redone(r[0], keys.get(r[0]), key, verify=verify, directory=now.get("directory", ""))
+        if why:
+            redone[why] += 1
         else:
             kept.append(r)
     return kept, redone
+
+
+def _why_redone(path: str, recorded: FileKey | None, key: FileKey | None, *, verify: bool, directory: str) -> str:
+    """Why the row of `path` must be redone ('' if it may be kept)."""
+    if recorded is None:
+        return NO_RECORD
+    if key is None or list(recorded[:2]) != list(key[:2]):
+        return FILE_CHANGED
+    if not verify:
+        return ""
+    if len(recorded) < 3:
+        return NO_HASH
+    return "" if content_hash(Path(directory) / path) == recorded[2] else CONTENT_CHANGED
 
 
 class RowRecord:
@@ -114,6 +141,7 @@ class RowRecord:
 
     def __init__(self, target: Path, run: dict, keys: dict[str, FileKey | None]) -> None:
         self.path = record_path(target)
+        self.directory = Path(run.get("directory", "."))
         self.keys: dict[str, FileKey | None] = {}
         with open(self.path, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(run) + "\n")
@@ -121,6 +149,9 @@ class RowRecord:
         self.add(keys)
 
     def add(self, keys: dict[str, FileKey | None]) -> None:
+        """Record each row's file: its key and, unless already known, the SHA-256 `--verify` checks."""
+        keys = {path: key if key is None or len(key) > 2 else [*key, content_hash(self.directory / path)]
+                for path, key in keys.items()}
         lines = [json.dumps([path, *key]) + "\n" for path, key in keys.items() if key is not None]
         self.sink.writelines(lines)
         self.sink.flush()
@@ -133,9 +164,9 @@ class RowRecord:
 
 
 def sidecar_record(*, target: Path, run: dict, keys: dict[str, FileKey | None], paths: list[str],
-                   kept: int, redone: Counter) -> dict[str, Any]:
+                   kept: int, redone: Counter, verify: bool = False) -> dict[str, Any]:
     """The sidecar's `resume` entry: what the finished CSV's rows were computed from."""
-    return {"kept": kept, "redone": sum(redone.values()), "redone_why": dict(redone),
+    return {"kept": kept, "check": CHECKS[verify], "redone": sum(redone.values()), "redone_why": dict(redone),
             "run": run, "csv_sha256": sha256_file(target),
             "files": {p: keys[p] for p in paths if keys.get(p) is not None}}
 

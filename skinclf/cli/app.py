@@ -80,7 +80,7 @@ class Group(typer.core.TyperGroup):
         except click.exceptions.ClickException as exc:
             if not standalone_mode:
                 raise
-            typer.echo(_one_line(exc), err=True)
+            say(_one_line(exc))
             code = 1
         except typer.Abort:
             if not standalone_mode:
@@ -142,6 +142,14 @@ def _missing_extra(exc: ModuleNotFoundError) -> str | None:
     return f'{command} needs {what}, which this install leaves out: pip install "skinclf[{extra}]"'
 
 
+def say(text: str, *, err: bool = True) -> None:
+    """Print a line about the user's files and inputs (stderr unless `err` is False), every
+    character a terminal would act on shown escaped (`ui.printable`)."""
+    from skinclf.ui import printable
+
+    typer.echo(printable(text, lines=True), err=err)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn SkinclfError (and environmental failures: disk full, out of memory) into one line on
@@ -149,7 +157,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except SkinclfError as exc:
-        typer.echo(f"Error: {exc}", err=True)
+        say(f"Error: {exc}")
         raise typer.Exit(1) from None
     except ModuleNotFoundError as exc:
         message = _missing_extra(exc)
@@ -158,7 +166,7 @@ def user_errors() -> Iterator[None]:
         typer.echo(f"Error: {message}", err=True)
         raise typer.Exit(1) from None
     except Interrupted as exc:  # the library says what to do next
-        typer.echo(f"Interrupted: {exc.hint}", err=True)
+        say(f"Interrupted: {exc.hint}")
         raise typer.Exit(130) from None
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
@@ -171,7 +179,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
     except OSError as exc:  # the machine, not the input: a full disk, a vanished mount, ...
         where = f": {exc.filename}" if exc.filename else ""
-        typer.echo(f"Error: {exc.strerror or exc}{where}", err=True)
+        say(f"Error: {exc.strerror or exc}{where}")
         raise typer.Exit(1) from None
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from skinclf.cli import options
-from skinclf.cli.app import Command, app, examples, out, user_errors, with_settings
+from skinclf.cli.app import Command, app, examples, out, say, user_errors, with_settings
 from skinclf.cli.render import fmt
 from skinclf.config import CALIBRATE, ENSEMBLE, EXPORT, TrainConfig
 
@@ -40,13 +40,13 @@ def train(config: TrainConfig) -> None:
         result = train_model(config)
     val = result.val_metrics
     mel = val.get("melanoma", {}).get("at_decision", {})
-    out.print(
+    say(
         f"Saved {result.model_path}: best epoch {result.best_epoch} of {result.epochs_run} "
         f"({result.monitor} {result.best_value:.4f}); validation balanced accuracy {val['balanced_accuracy']:.3f}, "
         f"accuracy {val['accuracy']:.3f}"
         + (f", melanoma recall {mel['sensitivity']:.3f}" if mel else "")
         + (f"; {result.images_per_second:.1f} img/s training" if result.images_per_second else "")
-        + f". Checkpoints in {result.run_dir}"
+        + f". Checkpoints in {result.run_dir}", err=False,
     )
 
 
@@ -63,7 +63,7 @@ def train(config: TrainConfig) -> None:
 )
 def export(
     model: Optional[Path] = typer.Argument(None, help="Model bundle (.keras) [default: the bundled model]."),
-    to_format: Optional[str] = typer.Option(
+    format_name: Optional[str] = typer.Option(
         None, "--format", metavar="FORMAT",
         help="onnx (float32), onnx-int8 (static int8, calibrated), tflite (float32), web (a static site running the "
         "ONNX form in the browser: --out is a folder) or tfjs (not available: its "
@@ -115,13 +115,13 @@ def export(
     with user_errors():
         from skinclf.engines.export import export_model
 
-        result = export_model(model=model, format=to_format, out=out_path, probes=probes, calibration=calibration,
+        result = export_model(model=model, format=format_name, out=out_path, probes=probes, calibration=calibration,
                               calibration_images=calibration_images, validation=validation, overwrite=overwrite)
     line = (f"Wrote {result.out} ({result.format}, {result.size_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s; "
             f"max abs difference of probabilities from Keras {result.max_abs_diff:.2g} on {result.probes} probe images")
     if result.top1_agreement is not None:
         line += f"; top-1 agreement {result.top1_agreement:.2%}"
-    out.print(line)
+    say(line, err=False)
     if result.validation:
         v = result.validation
         f, q = v["float"], v["int8"]
@@ -167,9 +167,9 @@ def ensemble(
                                 overwrite=overwrite)
     fitted = meta.get("metrics", {}).get("validation")
     summary = f"; validation balanced accuracy {fitted['balanced_accuracy']:.3f}" if fitted else ""
-    out.print(f"Wrote {out_model}: the mean of {len(meta['members'])} models over {', '.join(meta['classes'])}"
+    say(f"Wrote {out_model}: the mean of {len(meta['members'])} models over {', '.join(meta['classes'])}"
               f"{summary}. "
-              f"Next: skinclf calibrate {out_model} --data {val or 'data/prepared/val'}")
+              f"Next: skinclf calibrate {out_model} --data {val or 'data/prepared/val'}", err=False)
 
 
 @app.command(
@@ -235,4 +235,4 @@ def calibrate(
     out.print(flags)
     if result.unreadable:
         out.print(f"[yellow]{len(result.unreadable)} unreadable image(s) skipped[/yellow]")
-    out.print("Wrote " + ", ".join(str(p) for p in result.files))
+    say("Wrote " + ", ".join(str(p) for p in result.files), err=False)

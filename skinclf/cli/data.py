@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from skinclf.cli.app import Command, app, examples, out, user_errors
+from skinclf.cli.app import Command, app, examples, out, say, user_errors
 from skinclf.config import FETCH, PREPARE
 
 
@@ -40,9 +40,9 @@ def fetch(
     with user_errors():
         result = fetch_dataset(dest=dest, source=source, verify=verify, keep_archive=keep_archive)
     checked = ", all decodable" if result.verified else ""
-    out.print(
+    say(
         f"{result.images} images in {result.dest} ({result.added} files added, "
-        f"{result.already_present} already there{checked}) from {result.source}"
+        f"{result.already_present} already there{checked}) from {result.source}", err=False,
     )
 
 
@@ -84,9 +84,9 @@ def prepare(
         table.add_row(str(name), *(str(int(row[c])) for c in (*SPLITS, "total")), style=style)
     out.print(table)
     if result.reused:
-        out.print(f"{result.out} already holds this split (fingerprint {result.fingerprint[:12]}); nothing to do.")
+        say(f"{result.out} already holds this split (fingerprint {result.fingerprint[:12]}); nothing to do.", err=False)
     else:
-        out.print(
+        say(
             f"Wrote {result.out} ({result.linked} hard links, {result.copied} copies; "
-            f"fingerprint {result.fingerprint[:12]})"
+            f"fingerprint {result.fingerprint[:12]})", err=False,
         )

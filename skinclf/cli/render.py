@@ -110,7 +110,8 @@ def predict_summary(summary) -> str:
     if very:
         parts.append(f"{very} very unlike the training images (check they are dermoscopic images)")
     if summary.resumed:
-        parts.append(f"{plural(summary.resumed, 'row')} kept from the earlier run")
+        check = f" (checked: {summary.check})" if getattr(summary, "check", "") else ""
+        parts.append(f"{plural(summary.resumed, 'row')} kept from the earlier run{check}")
     if getattr(summary, "redone", None):
         parts.append(redone_text(Counter(summary.redone)))
     if summary.dropped:

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from skinclf.cli import options
-from skinclf.cli.app import Command, app, examples, out, user_errors, with_settings
+from skinclf.cli.app import Command, app, examples, out, say, user_errors, with_settings
 from skinclf.cli.render import predict_summary, render_report
 from skinclf.config import SERVE, EvaluateConfig, ExplainConfig, PredictConfig
 
@@ -45,13 +45,13 @@ def evaluate(config: EvaluateConfig) -> None:
 
         result = run_evaluation(config)
     if not result.report:  # --history: only the curves
-        out.print("Wrote " + ", ".join(str(p) for p in result.files))
+        say("Wrote " + ", ".join(str(p) for p in result.files), err=False)
         return
     if config.as_json:
         typer.echo(json.dumps(result.report, indent=2))
         return
     render_report(result.report)
-    out.print("Wrote " + ", ".join(str(p) for p in result.files))
+    say("Wrote " + ", ".join(str(p) for p in result.files), err=False)
 
 
 @app.command(
@@ -60,6 +60,7 @@ def evaluate(config: EvaluateConfig) -> None:
         "skinclf predict ./images --out results.csv",
         "skinclf predict ./images --out results.csv --top-k 2 --all-probs",
         "skinclf predict /mnt/clinic/2026-11 --out nov.csv --resume     # finish an interrupted run",
+        "skinclf predict /mnt/clinic/2026-11 --out nov.csv --resume --verify   # and re-hash every kept file",
         "skinclf predict ./images --out - --no-recursive | head",
         "skinclf predict ./images --out results.csv --model my-model.keras --strict",
         "skinclf predict ./images --out results.csv --engine keras          # TensorFlow instead of ONNX Runtime",
@@ -88,8 +89,8 @@ def predict(config: PredictConfig) -> None:
 
         summary = run_predict(config)
     for note in summary.notes:
-        typer.echo(f"Note: {note}", err=True)
-    typer.echo(predict_summary(summary), err=True)
+        say(f"Note: {note}")
+    say(predict_summary(summary))
 
 
 @app.command(
@@ -137,9 +138,9 @@ def serve(
 
     def ready(info) -> None:
         for warning in info.warnings:
-            typer.echo(f"Warning: {warning}", err=True)
-        typer.echo(f"Model {info.model['name']} ({info.model['sha256'][:12]}, {info.model['engine']} engine) loaded.")
-        typer.echo(f"Open {info.url} in a browser (Ctrl-C to stop). Decision support, not a diagnosis.")
+            say(f"Warning: {warning}")
+        say(f"Model {info.model['name']} ({info.model['sha256'][:12]}, {info.model['engine']} engine) loaded.", err=False)
+        say(f"Open {info.url} in a browser (Ctrl-C to stop). Decision support, not a diagnosis.", err=False)
 
     if static is not None:  # skinclf/web/static_host.py
         with user_errors():
@@ -182,6 +183,6 @@ def explain(config: ExplainConfig) -> None:
     for item in summary.explained:
         top = ", ".join(f"{c} {p:.2f}" for c, p in item.top)
         odd = "".join(f"  [{w}]" for w in item.warnings)
-        out.print(f"{item.png}  ({item.path}: {top}){odd}", markup=False)
-    typer.echo(f"{len(summary.explained)} explained, {len(summary.errors)} could not be read; wrote "
-               f"{summary.out / 'explain.json'}", err=True)
+        say(f"{item.png}  ({item.path}: {top}){odd}", err=False)
+    say(f"{len(summary.explained)} explained, {len(summary.errors)} could not be read; wrote "
+        f"{summary.out / 'explain.json'}")

@@ -114,6 +114,13 @@ def size_warnings(width: int, height: int, size: int) -> list[str]:
     return [f"image is {width}x{height} pixels, far below the model's {size}x{size} input: the result is unreliable"]
 
 
+def page_warnings(pages: int) -> list[str]:
+    """A file of several pages (a multi-page TIFF) is classified on its first page only: say so."""
+    if pages <= 1:
+        return []
+    return [f"file has {pages} pages: only page 1 was classified (check the others separately)"]
+
+
 def load_image(path: Path | str, size: int, *, notes: list[str] | None = None) -> np.ndarray:
     """Decode `path` into a `(size, size, 3)` uint8 RGB array.
 
@@ -155,7 +162,7 @@ def _open_and_decode(source: Path | BinaryIO, size: int, notes: list[str] | None
             if width * height > MAX_PIXELS:
                 raise ImageError(f"image too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})")
             if notes is not None:
-                notes += size_warnings(width, height, size)
+                notes += size_warnings(width, height, size) + page_warnings(getattr(im, "n_frames", 1))
             return _decode(im, size)
     except ImageError:
         raise

@@ -112,7 +112,7 @@ def _onnx_form(path: Path, candidate: Path, *, engine: str, batch_size: int, thr
     except SkinclfError as exc:  # corrupt or foreign: the .keras still works
         if engine != AUTO or not keras_available():
             raise
-        ui.stderr.print(f"Warning: {exc}; using {path.name} without {candidate.name} (re-export it: {export})",
+        ui.stderr.print(ui.printable(f"Warning: {exc}; using {path.name} without {candidate.name} (re-export it: {export})"),
                         markup=False, highlight=False, soft_wrap=True)
         return None, f"{candidate.name} cannot be loaded"
     if onnx.source_sha256 == sha256_file(path):

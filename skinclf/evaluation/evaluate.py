@@ -147,12 +147,14 @@ def evaluate_model(
     from skinclf.parallel import decode_workers
 
     _check_sensitivity(mel_sensitivity)
-    source = read_metadata(Path(metadata)) if metadata is not None else None
+    if metadata is not None:
+        read_metadata(Path(metadata), [])  # the file and its header checked before the model loads
     engine = load_engine(model, engine=engine, batch_size=batch_size, threads=threads or None)
-    head = metadata_head(engine) if source is not None else None
+    head = metadata_head(engine) if metadata is not None else None
     data = Path(data)
     images = list_labelled_images(data, classes=tuple(engine.classes))
     rels = [p.relative_to(data).as_posix() for p in images.paths]
+    source = read_metadata(Path(metadata), rels) if metadata is not None else None  # the folder's rows only
     joined = join(source, rels) if source is not None else None
     probs_parts, meta_parts, used_parts, unreadable = [], [], [], []
     for batch in predict_files(engine, images.paths, image_size=engine.image_size, batch_size=batch_size,

@@ -225,7 +225,7 @@ def explain_files(
             except Exception as exc:  # noqa: BLE001 - ImageError, or a file load_image took but display cannot
                 reason = str(exc) if isinstance(exc, ImageError) else f"cannot decode image: {' '.join(str(exc).split())}"
                 summary.errors.append((rel, reason))
-                progress.console.print(f"{rel}: {reason}", markup=False, highlight=False, soft_wrap=True)
+                progress.console.print(ui.printable(f"{rel}: {reason}"), markup=False, highlight=False, soft_wrap=True)
                 progress.update(task, advance=1)
                 continue
             heat, probs = occlusion_map(engine, x, patch=patch, stride=stride, fill=fill)

@@ -9,8 +9,10 @@ __all__ = ["Rejected", "drain", "read_uploads", "upload_name"]
 
 
 def upload_name(raw: str, index: int) -> str:
-    """The row's path for an uploaded file name: printable, forward slashes, no leading slash."""
-    name = "".join(ch for ch in raw.replace("\\", "/") if ch.isprintable()).strip().lstrip("/")
+    """The row's path for an uploaded file name: printable, no leading slash. A backslash stays a
+    backslash: on the machines predict runs on it is part of a file's name, so the page's CSV
+    names such a file as predict's does."""
+    name = "".join(ch for ch in raw if ch.isprintable()).strip().lstrip("/")
     return name or f"upload-{index}"
 
 
