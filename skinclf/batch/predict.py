@@ -432,7 +432,7 @@ def _run(engine, start, config: PredictConfig, *, target: Path | None, directory
         tally = _finish(output, engine=engine, directory=directory, header=header, files=len(found.files), run=run,
                         options={"top_k": top_k, "all_probs": c.all_probs, "recursive": c.recursive, "tta": c.tta,
                                  "engine": engine.name, **({"metadata": joined.record()} if joined is not None else {})},
-                        cluster=pool.describe() if pool is not None else None, verify=verify)
+                        cluster=pool.describe() if pool is not None else None, verify=c.verify)
     problem_paths = {p.path for p in found.problems}
     summary = PredictSummary(out=target, files=len(found.files), classified=len(todo), resumed=len(output.done),
                              errors=tally.errors, seconds=seconds, model=engine.identity(), startup_seconds=startup,

@@ -105,7 +105,7 @@ def export(
     runs it with ONNX Runtime alone. Re-export whenever the .keras model changes: predict uses the
     .onnx beside a .keras only while its recorded SHA-256 matches.
     """
-    if to_format == "web":  # a static site for the browser: skinclf/web/static_site.py
+    if format_name == "web":  # a static site for the browser: skinclf/web/static_site.py
         with user_errors():
             from skinclf.web.static_site import export_web, report_line
 

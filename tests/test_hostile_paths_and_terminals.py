@@ -1,5 +1,6 @@
-"""Issue 29, the second attack round: one test (or more) per class of fault, each failing on the
-code before the fix. Tiny ONNX models only (no TensorFlow), nothing timed."""
+"""Hostile paths, bodies and names: outputs that are not regular files, FIFOs, deep JSON, huge
+metadata files, terminal escapes, files edited in place, Ray's network chatter. One test (or more)
+per class of fault; tiny ONNX models only (no TensorFlow), nothing timed."""
 
 from __future__ import annotations
 
