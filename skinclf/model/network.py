@@ -266,6 +266,9 @@ def fold_batch_norm(model):
     if nested:
         return ensemble_of([fold_batch_norm(m) for m in nested], model.get_layer("predictions"),
                            name=f"{model.name}_inference")
+    # A fresh copy first: layers shared with another graph (a base re-applied by build_model) have
+    # several call sites, and only this graph's consumers may decide what folds.
+    model = _copy(model, name=model.name)
     pairs = _foldable(model)
     convs = {conv.name: bn for bn_name, conv in pairs.items() for bn in [model.get_layer(bn_name)]}
 

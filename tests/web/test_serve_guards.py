@@ -457,7 +457,7 @@ def test_a_refused_upload_gets_its_413_status_and_detail_over_a_real_socket() ->
     status_line, _, rest = received.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 413 ")
     assert json.loads(rest.partition(b"\r\n\r\n")[2]) == {
-        "detail": "big.jpg: over the limit of 1,000 bytes per file (--max-file-mb)"}
+        "detail": "big.jpg: over the limit of 1,000 bytes per file (0.0009537 MiB, --max-file-mb)"}
 
 
 # --- 5 and 6. the page: every warning shown and counted, names kept exactly -----------------
