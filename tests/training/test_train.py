@@ -151,8 +151,16 @@ def test_decision_weight_rebundles_a_finished_run(runner, prepared: Path, tmp_pa
     assert training["epochs_run"] == 1 and plain.meta["training"]["decision_weights"]["mel"] == 1.0
 
 
-def test_killed_run_resumes_to_the_same_result(prepared: Path, tmp_path: Path) -> None:
-    args = ["train", "--data", str(prepared), "--epochs", "3", *TINY]
+# The third member's recipe in small: MobileNetV2 (batch norms frozen), cosine schedule, train small
+# then test large (the bundle's input fixed by cloning the residual graph).
+TINY_V2 = ["--arch", "mobilenetv2", "--weights", "none", "--image-size", "64", "--train-size", "48",
+           "--fixres-epochs", "1", "--schedule", "cosine", "--warmup-epochs", "1", "--batch-size", "8",
+           "--trainable-layers", "118", "--workers", "2"]
+
+
+@pytest.mark.parametrize("recipe", [TINY, TINY_V2], ids=["mobilenet", "mobilenetv2"])
+def test_killed_run_resumes_to_the_same_result(prepared: Path, tmp_path: Path, recipe: list[str]) -> None:
+    args = ["train", "--data", str(prepared), "--epochs", "3", *recipe]
     straight = run_cli(*args, "--out", "straight.keras", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
 
