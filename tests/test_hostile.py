@@ -204,8 +204,9 @@ def test_formula_names_are_neutralised_in_the_apis_csv(onnx_model: Path) -> None
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_the_pages_csv_download_applies_the_same_rule() -> None:
-    """index.html's csvCell, run in node, quotes every value exactly as the server's CSV does."""
-    page = (REPO / "skinclf" / "web" / "static" / "index.html").read_text(encoding="utf-8")
+    """The pages' csvCell (page.js, shared by serve's page and the exported site), run in node, quotes
+    every value exactly as the server's CSV does."""
+    page = (REPO / "skinclf" / "web" / "static" / "page.js").read_text(encoding="utf-8")
     start = page.index("  const FORMULA_START")
     end = page.index("  function csvText")
     values = ["=1+1.jpg", "'=x", "-0.1234", "-x", "a\\b", "plain.jpg", 'say "hi".jpg', "\tx", "@", "0.5000", ""]

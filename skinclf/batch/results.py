@@ -60,8 +60,8 @@ def class_names(classes: Sequence[str]) -> dict[str, str]:
 # Formula injection (OWASP "CSV Injection"): a spreadsheet runs a cell starting with = + - @, tab
 # or carriage return as a formula, and a file name is chosen by whoever made the file. Such a
 # cell gets a leading single quote (shown as text, never run), every cell is quoted, and reading
-# a CSV back (evaluate --predictions, predict --resume) removes the guard. web/static/index.html
-# mirrors this rule in its download (csvCell); tests/test_hostile.py keeps the two alike.
+# a CSV back (evaluate --predictions, predict --resume) removes the guard. web/static/page.js (both
+# pages' download) mirrors this rule (csvCell); tests/test_hostile.py keeps the two alike.
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")  # probabilities and scores are numbers, not formulas
 # A file name that is not valid UTF-8 reaches Python with each bad byte as a lone surrogate

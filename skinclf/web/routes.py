@@ -1,6 +1,9 @@
 """`skinclf serve`: the model behind a local web page and a JSON API, for the clinic desk.
 
-    GET  /               the page (one static file, `skinclf/web/static/index.html`; works offline)
+    GET  /               the page (`skinclf/web/page.py`: what it shares with the exported site, and
+                         serve's own parts; works offline)
+    GET  /static/...     its script and stylesheet: page.js and page.css (shared with the exported
+                         site) and serve.js (the upload to the API)
     POST /api/predict    multipart upload of one or many images -> one result per file, the
                          same fields and cells as a `skinclf predict` CSV row (?format=csv: the CSV)
     GET  /api/model      classes, identity, the held-out test figures the model was accepted with
@@ -28,7 +31,6 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
-from importlib import resources
 from typing import Any
 
 from skinclf import __version__
@@ -44,12 +46,14 @@ from skinclf.web.classifier import (
 )
 from skinclf.batch.patient import metas_from_json
 from skinclf.web.guards import Rejected, cross_origin_refusal, host_of
+from skinclf.web.page import render_page, shared_file
 from skinclf.web.uploads import drain, read_uploads
 
 # Validation metrics shown on the page and by /api/model (the confusion matrices stay in the model).
 METRIC_KEYS = ("n", "accuracy", "balanced_accuracy", "top_k_accuracy", "macro_auc", "melanoma", "per_class")
 # A page served from this machine may load only itself: no CDN, no fonts, no requests elsewhere.
-CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+# No inline script (the page's are files under /static/); inline style only for /docs.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
@@ -76,8 +80,13 @@ UPLOAD_SCHEMA = {
 
 
 def page_html() -> str:
-    """The page, shipped in the package (`skinclf/web/static/index.html`)."""
-    return resources.files("skinclf.web").joinpath("static/index.html").read_text(encoding="utf-8")
+    """The page: `static/page.html` with serve's parts (`static/serve-parts.html`), see `skinclf.web.page`."""
+    return render_page("static/serve-parts.html", "/static/")
+
+
+# What the page loads from /static/: the files it shares with the exported site, and its own script.
+STATIC_FILES = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8",
+                "serve.js": "text/javascript; charset=utf-8"}
 
 
 def model_info(engine, limits: Limits, top_k: int) -> dict[str, Any]:
@@ -131,7 +140,7 @@ def create_app(engine, *, limits: Limits = Limits(), top_k: int = SERVE.top_k,
     try:
         import python_multipart  # noqa: F401 - read_uploads' parser: a missing extra is one line here
         from fastapi import FastAPI, Request
-        from fastapi.responses import HTMLResponse, JSONResponse
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
     except ImportError:
         raise SkinclfError(MISSING_EXTRA) from None
 
@@ -141,6 +150,7 @@ def create_app(engine, *, limits: Limits = Limits(), top_k: int = SERVE.top_k,
     classifier = classifier or Classifier(engine)
     info = model_info(engine, limits, top_k)
     page = page_html()
+    static = {name: (shared_file(name), media) for name, media in STATIC_FILES.items()}
 
     app = FastAPI(
         title="skinclf",
@@ -159,6 +169,13 @@ def create_app(engine, *, limits: Limits = Limits(), top_k: int = SERVE.top_k,
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
         return HTMLResponse(page)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_file(name: str) -> Response:
+        if name not in static:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        body, media = static[name]
+        return Response(body, media_type=media)
 
     @app.get("/healthz", summary="Liveness: the model thread runs and the server answers (503 with the reason if not)")
     def healthz():

@@ -1,8 +1,9 @@
 """`skinclf export MODEL --format web --out DIR`: a static site that classifies in the browser.
 
 The site is plain files any static server can host (or `skinclf serve --static DIR`): the page
-(`index.html`, `app.js`, `style.css`, shipped in `skinclf/web/site/`), the model's ONNX graph
-(`model.onnx`), ONNX Runtime Web's single-threaded WebAssembly files (`ort/`), and
+(`index.html`, from the page serve shows and the site's parts, `skinclf.web.page`; `page.js` and
+`page.css`, shared with serve's page; `app.js` and `style.css`, shipped in `skinclf/web/site/`),
+the model's ONNX graph (`model.onnx`), ONNX Runtime Web's single-threaded WebAssembly files (`ort/`), and
 `skinclf-web.json`: everything the page needs to give the row `skinclf predict` gives.
 
 What reproduces predict, and where it lives:
@@ -54,7 +55,7 @@ ORT_WEB_URL = f"https://registry.npmjs.org/onnxruntime-web/-/onnxruntime-web-{OR
 # imports, and the SIMD WebAssembly (the threaded build runs on one thread without cross-origin
 # isolation; the JSEP/WebGPU builds and the all-in-one bundles are left out).
 RUNTIME_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
-PAGE_FILES = ("index.html", "app.js", "style.css")
+PAGE_FILES = ("index.html", "app.js", "style.css")  # the site's own; page.js and page.css come from skinclf/web/static
 CONFIG = "skinclf-web.json"
 MODEL_FILE = "model.onnx"
 SITE_FORMAT = "skinclf-web/1"
@@ -371,6 +372,7 @@ def export_web(*, model: Path | None, out: Path | None, weights: str = "float16"
                top_k: int = 3, overwrite: bool = False) -> WebExport:
     """Write the static site for `model` into `out` (see the module's docstring)."""
     from skinclf.data.layout import default_model_path
+    from skinclf.web.page import SHARED_FILES, render_page, shared_file
 
     started = time.perf_counter()
     if weights not in WEIGHTS:
@@ -392,8 +394,11 @@ def export_web(*, model: Path | None, out: Path | None, weights: str = "float16"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for name in PAGE_FILES:
+        (tmp / "index.html").write_text(render_page("site/parts.html", ""), encoding="utf-8")
+        for name in PAGE_FILES[1:]:
             (tmp / name).write_bytes(page.joinpath(name).read_bytes())
+        for name in SHARED_FILES:  # what serve's page shares with this one, as serve answers it at /static/
+            (tmp / name).write_bytes(shared_file(name))
         (tmp / MODEL_FILE).write_bytes(data)
         (tmp / CONFIG).write_text(json.dumps(config, indent=1), encoding="utf-8")
         (tmp / "ort").mkdir()

@@ -69,7 +69,8 @@ def test_export_web_writes_the_site(runner, tiny_onnx: Path, runtime: Path, tmp_
     assert result.exit_code == 0, result.output
     assert "Wrote the site" in result.output and "verified" in result.output
     names = sorted(p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file())
-    assert names == sorted(["index.html", "app.js", "style.css", "model.onnx", "skinclf-web.json", "ort/NOTICE.txt",
+    assert names == sorted(["index.html", "app.js", "style.css", "page.js", "page.css", "model.onnx", "skinclf-web.json",
+                            "ort/NOTICE.txt",
                             *[f"ort/{n}" for n in static_site.RUNTIME_FILES]])  # ort.all.js left out
     config = json.loads((site / "skinclf-web.json").read_text())
     assert config["format"] == "skinclf-web/1" and config["input_size"] == 32 and config["top_k"] == 3
@@ -196,6 +197,7 @@ def test_serve_static_serves_the_site_and_never_takes_an_upload(runner, tiny_onn
 # --- the page's row, in node, against batch.results ----------------------------------------------------
 
 APP_JS = Path(static_site.__file__).with_name("site") / "app.js"
+PAGE_JS = Path(static_site.__file__).with_name("static") / "page.js"  # what app.js shares with serve's page
 
 
 def js_functions(*names: str) -> str:
@@ -278,7 +280,7 @@ def test_pages_rows_are_predicts_rows(tiny_onnx: Path, runtime: Path, tmp_path: 
 def test_pages_csv_cells_are_predicts() -> None:
     from skinclf.batch.results import write_csv
 
-    page = APP_JS.read_text(encoding="utf-8")
+    page = PAGE_JS.read_text(encoding="utf-8")
     values = ["=1+1.jpg", "'=x", "-0.1234", "-x", "a\\b", "plain.jpg", 'say "hi".jpg', "\tx", "@", "0.5000", ""]
     script = (page[page.index("  const FORMULA_START"):page.index("  function csvText")]
               + f"\nprocess.stdout.write(JSON.stringify({json.dumps(values)}.map(csvCell)));")

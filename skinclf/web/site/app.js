@@ -5,7 +5,7 @@
 // skinclf/model/patient_head.py, from skinclf-web.json. Nothing is sent anywhere.
 "use strict";
 (function () {
-  const $ = (id) => document.getElementById(id);
+  const P = window.skinclfPage, $ = P.$, setStatus = P.setStatus, count = P.count;  // page.js: what serve's page shares
   const state = { cfg: null, session: null, entries: [], queue: [], running: false, added: 0, nodes: new Map(),
                   timings: { chosen: null, firstResult: null, modelReady: null, perImage: [] } };
 
@@ -122,20 +122,10 @@
     if (!r.ok) throw new Error("skinclf-web.json: HTTP " + r.status);
     const cfg = await r.json();
     state.cfg = cfg;
-    $("disclaimer").textContent = cfg.disclaimer;
-    $("model-name").textContent = cfg.model.name + (cfg.model.created ? " (" + cfg.model.created.slice(0, 10) + ")" : "");
-    $("model-sha").textContent = cfg.model.source_sha256.slice(0, 12);
-    $("model-sha").title = cfg.model.source_sha256;
-    $("model-engine").textContent = "ONNX Runtime Web " + cfg.runtime.version + " (WebAssembly, " + cfg.model.weights + " weights)";
-    $("version").textContent = cfg.skinclf;
+    P.showModel({ disclaimer: cfg.disclaimer, name: cfg.model.name, created: cfg.model.created, sha256: cfg.model.source_sha256,
+                  engine: "ONNX Runtime Web " + cfg.runtime.version + " (WebAssembly, " + cfg.model.weights + " weights)",
+                  version: cfg.skinclf, accepted: cfg.metrics.accepted_with });
     $("ort-version").textContent = cfg.runtime.version;
-    const v = cfg.metrics.accepted_with || {};
-    $("model-metrics-label").textContent = v.split === "test" ? "Held-out test" : "Validation";
-    const parts = [];
-    if (v.balanced_accuracy != null) parts.push("balanced accuracy " + v.balanced_accuracy.toFixed(3));
-    if (v.melanoma && v.melanoma.at_decision) parts.push("melanoma sensitivity " + v.melanoma.at_decision.sensitivity.toFixed(3));
-    if (v.n != null) parts.push("on " + v.n + " images");
-    $("model-metrics").textContent = parts.length ? parts.join(", ") : "not recorded";
     if (cfg.ood && cfg.ood.features) {
       state.gClass = prepareGaussian(cfg.ood.features.class);
       if (cfg.ood.features.background) state.gBack = prepareGaussian(cfg.ood.features.background);
@@ -465,120 +455,37 @@
     pump();
   }
 
-  // --- the page ----------------------------------------------------------------------------------------
-  function setStatus(text) { $("status").textContent = text; }
-  function count(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
-
+  // --- the page (the parts serve's page shares: page.js) ---------------------------------------------
   function updateStatus() {
-    const n = state.entries.length;
-    const pending = state.entries.filter((e) => e.status === "pending").length;
-    const errors = state.entries.filter((e) => e.status === "error").length;
-    const warned = state.entries.filter((e) => warningsOf(e)).length;
+    const t = P.tally(state.entries, state.cfg ? state.cfg.warnings.separator : undefined);
     if (!state.session) return;
-    if (!n) setStatus("Model ready. Choose or drop images: they stay on this device.");
-    else if (pending) setStatus("Classifying on this device: " + (n - pending) + " of " + n + " images done.");
-    else setStatus(count(n, "image") + ": " + (n - errors) + " classified, " + errors + " with errors, " + warned +
-                   " with warnings. Decision support, not a diagnosis.");
-    $("download").disabled = !n || pending > 0;
-    $("clear").disabled = !n || pending > 0;
+    if (!t.n) setStatus("Model ready. Choose or drop images: they stay on this device.");
+    else if (t.pending) setStatus("Classifying on this device: " + (t.n - t.pending) + " of " + t.n + " images done.");
+    else setStatus(P.summary(t));
+    P.enableActions(t);
   }
 
-  function warningsOf(e) {
-    if (e.status !== "done" || !e.row || !e.row.warning) return null;
-    return e.row.warning.split(state.cfg.warnings.separator).filter((w) => w);
-  }
-
-  function melProb(e) {
-    if (!e.row || e.status !== "done") return -1;
-    return e.row.mel_prob !== undefined ? parseFloat(e.row.mel_prob) : 0;
-  }
-
-  function sorted() {
-    const list = state.entries.slice();
-    const by = $("sort").value;
-    if (by === "mel") list.sort((a, b) => melProb(b) - melProb(a) || a.id - b.id);
-    else if (by === "path") list.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : a.id - b.id));
-    return list;
-  }
-
-  function el(tag, attrs, text) {
-    const node = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-    if (text !== undefined) node.textContent = text;
-    return node;
-  }
-
-  function thumb(e) {
-    if (!e.url) e.url = URL.createObjectURL(e.file);
-    const img = el("img", { src: e.url, alt: "", loading: "lazy" });
-    img.addEventListener("error", () => img.replaceWith(el("div", { class: "noimg" }, "no preview")), { once: true });
-    return img;
-  }
-
-  function renderEntry(e) {
-    const names = state.cfg.class_names;
-    const li = el("li", { class: "result", "data-path": e.name, "data-state": e.status });
-    li.appendChild(thumb(e));
-    const info = el("div", { class: "info" });
-    info.appendChild(el("p", { class: "path" }, e.name));
-    if (e.status === "pending") {
-      info.appendChild(el("p", { class: "pending" }, "classifying\u2026"));
-    } else if (e.status === "error") {
-      info.appendChild(el("p", { class: "error" }, "Could not classify: " + e.localError));
-    } else {
-      li.setAttribute("data-top1", e.row.top1_class);
-      const bars = el("div", { class: "bars", role: "group", "aria-label": "most probable classes" });
-      for (let i = 1; e.row["top" + i + "_class"] !== undefined; i++) {
-        const cls = e.row["top" + i + "_class"], p = e.row["top" + i + "_prob"];
-        const label = el("span", {}, cls + (names[cls] && names[cls] !== cls ? " (" + names[cls] + ")" : ""));
-        const track = el("span", { class: "track", role: "meter", "aria-valuemin": "0", "aria-valuemax": "1", "aria-valuenow": p,
-                                   "aria-valuetext": cls + " " + p, "aria-label": cls });
-        const fill = el("span", { class: "fill" + (cls === "mel" ? " mel" : "") });
-        fill.style.display = "block";
-        fill.style.width = (parseFloat(p) * 100).toFixed(1) + "%";
-        track.appendChild(fill);
-        bars.appendChild(label); bars.appendChild(track); bars.appendChild(el("span", { class: "prob" }, p));
-      }
-      info.appendChild(bars);
-      if (e.row.mel_prob !== undefined) info.appendChild(el("p", { class: "melp" }, "melanoma probability " + e.row.mel_prob));
-      if (e.row.ood_percentile !== "") {
-        info.appendChild(el("p", { class: "oodp" }, "ood_percentile " + e.row.ood_percentile + ": more unusual than " +
-                            e.row.ood_percentile + "% of the validation dermoscopic images"));
-      }
-      for (const w of warningsOf(e) || []) info.appendChild(el("p", { class: "warning", role: "note" }, "\u26A0 Warning: " + w));
-      if (warningsOf(e)) li.setAttribute("data-warning", "true");
-      if (e.row.metadata === "used") info.appendChild(el("p", { class: "melp" }, "with the patient's age, sex and body site"));
-      const form = metaForm(e);
-      if (form) info.appendChild(form);
-    }
-    li.appendChild(info);
-    return li;
+  function oodLine(e) {
+    if (e.row.ood_percentile === "") return [];
+    return [P.el("p", { class: "oodp" }, "ood_percentile " + e.row.ood_percentile + ": more unusual than " +
+                 e.row.ood_percentile + "% of the validation dermoscopic images")];
   }
 
   function metaForm(e) {
     if (!state.head) return null;
     const md = state.cfg.metadata;
-    const box = el("details", { class: "meta" });
-    if (e.meta) box.setAttribute("open", "");
-    box.appendChild(el("summary", {}, "Age, sex, body site (optional)"));
-    const age = el("input", { type: "number", min: String(md.age[0]), max: String(md.age[1]), step: "1", "aria-label": "age in years", placeholder: "age" });
-    const sex = el("select", { "aria-label": "sex" });
-    const site = el("select", { "aria-label": "body site" });
-    sex.appendChild(el("option", { value: "" }, "sex unknown"));
-    for (const v of md.sexes) sex.appendChild(el("option", { value: v }, v));
-    site.appendChild(el("option", { value: "" }, "site unknown"));
-    for (const v of md.sites.concat(Object.keys(md.site_groups))) site.appendChild(el("option", { value: v }, v));
-    if (e.meta) { age.value = e.meta.age === null ? "" : e.meta.age; sex.value = e.meta.sex || ""; site.value = e.meta.site || ""; }
-    const go = el("button", { type: "button" }, "Classify again with them");
-    go.addEventListener("click", () => {
-      const a = age.value === "" ? null : Number(age.value);
+    return P.metaForm(e, { age: md.age, sexes: md.sexes, sites: md.sites.concat(Object.keys(md.site_groups)) }, (entry, v) => {
+      const a = v.age === "" ? null : Number(v.age);
       if (a !== null && !(a >= md.age[0] && a <= md.age[1])) { setStatus("Age must be " + md.age[0] + " to " + md.age[1] + " years."); return; }
-      e.meta = { age: a, sex: sex.value || null, site: site.value || null };
-      e.status = "pending"; e.row = null; e.localError = null;
-      state.queue.push(e); update(e); pump();
+      entry.meta = { age: a, sex: v.sex, site: v.site };
+      entry.status = "pending"; entry.row = null; entry.localError = null;
+      state.queue.push(entry); update(entry); pump();
     });
-    for (const node of [age, sex, site, go]) box.appendChild(node);
-    return box;
+  }
+
+  function renderEntry(e) {
+    return P.renderEntry(e, { names: state.cfg.class_names, separator: state.cfg.warnings.separator, lazy: true,
+                              extra: oodLine, metaForm });
   }
 
   function update(e) {
@@ -589,20 +496,9 @@
   }
 
   function render() {
-    const nodes = sorted().map((e) => { const n = renderEntry(e); state.nodes.set(e.id, n); return n; });
+    const nodes = P.sorted(state.entries).map((e) => { const n = renderEntry(e); state.nodes.set(e.id, n); return n; });
     $("results").replaceChildren(...nodes);
     updateStatus();
-  }
-
-  // skinclf/batch/results.py csv_cell, mirrored (as in serve's page): backslashes doubled, a leading '
-  // on text a spreadsheet would run as a formula (= + - @ tab CR, also after leading quotes; numbers
-  // excepted), every cell quoted.
-  const FORMULA_START = /^'*[=+\-@\t\r]/;
-  const NUMBER = /^-?[0-9]+(\.[0-9]+)?$/;
-  function csvCell(v) {
-    let text = String(v).replace(/\\/g, "\\\\");
-    if (FORMULA_START.test(text) && !NUMBER.test(text)) text = "'" + text;
-    return '"' + text.replace(/"/g, '""') + '"';
   }
 
   function csvText() {
@@ -611,80 +507,16 @@
     let header = ($("allprobs").checked ? cfg.columns_all_probs : cfg.columns).slice();
     const withMeta = state.entries.some((e) => hasMeta(e.meta));
     if (withMeta) header = header.concat(["metadata"]);
-    const rows = state.entries.map((e) => header.map((c) => {
-      if (e.status === "done") return e.row[c] === undefined ? "" : e.row[c];
-      if (c === "path") return e.name;
-      if (c === "error") return (e.localError || "not classified").split(/\s+/).join(" ");
-      return "";
-    }));
-    rows.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
-    return [header, ...rows].map((r) => r.map(csvCell).join(",")).join("\n") + "\n";
+    return P.csvText(header, state.entries.map((e) => P.csvRow(e, header, e.status === "done")));
   }
 
-  function download() {
-    const url = URL.createObjectURL(new Blob([csvText()], { type: "text/csv" }));
-    const a = el("a", { href: url, download: "results.csv" });
-    document.body.appendChild(a); a.click(); a.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 10000);
-  }
-
-  function fromInput(input, folder) {
-    const items = [];
-    for (const f of input.files) {
-      let name = folder && f.webkitRelativePath ? f.webkitRelativePath : f.name;
-      if (folder) {
-        name = name.split("/").slice(1).join("/");
-        if (!wanted(name)) continue;
-      }
-      items.push({ file: f, name });
-    }
-    input.value = "";
-    add(items);
-  }
-
-  function readEntries(reader) { return new Promise((resolve, reject) => reader.readEntries(resolve, reject)); }
-
-  async function dropped(dt) {
-    const items = [];
-    const entries = Array.from(dt.items || []).map((i) => (i.webkitGetAsEntry ? i.webkitGetAsEntry() : null));
-    if (entries.length && entries.every((x) => x)) {
-      for (const entry of entries) {
-        if (entry.isDirectory) await walkDir(entry, "", items);
-        else items.push({ file: await new Promise((resolve, reject) => entry.file(resolve, reject)), name: entry.name });
-      }
-    } else {
-      for (const f of dt.files) items.push({ file: f, name: f.name });
-    }
-    add(items);
-  }
-
-  async function walkDir(dir, prefix, out) {
-    const reader = dir.createReader();
-    for (let batch = await readEntries(reader); batch.length; batch = await readEntries(reader)) {
-      for (const child of batch) {
-        const rel = prefix + child.name;
-        if (child.isDirectory) { if (!child.name.startsWith(".")) await walkDir(child, rel + "/", out); }
-        else if (wanted(rel)) out.push({ file: await new Promise((resolve, reject) => child.file(resolve, reject)), name: rel });
-      }
-    }
-  }
-
-  $("pick-files").addEventListener("click", () => $("files").click());
-  $("pick-folder").addEventListener("click", () => $("folder").click());
-  $("files").addEventListener("change", (ev) => fromInput(ev.target, false));
-  $("folder").addEventListener("change", (ev) => fromInput(ev.target, true));
-  $("sort").addEventListener("change", render);
-  $("download").addEventListener("click", download);
-  $("clear").addEventListener("click", () => {
-    for (const e of state.entries) if (e.url) URL.revokeObjectURL(e.url);
-    state.entries = []; state.nodes.clear(); state.timings.chosen = null; state.timings.firstResult = null; render();
+  P.bind({
+    wanted, add, render, csvText,
+    clear() {
+      for (const e of state.entries) if (e.url) URL.revokeObjectURL(e.url);
+      state.entries = []; state.nodes.clear(); state.timings.chosen = null; state.timings.firstResult = null; render();
+    },
   });
-  const drop = $("drop");
-  ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (ev) => { ev.preventDefault(); drop.classList.add("over"); }));
-  ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
-  drop.addEventListener("drop", (ev) => { ev.preventDefault(); dropped(ev.dataTransfer).catch((err) => setStatus("Could not read the dropped items: " + err.message)); });
-  window.addEventListener("dragover", (ev) => ev.preventDefault());
-  window.addEventListener("drop", (ev) => ev.preventDefault());
   window.skinclf = { csvText, state, decode: (f) => decode(f) };  // for scripted checks
   loadAll().catch((err) => setStatus("Could not load the model: " + (err && err.message ? err.message : String(err))));
 })();
