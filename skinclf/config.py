@@ -242,7 +242,7 @@ class ExportDefaults:
     calibration_images: int = 144
     # int8: the first convolutions of every member kept in float (mixed precision): where the
     # accuracy goes (bench/int8_probe.py, model card "int8").
-    int8_float_convs: int = 7
+    int8_float_convs: int = 9
     # int8: validation folder for the balanced accuracy / melanoma recall printed after export.
     validation: Path = Path("data/prepared/val")
     # int8 is refused below this top-1 agreement with the float model on the check images.

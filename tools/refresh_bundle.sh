@@ -48,7 +48,7 @@ fi
 # calibrate (inside trust_report) reads data/prepared/train for the features' statistics.
 python bench/trust_report.py --model "$model" --val data/prepared/val --out reports/trust --docs docs --in-place
 python tools/held_out_figures.py --model "$model" --test data/prepared/test \
-  --note "second look: the test split was evaluated once before, for the previous bundled model (exp02)"
+  --note "third look: the test split was evaluated before for exp02 and for the two-network ensemble (exp10 + exp02)"
 python tools/fit_metadata_head.py --model "$model" --test --report reports/metadata_head.json \
   ${HAM10000_METADATA:+--metadata "$HAM10000_METADATA"}
 skinclf export "$model" --format onnx --out models/skinclf-mobilenet.onnx --overwrite
