@@ -91,9 +91,9 @@ def export(
         "download; checked against the pinned hash either way."
     ),
     weights: str = typer.Option(
-        "float16", "--weights", metavar="FORM",
-        help="web: the model's weights: float16 (stored as float16, computed in float32; fits the 30 MB budget), "
-        "float32, or int8 (the .int8.onnx export).",
+        "auto", "--weights", metavar="FORM",
+        help="web: the model's weights: auto (the int8 form where the bundle has one, as predict runs it, else "
+        "float16), float16 (stored as float16, computed in float32), float32, or int8 (the .int8.onnx export).",
     ),
     overwrite: options.Overwrite = False,
 ) -> None:

@@ -59,7 +59,7 @@ PAGE_FILES = ("index.html", "app.js", "style.css")  # the site's own; page.js an
 CONFIG = "skinclf-web.json"
 MODEL_FILE = "model.onnx"
 SITE_FORMAT = "skinclf-web/1"
-WEIGHTS = ("float16", "float32", "int8")
+WEIGHTS = ("auto", "float16", "float32", "int8")  # auto: int8 where the bundle has its int8 form, else float16
 BUDGET_BYTES = 30 * 1000 * 1000
 SHORT_DISCLAIMER = "decision support, not a diagnosis"
 
@@ -152,6 +152,25 @@ def runtime_files(data: bytes) -> dict[str, bytes]:
 
 
 # --- the model --------------------------------------------------------------------------------------
+
+
+def _weights_for(model: Path, weights: str) -> str:
+    """auto: the int8 form where the bundle has an up-to-date one (it is written only when it holds,
+    and it is what `skinclf predict` runs), else float16; an explicit choice as it is."""
+    if weights != "auto":
+        return weights
+    from skinclf.engines.load import int8_form
+
+    if model.suffix.lower() == ".onnx":
+        return "int8" if model.name.lower().endswith(".int8.onnx") else "float16"
+    candidate = int8_form(model)
+    if candidate.is_file():
+        from skinclf.engines.onnx import read_model_meta
+        from skinclf.files import sha256_file
+
+        if read_model_meta(candidate).get("export", {}).get("source_sha256") == sha256_file(model):
+            return "int8"
+    return "float16"
 
 
 def _source_onnx(model: Path, weights: str) -> Path:
@@ -368,7 +387,7 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
             raise SkinclfError(f"--out {out} already holds a site skinclf export wrote: add --overwrite to replace it")
 
 
-def export_web(*, model: Path | None, out: Path | None, weights: str = "float16", runtime: Path | None = None,
+def export_web(*, model: Path | None, out: Path | None, weights: str = "auto", runtime: Path | None = None,
                top_k: int = 3, overwrite: bool = False) -> WebExport:
     """Write the static site for `model` into `out` (see the module's docstring)."""
     from skinclf.data.layout import default_model_path
@@ -381,6 +400,7 @@ def export_web(*, model: Path | None, out: Path | None, weights: str = "float16"
         raise SkinclfError("--format web needs --out DIR: the folder to write the site into")
     out = Path(out)
     check_out_dir(out, overwrite=overwrite)
+    weights = _weights_for(Path(model or default_model_path()), weights)
     source = _source_onnx(Path(model or default_model_path()), weights)
     rt_path, rt_data = fetch_runtime(runtime)
     files = runtime_files(rt_data)
@@ -400,7 +420,7 @@ def export_web(*, model: Path | None, out: Path | None, weights: str = "float16"
         for name in SHARED_FILES:  # what serve's page shares with this one, as serve answers it at /static/
             (tmp / name).write_bytes(shared_file(name))
         (tmp / MODEL_FILE).write_bytes(data)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=1), encoding="utf-8")
+        (tmp / CONFIG).write_text(json.dumps(config, separators=(",", ":")), encoding="utf-8")
         (tmp / "ort").mkdir()
         for name in RUNTIME_FILES:
             (tmp / "ort" / name).write_bytes(files[name])

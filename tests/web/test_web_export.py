@@ -382,18 +382,20 @@ def test_site_in_headless_chromium_agrees_with_predict_and_sends_nothing(tmp_pat
     if not static_site.cached_runtime().is_file():
         pytest.skip(f"no {static_site.cached_runtime()} (.ci/run fetches it: npm pack onnxruntime-web@"
                     f"{static_site.ORT_WEB_VERSION})")
-    # The site is made from the bundle's float ONNX form beside it (as `skinclf export --format web`
-    # needs): a copy of the bundle and a fresh export in tmp_path, so the test never depends on
-    # models/*.onnx being up to date. predict runs that same form (auto: no int8 form beside it).
+    # The site is made as `skinclf export --format web` makes it by default: from the bundle's int8
+    # form (committed beside it, checked up to date by its recorded SHA-256 and by
+    # tests/test_bundled_model.py), which is also what predict runs (auto); a fresh float export
+    # beside the copy keeps the fallback honest.
     model = tmp_path / "model" / BUNDLED_MODEL.name
     model.parent.mkdir()
     shutil.copy(BUNDLED_MODEL, model)
+    shutil.copy(BUNDLED_MODEL.with_name(BUNDLED_MODEL.stem + ".int8.onnx"), model.with_name(model.stem + ".int8.onnx"))
     from skinclf.engines.export import export_model
 
     export_model(model=model, format="onnx", out=model.with_suffix(".onnx"))
     site = tmp_path / "site"
     exported = static_site.export_web(model=model, out=site)
-    assert exported.size_bytes <= static_site.BUDGET_BYTES
+    assert exported.weights == "int8" and exported.size_bytes <= static_site.BUDGET_BYTES
     # A lossless probe: the page's decode + resize must give Pillow's pixels exactly.
     probe = np.asarray(lesion_image((150, 100, 70), 7, (600, 450)).filter(__import__("PIL.ImageFilter").ImageFilter.BLUR))
     Image.fromarray(probe).save(site / "probe.png")
@@ -458,10 +460,11 @@ def test_site_in_headless_chromium_agrees_with_predict_and_sends_nothing(tmp_pat
     assert figures["top1"] >= 0.98, figures
     assert figures["mel_within_002"] >= MEL_WITHIN_002, figures
     assert figures["mel_max_diff"] <= 0.1, figures
-    # Measured: median 0.7 points, 83% within 2, 99.7% within 5, at most 6.1 (the decode again:
-    # the middle of the validation scores is dense, so a small change of score moves the percentile).
-    assert figures["pct_median_diff"] <= 1.5 and figures["pct_within_5"] >= 0.98, figures
-    assert figures["pct_max_diff"] <= 10.0, figures
+    # Measured with the int8 form of the three-network bundle: median 1.2 points, 95% within 5 (float16
+    # of two networks: median 0.7, 99.7% within 5). The decode again: the middle of the validation
+    # scores is dense, so a small change of score moves the percentile.
+    assert figures["pct_median_diff"] <= 2.0 and figures["pct_within_5"] >= 0.9, figures
+    assert figures["pct_max_diff"] <= 15.0, figures
     assert all(near for *_, near in figures["tier_diff"]), figures
 
 
